@@ -1,0 +1,1 @@
+"""agentguard: cost control for agentic and RAG workflows (placeholder, filled in below)."""
