@@ -67,6 +67,7 @@ class PolicyError(AgentGuardError, ValueError):
     def __init__(self, field: str, value: object, reason: str) -> None:
         self.field = field
         self.value = value
+        self.reason = reason
         super().__init__(f"{field}={value!r}: {reason}")
 
 

@@ -243,12 +243,12 @@ class Usage:
         base = _as_count("inputTokens", _get(usage, "inputTokens"), per_call=True)
         out = _as_count("outputTokens", _get(usage, "outputTokens"), per_call=True)
         cr = _as_count("cacheReadInputTokens", _get(usage, "cacheReadInputTokens"), per_call=True)
-        cw = _as_count(
-            "cacheWriteInputTokens", _get(usage, "cacheWriteInputTokens"), per_call=True
-        )
+        cw = _as_count("cacheWriteInputTokens", _get(usage, "cacheWriteInputTokens"), per_call=True)
         total = _get(usage, "totalTokens")
-        if total is not None and cr + cw and _as_count("totalTokens", total, per_call=True) == (
-            base + out
+        if (
+            total is not None
+            and cr + cw
+            and _as_count("totalTokens", total, per_call=True) == (base + out)
         ):
             # Some gateways fold the cache into inputTokens; totalTokens tells which it is.
             return cls(base, out, cr, cw)

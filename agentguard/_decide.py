@@ -1,0 +1,517 @@
+"""Pure decisions: given a policy, what has been spent and what a call asks for, what happens.
+
+Nothing here does I/O, reads a clock or touches a store; every function is a pure function of
+plain values, shared by every adapter, identical in sync and async code, and tested
+exhaustively. The guard gathers the values (balances from the store, rates from the price book,
+token estimates from the counter), calls one of these, then reserves what the decision says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from agentguard._policy import Policy
+    from agentguard._pricing import ModelRates
+
+__all__ = [
+    "MIN_USEFUL_OUTPUT_TOKENS",
+    "Action",
+    "CallRequest",
+    "Decision",
+    "Headroom",
+    "Spent",
+    "crossed_soft_limits",
+    "decide_model_call",
+    "decide_retry",
+    "decide_step",
+    "decide_tool_call",
+]
+
+Action = Literal["allow", "downgrade", "finish", "stop", "block", "warn"]
+
+#: A call that could only afford fewer output tokens than this is not worth making.
+MIN_USEFUL_OUTPUT_TOKENS = 16
+
+_ZERO = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Spent:
+    """What a task has used so far (committed plus in-flight reservations)."""
+
+    cost_usd: Decimal = _ZERO
+    input_tokens: int = 0
+    output_tokens: int = 0
+    model_calls: int = 0
+    tool_calls: int = 0
+    tool_calls_by_name: Mapping[str, int] = field(default_factory=dict)
+    retries: int = 0
+    steps: int = 0
+    finished: bool = False  # a graceful-finish call has already been granted
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Headroom:
+    """The tightest of the money budgets enclosing a task (its own, its parents', team, org...).
+
+    ``remaining_usd`` is ``None`` when no enclosing budget limits money. ``fraction_spent`` is the
+    largest spent/limit fraction among them (drives the downgrade ladder and soft limits).
+    """
+
+    remaining_usd: Decimal | None = None
+    fraction_spent: float = 0.0
+    limit_usd: Decimal | None = None
+    budget: str | None = None
+    remaining_tokens: int | None = None
+    tokens_budget: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallRequest:
+    """A model call about to start.
+
+    ``input_tokens`` is the reservation estimate (margin already applied); ``max_tokens`` the
+    caller's own output cap, if any.
+    """
+
+    model: str
+    input_tokens: int
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with the next action.
+
+    * ``allow`` — go ahead with ``model`` and the output cap ``max_tokens``;
+    * ``downgrade`` — go ahead, but with the cheaper ``model``;
+    * ``finish`` — make one last call (``model``, ``max_tokens``, no tools) that answers from
+      what the agent has, then end the run;
+    * ``block`` — skip this tool call, tell the model why (the run continues towards a finish);
+    * ``stop`` — refuse: the adapter raises :class:`~agentguard.BudgetExceeded`;
+    * ``warn`` — a limit is exceeded but the policy only warns; go ahead.
+    """
+
+    action: Action
+    model: str | None = None
+    max_tokens: int | None = None
+    reserve_usd: Decimal | None = None
+    reason: str = ""
+    limit: str | None = None
+    limit_value: Decimal | int | None = None
+    actual: Decimal | int | None = None
+    budget: str | None = None
+
+    @property
+    def proceeds(self) -> bool:
+        """True when the action goes ahead (allow, downgrade, finish, warn)."""
+        return self.action not in ("stop", "block")
+
+
+def _limit_decision(
+    policy: Policy,
+    limit: str,
+    limit_value: Decimal | int | None,
+    actual: Decimal | int | None,
+    reason: str,
+    *,
+    finish_ok: bool,
+    budget: str | None = None,
+) -> Decision:
+    """The decision for a hit limit, by ``on_limit``."""
+    if policy.on_limit == "warn":
+        action: Action = "warn"
+    elif policy.on_limit == "finish" and finish_ok:
+        action = "finish"
+    else:
+        action = "stop"
+    return Decision(
+        action,
+        reason=reason,
+        limit=limit,
+        limit_value=limit_value,
+        actual=actual,
+        budget=budget,
+    )
+
+
+def _min_cap(*caps: int | None) -> int | None:
+    present = [c for c in caps if c is not None]
+    return min(present) if present else None
+
+
+def _ladder_model(policy: Policy, fraction: float) -> str | None:
+    chosen = None
+    for rung in policy.downgrade:
+        if rung.at <= fraction:
+            chosen = rung.to
+    return chosen
+
+
+def _candidates(
+    policy: Policy, request: CallRequest, headroom: Headroom, rates: Mapping[str, ModelRates | None]
+) -> list[str]:
+    """Models to try, best first: the ladder's pick for the current spend, then cheaper rungs.
+
+    A rung is only taken when it is really cheaper than the requested model (known prices): a
+    ladder never moves a call *up* in price.
+    """
+    requested = request.model
+    base = rates.get(requested)
+
+    def cheaper(m: str) -> bool:
+        if m == requested or base is None:
+            return True
+        r = rates.get(m)
+        return r is not None and _unit_cost(r) < _unit_cost(base)
+
+    rungs = [r.to for r in policy.downgrade]
+    picked = _ladder_model(policy, headroom.fraction_spent)
+    if picked is not None and picked != requested and cheaper(picked):
+        order = [picked, *rungs[rungs.index(picked) + 1 :]]
+    else:
+        order = [requested, *rungs]
+    out: list[str] = []
+    for m in order:
+        if m not in out and cheaper(m):
+            out.append(m)
+    return out
+
+
+def _unit_cost(r: ModelRates) -> Decimal:
+    return r.input + r.output
+
+
+def decide_model_call(
+    policy: Policy,
+    spent: Spent,
+    headroom: Headroom,
+    request: CallRequest,
+    rates: Mapping[str, ModelRates | None],
+    *,
+    finish_call: bool = False,
+) -> Decision:
+    """Decide a model call: allow / downgrade / finish / stop / warn, with model and output cap.
+
+    ``rates`` maps every model the decision may pick (the requested one and the ladder's) to
+    its rates, or ``None`` when unpriced (the guard refuses unpriced models under a cost limit
+    before calling this). ``finish_call`` marks the graceful final call the adapter makes after
+    a ``finish`` decision: it may use the budget kept back for it.
+
+    Example:
+        >>> from agentguard._policy import Policy
+        >>> d = decide_model_call(Policy(max_model_calls=1), Spent(model_calls=1), Headroom(),
+        ...                       CallRequest("gpt-4o", 100), {"gpt-4o": None})
+        >>> d.action, d.limit
+        ('stop', 'max_model_calls')
+    """
+    finishing = policy.on_limit == "finish" and not finish_call
+    if spent.finished and not finish_call:
+        return Decision(
+            "stop",
+            reason="the task already made its graceful final call",
+            limit="finished",
+        )
+
+    # 1. counting caps (calls, tools, steps, tokens)
+    hit = _count_limit(policy, spent, request)
+    if hit is not None and not finish_call:
+        name, value, actual, reason, finish_ok = hit
+        d = _limit_decision(policy, name, value, actual, reason, finish_ok=finish_ok)
+        if d.action != "finish":
+            if d.action == "warn":
+                return _with_call(
+                    d, request.model, _min_cap(policy.max_output_tokens, request.max_tokens)
+                )
+            return d
+        return _finish(policy, request, headroom, rates, d)
+
+    # 2. money and the ladder
+    user_cap = _min_cap(policy.max_output_tokens, request.max_tokens)
+    if finish_call:
+        user_cap = _min_cap(user_cap, policy.finish_output_tokens)
+    need = max(1, min(MIN_USEFUL_OUTPUT_TOKENS, user_cap or MIN_USEFUL_OUTPUT_TOKENS))
+    cap = user_cap
+    tokens_left = headroom.remaining_tokens
+    if policy.max_total_tokens is not None:
+        task_left = policy.max_total_tokens - spent.total_tokens
+        tokens_left = task_left if tokens_left is None else min(tokens_left, task_left)
+    if policy.max_total_output_tokens is not None:
+        cap = _min_cap(cap, max(0, policy.max_total_output_tokens - spent.output_tokens))
+    if tokens_left is not None:
+        cap = _min_cap(cap, max(0, tokens_left - request.input_tokens))
+
+    candidates = _candidates(policy, request, headroom, rates)
+    remaining = headroom.remaining_usd
+    for model in candidates:
+        r = rates.get(model)
+        if remaining is None or r is None:
+            if cap is not None and cap < need:
+                break
+            reserve = (
+                None if r is None or cap is None else r.worst_case_cost(request.input_tokens, cap)
+            )
+            return _allow(model, request.model, cap, reserve, "no money limit applies")
+        keep_back = _keep_back(policy, request, rates, model) if finishing else _ZERO
+        affordable = r.max_output_tokens_for(remaining - keep_back, request.input_tokens)
+        out = affordable if cap is None else min(cap, affordable)
+        if out >= need:
+            reserve = r.worst_case_cost(request.input_tokens, out)
+            why = "within budget"
+            if user_cap is None or out < user_cap:
+                why = f"output capped at {out} tokens by the remaining budget"
+            return _allow(model, request.model, out, reserve, why)
+
+    # 3. nothing fits
+    if finish_call:
+        return Decision(
+            "stop",
+            reason="not even the graceful final call fits the remaining budget",
+            limit="max_cost_usd" if remaining is not None else "max_total_tokens",
+            limit_value=headroom.limit_usd,
+            actual=None if remaining is None else (headroom.limit_usd or _ZERO) - remaining,
+            budget=headroom.budget,
+        )
+    if remaining is not None:
+        limit_name, limit_value = "max_cost_usd", headroom.limit_usd
+        actual: Decimal | int | None = (headroom.limit_usd or _ZERO) - remaining
+        reason = f"${remaining} left on {headroom.budget} cannot pay for the next call"
+        budget = headroom.budget
+    else:
+        limit_name, limit_value = "max_total_tokens", policy.max_total_tokens
+        actual = spent.total_tokens + request.input_tokens
+        reason = f"{tokens_left} tokens left cannot hold the next call"
+        budget = headroom.tokens_budget
+    d = _limit_decision(
+        policy, limit_name, limit_value, actual, reason, finish_ok=True, budget=budget
+    )
+    if d.action == "finish":
+        return _finish(policy, request, headroom, rates, d)
+    if d.action == "warn":
+        return _with_call(d, request.model, cap)
+    return d
+
+
+def _allow(
+    model: str, requested: str, out: int | None, reserve: Decimal | None, why: str
+) -> Decision:
+    if model != requested:
+        return Decision(
+            "downgrade",
+            model=model,
+            max_tokens=out,
+            reserve_usd=reserve,
+            reason=f"downgraded from {requested}: {why}",
+        )
+    return Decision("allow", model=model, max_tokens=out, reserve_usd=reserve, reason=why)
+
+
+def _with_call(d: Decision, model: str, cap: int | None) -> Decision:
+    return Decision(
+        d.action,
+        model=model,
+        max_tokens=cap,
+        reserve_usd=None,
+        reason=d.reason,
+        limit=d.limit,
+        limit_value=d.limit_value,
+        actual=d.actual,
+        budget=d.budget,
+    )
+
+
+def _finish_model(policy: Policy, request: CallRequest) -> str:
+    if policy.finish_model is not None:
+        return policy.finish_model
+    if policy.downgrade:
+        return policy.downgrade[-1].to
+    return request.model
+
+
+def _finish_input(request: CallRequest) -> int:
+    """The graceful final call reads what this call reads plus what the turn adds.
+
+    We cannot know the next tool result's size; we assume the final call reads at most twice
+    this call's input (documented in docs/policy.md) and reserve for that.
+    """
+    return request.input_tokens * 2
+
+
+def _keep_back(
+    policy: Policy, request: CallRequest, rates: Mapping[str, ModelRates | None], model: str
+) -> Decimal:
+    fm = _finish_model(policy, request)
+    r = rates.get(fm) or rates.get(model)
+    if r is None:
+        return _ZERO
+    return r.worst_case_cost(_finish_input(request), policy.finish_output_tokens)
+
+
+def _finish(
+    policy: Policy,
+    request: CallRequest,
+    headroom: Headroom,
+    rates: Mapping[str, ModelRates | None],
+    why: Decision,
+) -> Decision:
+    fm = _finish_model(policy, request)
+    r = rates.get(fm)
+    if r is None and fm != request.model:
+        fm, r = request.model, rates.get(request.model)
+    cap = _min_cap(policy.finish_output_tokens, policy.max_output_tokens)
+    reserve = None
+    if headroom.remaining_usd is not None and r is not None:
+        affordable = r.max_output_tokens_for(headroom.remaining_usd, request.input_tokens)
+        cap = affordable if cap is None else min(cap, affordable)
+        if cap < 1:
+            return Decision(
+                "stop",
+                reason=f"{why.reason}; and the graceful final call does not fit either",
+                limit=why.limit,
+                limit_value=why.limit_value,
+                actual=why.actual,
+                budget=why.budget,
+            )
+        reserve = r.worst_case_cost(request.input_tokens, cap)
+    return Decision(
+        "finish",
+        model=fm,
+        max_tokens=cap,
+        reserve_usd=reserve,
+        reason=why.reason,
+        limit=why.limit,
+        limit_value=why.limit_value,
+        actual=why.actual,
+        budget=why.budget,
+    )
+
+
+def _count_limit(
+    policy: Policy, spent: Spent, request: CallRequest
+) -> tuple[str, int, int, str, bool] | None:
+    """The first counting cap the next model call hits: (field, ceiling, actual, reason, finish_ok).
+
+    Under ``on_limit="finish"`` the last allowed model call is kept for the final answer, and a
+    reached tool or step cap makes the next model call the final one.
+    """
+    m = policy.max_model_calls
+    if m is not None:
+        if spent.model_calls >= m:
+            return (
+                "max_model_calls",
+                m,
+                spent.model_calls + 1,
+                f"{spent.model_calls} of {m} model calls used",
+                False,
+            )
+        if policy.on_limit == "finish" and spent.model_calls == m - 1:
+            return (
+                "max_model_calls",
+                m,
+                spent.model_calls + 1,
+                f"the last of {m} model calls is kept for the final answer",
+                True,
+            )
+    t = policy.max_tool_calls
+    if t is not None and policy.on_limit == "finish" and spent.tool_calls >= t:
+        return ("max_tool_calls", t, spent.tool_calls, f"all {t} tool calls used", True)
+    s = policy.max_steps
+    if s is not None and spent.steps >= s:
+        return ("max_steps", s, spent.steps, f"{spent.steps} of {s} steps used", True)
+    mi = policy.max_input_tokens
+    if mi is not None and spent.input_tokens + request.input_tokens > mi:
+        return (
+            "max_input_tokens",
+            mi,
+            spent.input_tokens + request.input_tokens,
+            f"the next call's ~{request.input_tokens} input tokens exceed what is left",
+            True,
+        )
+    return None
+
+
+def decide_tool_call(policy: Policy, spent: Spent, tool: str) -> Decision:
+    """Decide a tool call: allow, or (at a cap) block / stop / warn by ``on_limit``.
+
+    Under ``finish`` a capped tool call is *blocked* (the model is told, the run continues) and
+    the next model call becomes the final answer.
+
+    Example:
+        >>> from agentguard._policy import Policy
+        >>> spent = Spent(tool_calls_by_name={"search": 2})
+        >>> decide_tool_call(Policy(tool_limits={"search": 2}), spent, "search").limit
+        'tool_limits.search'
+    """
+    per_tool = policy.tool_limits.get(tool)
+    used_tool = spent.tool_calls_by_name.get(tool, 0)
+    if per_tool is not None and used_tool >= per_tool:
+        return _tool_limit(
+            policy,
+            f"tool_limits.{tool}",
+            per_tool,
+            used_tool + 1,
+            f"{tool!r} was called {used_tool} of {per_tool} times",
+        )
+    t = policy.max_tool_calls
+    if t is not None and spent.tool_calls >= t:
+        return _tool_limit(
+            policy,
+            "max_tool_calls",
+            t,
+            spent.tool_calls + 1,
+            f"{spent.tool_calls} of {t} tool calls used",
+        )
+    return Decision("allow", reason="within tool limits")
+
+
+def _tool_limit(policy: Policy, limit: str, value: int, actual: int, reason: str) -> Decision:
+    action: Action = {"raise": "stop", "finish": "block", "warn": "warn"}[policy.on_limit]  # type: ignore[assignment]
+    return Decision(action, reason=reason, limit=limit, limit_value=value, actual=actual)
+
+
+def decide_retry(policy: Policy, spent: Spent) -> Decision:
+    """Decide a retry: allow, or stop / warn at ``max_retries`` (a retry cannot be 'finished')."""
+    r = policy.max_retries
+    if r is not None and spent.retries >= r:
+        action: Action = "warn" if policy.on_limit == "warn" else "stop"
+        return Decision(
+            action,
+            reason=f"{spent.retries} of {r} retries used",
+            limit="max_retries",
+            limit_value=r,
+            actual=spent.retries + 1,
+        )
+    return Decision("allow", reason="within retry limit")
+
+
+def decide_step(policy: Policy, spent: Spent) -> Decision:
+    """Decide an agent / graph step: allow, or finish / stop / warn at ``max_steps``."""
+    s = policy.max_steps
+    if s is not None and spent.steps >= s:
+        return _limit_decision(
+            policy,
+            "max_steps",
+            s,
+            spent.steps + 1,
+            f"{spent.steps} of {s} steps used",
+            finish_ok=True,
+        )
+    return Decision("allow", reason="within step limit")
+
+
+def crossed_soft_limits(soft_limits: Sequence[float], before: float, after: float) -> list[float]:
+    """The soft-limit fractions crossed when spend moves from ``before`` to ``after``.
+
+    Example:
+        >>> crossed_soft_limits((0.5, 0.8), 0.4, 0.85)
+        [0.5, 0.8]
+    """
+    return [f for f in soft_limits if before < f <= after]
