@@ -200,8 +200,10 @@ class Policy(_Frozen):
             ``Policy.from_file("agentguard.toml")``
         """
         p = Path(path)
-        text = p.read_text(encoding="utf-8")
         suffix = p.suffix.lower()
+        if suffix not in (".toml", ".yaml", ".yml", ".json"):
+            raise PolicyError("path", str(p), "expected a .toml, .yaml, .yml or .json file")
+        text = p.read_text(encoding="utf-8")
         data: Any
         if suffix == ".toml":
             import tomllib
@@ -227,10 +229,11 @@ class Policy(_Frozen):
                 raise PolicyError(str(p), "<file>", f"not valid YAML: {exc}") from None
             if isinstance(data, dict) and "agentguard" in data:
                 data = data["agentguard"]
-        elif suffix == ".json":
-            data = json.loads(text)
         else:
-            raise PolicyError("path", str(p), "expected a .toml, .yaml, .yml or .json file")
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise PolicyError(str(p), "<file>", f"not valid JSON: {exc}") from None
         if not isinstance(data, Mapping):
             raise PolicyError(str(p), type(data).__name__, "a policy file must hold a table")
         return cls.build(data, source=str(p))
