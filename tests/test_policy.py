@@ -87,7 +87,7 @@ def test_bad_file_names_file_field_and_value(tmp_path: Path) -> None:
     broken.write_text("max_cost_usd = \n")
     with pytest.raises(PolicyError, match="not valid TOML"):
         Policy.from_file(broken)
-    with pytest.raises(PolicyError, match="expected a .toml"):
+    with pytest.raises(PolicyError, match=r"expected a \.toml"):
         Policy.from_file(tmp_path / "x.ini")
 
 
