@@ -186,6 +186,10 @@ def _candidates(
     return out
 
 
+def _rung_at(policy: Policy, model: str) -> float:
+    return next((r.at for r in policy.downgrade if r.to == model), 0.0)
+
+
 def _unit_cost(r: ModelRates) -> Decimal:
     return r.input + r.output
 
@@ -266,8 +270,16 @@ def decide_model_call(
         if out >= need:
             reserve = r.worst_case_cost(request.input_tokens, out)
             why = "within budget"
+            if model != request.model:
+                if model == candidates[0]:
+                    why = (
+                        f"{headroom.fraction_spent:.0%} of {headroom.budget} spent "
+                        f"(ladder rung at {_rung_at(policy, model):.0%})"
+                    )
+                else:
+                    why = f"the remaining ${remaining} cannot pay for {request.model}"
             if user_cap is None or out < user_cap:
-                why = f"output capped at {out} tokens by the remaining budget"
+                why += f"; output capped at {out} tokens by the remaining budget"
             return _allow(model, request.model, out, reserve, why)
 
     # 3. nothing fits
@@ -309,7 +321,7 @@ def _allow(
             model=model,
             max_tokens=out,
             reserve_usd=reserve,
-            reason=f"downgraded from {requested}: {why}",
+            reason=f"{requested} -> {model}: {why}",
         )
     return Decision("allow", model=model, max_tokens=out, reserve_usd=reserve, reason=why)
 

@@ -1,0 +1,1097 @@
+"""The guard, its tasks, and the event API adapters call.
+
+An adapter (LangChain, LangGraph, LlamaIndex) translates its framework's events into these
+calls and nothing else:
+
+===============================  ==========================================================
+``task.start_model_call(...)``   before a model call: decide, reserve, return a ``ModelCall``
+                                 with the model to use and the output cap to bind
+``call.end(usage)``              the call finished: commit its actual cost, free the rest
+``call.fail(error)``             the call failed: release the reservation
+``task.start_tool_call(name)``   before a tool runs: count it against the caps
+``tool.end()`` / ``tool.fail()`` the tool finished / failed
+``task.record_retry(reason)``    a retry is about to happen
+``task.step(name)``              an agent / graph step begins
+``task.record_retrieval(...)``   a retriever returned documents
+``task.trim(chunks)``            fit retrieved context to the budget
+===============================  ==========================================================
+
+Every ``start_*`` and ``step`` raises :class:`BudgetExceeded` when the decision is ``stop``;
+``finish`` and ``block`` decisions are returned for the adapter to act on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from agentguard._decide import (
+    CallRequest,
+    Decision,
+    Headroom,
+    Spent,
+    crossed_soft_limits,
+    decide_model_call,
+    decide_retry,
+    decide_step,
+    decide_tool_call,
+)
+from agentguard._errors import BudgetExceeded, PolicyError, UnknownModelError
+from agentguard._policy import Policy
+from agentguard._store import Balance, BudgetLine, BudgetStore, MemoryStore
+from agentguard._trace import Span, TaskRecord, TraceSink
+from agentguard._usage import Usage
+
+if TYPE_CHECKING:
+    from agentguard._pricing import ModelRates, PriceBook
+    from agentguard._tokens import TokenCounter
+    from agentguard._trim import Chunk, TrimResult
+
+__all__ = ["DecisionRecord", "Guard", "ModelCall", "Task", "ToolCall", "current_task"]
+
+_ZERO = Decimal(0)
+_current: ContextVar[Task | None] = ContextVar("agentguard_task", default=None)
+_log: Any = None
+
+
+def _logger() -> Any:
+    global _log
+    if _log is None:
+        import structlog
+
+        _log = structlog.get_logger("agentguard")
+    return _log
+
+
+def current_task() -> Task | None:
+    """The task the current context charges, or ``None`` outside ``guard.task(...)``.
+
+    Example:
+        >>> current_task() is None
+        True
+    """
+    return _current.get()
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """A non-trivial decision taken for a task (downgrade, finish, block, stop, warn, trim...)."""
+
+    kind: str  # "model" | "tool" | "retry" | "step" | "trim" | "soft_limit" | "overspend"
+    action: str
+    reason: str
+    at: float
+    model: str | None = None
+    limit: str | None = None
+    span_id: str | None = None
+
+
+class Guard:
+    """Keeps tasks inside their budgets. One guard is shared by every task of an application.
+
+    Args:
+        policy: a :class:`Policy`, a mapping of policy fields, or a path to a TOML/YAML file.
+        store: where budgets live; :class:`MemoryStore` by default.
+        traces: a trace sink, a path (``.db`` SQLite, ``.jsonl``), ``"memory"``, ``None`` for
+            the default ``agentguard.db``, or ``False`` for no traces.
+        prices: a :class:`PriceBook` (genai-prices plus overrides); a default one if omitted.
+        tags: attribution tags every task inherits (``env="prod"``, ``org="acme"``).
+        capture_content: store prompt and completion text in traces (off by default).
+
+    Example:
+        >>> import agentguard as ag
+        >>> guard = ag.Guard(ag.Policy(max_cost_usd="0.25"), traces=False)
+        >>> with guard.task("ticket-42", feature="support") as task:
+        ...     call = task.start_model_call("gpt-4o-mini", input_tokens=1000, max_tokens=200)
+        ...     _ = call.end(ag.Usage(input_tokens=1000, output_tokens=150))
+        >>> task.cost_usd
+        Decimal('0.00024')
+    """
+
+    def __init__(
+        self,
+        policy: Policy | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        *,
+        store: BudgetStore | None = None,
+        traces: TraceSink | str | os.PathLike[str] | Literal[False] | None = None,
+        prices: PriceBook | None = None,
+        tags: Mapping[str, str] | None = None,
+        capture_content: bool = False,
+    ) -> None:
+        if policy is None:
+            policy = Policy()
+        elif isinstance(policy, str | os.PathLike):
+            policy = Policy.from_file(Path(policy))
+        elif not isinstance(policy, Policy):
+            policy = Policy.build(policy)
+        self.policy: Policy = policy
+        self.store: BudgetStore = store if store is not None else MemoryStore()
+        if prices is None:
+            from agentguard._pricing import PriceBook
+
+            prices = PriceBook()
+        self.prices: PriceBook = prices
+        from agentguard._sinks import open_sink
+
+        self.sink: TraceSink = open_sink(traces)
+        self.tags: dict[str, str] = {**policy.tags, **(tags or {})}
+        self.capture_content = capture_content
+        self._ids = itertools.count(1)
+        self._prefix = uuid.uuid4().hex[:10]
+        self._check_ladder(policy)
+
+    def _check_ladder(self, policy: Policy) -> None:
+        """Refuse a downgrade ladder whose rungs go *up* in price (known prices only)."""
+        prev: tuple[str, Decimal] | None = None
+        for i, rung in enumerate(policy.downgrade):
+            r = self.prices.rates(rung.to)
+            if r is None:
+                if policy.has_cost_limit:
+                    raise PolicyError(
+                        f"downgrade[{i}].to",
+                        rung.to,
+                        "no known price for this model; "
+                        "a ladder under a cost limit must be priced (add a PriceBook override)",
+                    )
+                continue
+            unit = r.input + r.output
+            if prev is not None and unit > prev[1]:
+                raise PolicyError(
+                    f"downgrade[{i}].to",
+                    rung.to,
+                    f"the ladder goes up in price: {rung.to} costs more than {prev[0]}",
+                )
+            prev = (rung.to, unit)
+
+    def _next_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids)}"
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    def task(
+        self,
+        task_id: str | None = None,
+        *,
+        policy: Policy | None = None,
+        parent: Task | Literal[False] | None = None,
+        **tags: str,
+    ) -> _TaskScope:
+        """Open a task: a sync or async context manager yielding a :class:`Task`.
+
+        Inside another task of this guard (or with ``parent=``), the new task is a *child*:
+        its spend also counts against every budget of the parent, so sub-agents and
+        subgraphs cannot overspend the parent together. ``parent=False`` forces a root task.
+        ``policy`` gives the child its own limits (e.g. a smaller ``max_cost_usd``).
+
+        Example:
+            >>> import agentguard as ag
+            >>> guard = ag.Guard(traces=False)
+            >>> with guard.task("t1", team="cx") as t:
+            ...     with guard.task("t1.sub") as sub:
+            ...         sub.parent is t
+            True
+        """
+        return _TaskScope(self, task_id, policy, parent, tags)
+
+    def close(self) -> None:
+        """Flush and close the trace sink."""
+        self.sink.flush()
+        self.sink.close()
+
+    # helpers used by tasks
+    def _rates(self, model: str) -> ModelRates | None:
+        return self.prices.rates(model)
+
+    def _counter(self, model: str | None) -> TokenCounter:
+        from agentguard._tokens import counter_for
+
+        return counter_for(model)
+
+
+class _TaskScope:
+    """``with guard.task(...)`` / ``async with guard.task(...)``."""
+
+    __slots__ = ("_args", "_guard", "_task", "_token")
+
+    def __init__(
+        self,
+        guard: Guard,
+        task_id: str | None,
+        policy: Policy | None,
+        parent: Task | Literal[False] | None,
+        tags: Mapping[str, str],
+    ) -> None:
+        self._guard = guard
+        self._args = (task_id, policy, parent, tags)
+        self._task: Task | None = None
+        self._token: Token[Task | None] | None = None
+
+    def _open(self) -> Task:
+        task_id, policy, parent, tags = self._args
+        if parent is None:
+            cur = _current.get()
+            parent = cur if cur is not None and cur.guard is self._guard else None
+        elif parent is False:
+            parent = None
+        task = Task(self._guard, task_id, policy, parent, tags)
+        self._task = task
+        self._token = _current.set(task)
+        return task
+
+    def _close(self, exc: BaseException | None) -> None:
+        assert self._task is not None
+        assert self._token is not None
+        try:
+            _current.reset(self._token)
+        except ValueError:  # reset from another context (a generator closed elsewhere)
+            _current.set(self._task.parent)
+        self._task._close(exc)
+
+    def __enter__(self) -> Task:
+        return self._open()
+
+    def __exit__(self, et: object, exc: BaseException | None, tb: object) -> None:
+        self._close(exc)
+
+    async def __aenter__(self) -> Task:
+        return self._open()
+
+    async def __aexit__(self, et: object, exc: BaseException | None, tb: object) -> None:
+        self._close(exc)
+
+
+def _window_bucket(window: str, now: float) -> tuple[str, float]:
+    """The bucket label of ``now`` and when that bucket ends (UTC)."""
+    dt = datetime.fromtimestamp(now, UTC)
+    if window == "hour":
+        start = dt.replace(minute=0, second=0, microsecond=0)
+        return start.strftime("%Y-%m-%dT%H"), start.timestamp() + 3600
+    if window == "day":
+        start = dt.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start.strftime("%Y-%m-%d"), start.timestamp() + 86400
+    start = dt.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    nxt = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+    return start.strftime("%Y-%m"), nxt.timestamp()
+
+
+def _task_limits(policy: Policy) -> dict[str, Decimal | int]:
+    if policy.on_limit == "warn":
+        return {}
+    pairs: list[tuple[str, Decimal | int | None]] = [
+        ("cost_usd", policy.max_cost_usd),
+        ("tokens", policy.max_total_tokens),
+        ("input_tokens", policy.max_input_tokens),
+        ("output_tokens", policy.max_total_output_tokens),
+        ("model_calls", policy.max_model_calls),
+        ("tool_calls", policy.max_tool_calls),
+        ("retries", policy.max_retries),
+        ("steps", policy.max_steps),
+    ]
+    limits = {k: v for k, v in pairs if v is not None}
+    for tool, cap in policy.tool_limits.items():
+        limits[f"tool:{tool}"] = cap
+    return limits
+
+
+class Task:
+    """One unit of work (an agent run, a request) with its budget, counters and trace.
+
+    Created by :meth:`Guard.task`. Adapters call its event methods; users read the results:
+    ``cost_usd`` (``Decimal``, or ``None`` if some call could not be priced), ``usage``,
+    ``decisions``, ``model_calls``, ``tool_calls``, ``saved_usd``.
+    """
+
+    def __init__(
+        self,
+        guard: Guard,
+        task_id: str | None,
+        policy: Policy | None,
+        parent: Task | None,
+        tags: Mapping[str, str],
+    ) -> None:
+        self.guard = guard
+        self.id = task_id or uuid.uuid4().hex[:12]
+        self.parent = parent
+        base_tags = parent.tags if parent is not None else guard.tags
+        self.tags: dict[str, str] = {**base_tags, **tags}
+        self.policy: Policy = (
+            policy
+            if policy is not None
+            else (parent.policy if parent is not None else guard.policy)
+        )
+        self.started = time.time()
+        self.ended: float | None = None
+        self.status = "running"
+        self.limit_hit: str | None = None
+        # exact local accounting of this task (children roll theirs up through the store)
+        self._lock = threading.Lock()
+        self.usage = Usage(per_call=False)
+        self.priced_cost_usd: Decimal = _ZERO
+        self.unpriced_calls = 0
+        self.model_calls = 0
+        self.tool_calls = 0
+        self.tool_calls_by_name: dict[str, int] = {}
+        self.retries = 0
+        self.steps = 0
+        self.decisions: list[DecisionRecord] = []
+        self.saved_usd: Decimal = _ZERO
+        self.tokens_saved = 0
+        self.finished = False
+        self.overspent = False
+        self._soft_seen: set[tuple[str, float]] = set()
+        self._open: dict[str, ModelCall] = {}
+        self.current_step_id: str | None = None
+        self._downgraded_to: str | None = None
+        self.span = Span(
+            span_id=guard._next_id(),
+            task_id=self.id,
+            kind="task",
+            name=self.id,
+            start=self.started,
+            parent_id=parent.span.span_id if parent is not None else None,
+            attrs={"tags": dict(self.tags)},
+        )
+        self._key = f"task:{self.id}"
+        self._lines_until = float("inf")
+        self._lines = self._build_lines(self.started)
+        self._balances: dict[str, Balance] = dict(
+            guard.store.snapshot([ln.key for ln in self._lines])
+        )
+
+    # -- budgets ----------------------------------------------------------------------------
+
+    def _build_lines(self, now: float) -> list[BudgetLine]:
+        lines = [BudgetLine(self._key, _task_limits(self.policy))]
+        until = float("inf")
+        keys = {self._key}
+        if self.parent is not None:
+            for ln in self.parent._current_lines(now):
+                if ln.key not in keys:
+                    lines.append(ln)
+                    keys.add(ln.key)
+            until = self.parent._lines_until
+        warn = self.policy.on_limit == "warn"
+        for b in self.policy.budgets:
+            if b.scope == "global":
+                key = "global"
+            else:
+                value = self.tags.get(b.scope)
+                if value is None or (b.match is not None and value != b.match):
+                    continue
+                key = f"{b.scope}:{value}"
+            expires = None
+            if b.window is not None:
+                label, expires = _window_bucket(b.window, now)
+                key = f"{key}@{b.window}:{label}"
+                until = min(until, expires)
+            if key in keys:
+                continue
+            limits: dict[str, Decimal | int] = {}
+            if not warn:
+                if b.max_cost_usd is not None:
+                    limits["cost_usd"] = b.max_cost_usd
+                if b.max_total_tokens is not None:
+                    limits["tokens"] = b.max_total_tokens
+            lines.append(BudgetLine(key, limits, expires))
+            keys.add(key)
+        self._lines_until = until
+        return lines
+
+    def _current_lines(self, now: float | None = None) -> list[BudgetLine]:
+        if now is None:
+            now = time.time()
+        if now >= self._lines_until:
+            self._lines = self._build_lines(now)
+        return self._lines
+
+    def _spent(self) -> Spent:
+        b = self._balances.get(self._key)
+        if b is None:
+            return Spent(finished=self.finished)
+        u = b.used
+        prefix = "tool:"
+        by_name = {k[len(prefix) :]: int(v) for k, v in b.committed.items() if k.startswith(prefix)}
+        for k, v in b.reserved.items():
+            if k.startswith(prefix):
+                by_name[k[len(prefix) :]] = by_name.get(k[len(prefix) :], 0) + int(v)
+        return Spent(
+            cost_usd=Decimal(u("cost_usd")),
+            input_tokens=int(u("input_tokens")),
+            output_tokens=int(u("output_tokens")),
+            model_calls=int(u("model_calls")),
+            tool_calls=int(u("tool_calls")),
+            tool_calls_by_name=by_name,
+            retries=int(u("retries")),
+            steps=int(u("steps")),
+            finished=self.finished,
+        )
+
+    def _headroom(self) -> Headroom:
+        remaining: Decimal | None = None
+        fraction = 0.0
+        limit_usd = None
+        budget = None
+        tokens_left: int | None = None
+        tokens_budget = None
+        for ln in self._lines:
+            lim = ln.limits.get("cost_usd")
+            bal = self._balances.get(ln.key)
+            if lim is not None:
+                used = Decimal(bal.used("cost_usd")) if bal else _ZERO
+                left = lim - used
+                if remaining is None or left < remaining:
+                    remaining, limit_usd, budget = left, Decimal(lim), ln.key
+                fraction = max(fraction, float(used / lim)) if lim > 0 else 1.0
+            tl = ln.limits.get("tokens")
+            if tl is not None and ln.key != self._key:  # the task's own is in Spent
+                left_t = int(tl) - (int(bal.used("tokens")) if bal else 0)
+                if tokens_left is None or left_t < tokens_left:
+                    tokens_left, tokens_budget = left_t, ln.key
+        if remaining is not None and remaining < 0:
+            remaining = _ZERO
+        return Headroom(remaining, fraction, limit_usd, budget, tokens_left, tokens_budget)
+
+    def _refresh(self) -> None:
+        self._balances.update(self.guard.store.snapshot([ln.key for ln in self._lines]))
+
+    def _update(self, balances: Mapping[str, Balance]) -> None:
+        before = self._headroom().fraction_spent if self.policy.soft_limits else 0.0
+        self._balances.update(balances)
+        if self.policy.soft_limits:
+            after = self._headroom().fraction_spent
+            for f in crossed_soft_limits(self.policy.soft_limits, before, after):
+                self._soft_limit(f, after)
+
+    def _soft_limit(self, fraction: float, now_fraction: float) -> None:
+        key = (self._headroom().budget or self._key, fraction)
+        if key in self._soft_seen:
+            return
+        self._soft_seen.add(key)
+        reason = f"{int(fraction * 100)}% of the budget on {key[0]} spent ({now_fraction:.0%})"
+        self._record("soft_limit", "warn", reason, None)
+        _logger().warning(
+            "agentguard.soft_limit",
+            task_id=self.id,
+            budget=key[0],
+            threshold=fraction,
+            spent_fraction=round(now_fraction, 4),
+            **self.tags,
+        )
+
+    def _record(
+        self,
+        kind: str,
+        action: str,
+        reason: str,
+        span: Span | None,
+        *,
+        model: str | None = None,
+        limit: str | None = None,
+    ) -> DecisionRecord:
+        rec = DecisionRecord(
+            kind,
+            action,
+            reason,
+            time.time(),
+            model,
+            limit,
+            span.span_id if span is not None else None,
+        )
+        with self._lock:
+            self.decisions.append(rec)
+        if kind != "soft_limit":
+            log = _logger()
+            emit = log.warning if action in ("stop", "finish") or kind == "overspend" else log.info
+            emit(
+                f"agentguard.{action}",
+                task_id=self.id,
+                kind=kind,
+                model=model,
+                limit=limit,
+                reason=reason,
+                **self.tags,
+            )
+        return rec
+
+    def _stop(self, d: Decision, kind: str, span: Span | None) -> BudgetExceeded:
+        self.limit_hit = d.limit
+        self._record(kind, "stop", d.reason, span, limit=d.limit)
+        return BudgetExceeded(
+            d.limit or "budget",
+            d.limit_value,
+            d.actual,
+            budget=d.budget,
+            task_id=self.id,
+            detail=d.reason,
+        )
+
+    # -- read-outs --------------------------------------------------------------------------
+
+    @property
+    def cost_usd(self) -> Decimal | None:
+        """Exact cost of this task's own calls; ``None`` if any call could not be priced."""
+        return None if self.unpriced_calls else self.priced_cost_usd
+
+    @property
+    def spent(self) -> Spent:
+        """Committed plus reserved spend of this task, children included, read from the store."""
+        self._refresh()
+        return self._spent()
+
+    def _parent_span_id(self, parent: str | None) -> str:
+        return parent or self.current_step_id or self.span.span_id
+
+    # -- events: model calls -------------------------------------------------------------------
+
+    def start_model_call(
+        self,
+        model: str,
+        *,
+        messages: Sequence[Any] | None = None,
+        tools: Sequence[Any] | None = None,
+        input_tokens: int | None = None,
+        max_tokens: int | None = None,
+        finish: bool = False,
+        parent_span: str | None = None,
+        name: str | None = None,
+    ) -> ModelCall:
+        """A model call is about to start: decide and reserve its worst case.
+
+        Give either ``messages`` (and ``tools``), which are counted with the model's
+        tokenizer plus a safety margin, or ``input_tokens`` when the adapter already knows.
+        ``max_tokens`` is the caller's own output cap. ``finish=True`` marks the graceful final
+        call made after a ``finish`` decision.
+
+        Returns a :class:`ModelCall` whose ``decision`` says what to do: ``model`` and
+        ``max_tokens`` to bind (``allow`` / ``downgrade`` / ``warn``), or ``finish`` — make the
+        final call without tools instead. Raises :class:`BudgetExceeded` on ``stop`` and
+        :class:`UnknownModelError` for an unpriced model under a cost limit.
+        """
+        guard = self.guard
+        policy = self.policy
+        rates = guard._rates(model)
+        if rates is None and policy.has_cost_limit:
+            raise UnknownModelError(model)
+        estimate, raw = self._estimate_input(model, messages, tools, input_tokens)
+        request = CallRequest(model, estimate, max_tokens)
+        rate_map: dict[str, ModelRates | None] = {model: rates}
+        for rung in policy.downgrade:
+            rate_map[rung.to] = guard._rates(rung.to)
+        if policy.finish_model is not None:
+            rate_map[policy.finish_model] = guard._rates(policy.finish_model)
+        lines = self._current_lines()
+        span = Span(
+            span_id=guard._next_id(),
+            task_id=self.id,
+            kind="model",
+            name=name or model,
+            start=time.time(),
+            parent_id=self._parent_span_id(parent_span),
+            model=model,
+        )
+        for _attempt in range(4):
+            d = decide_model_call(
+                policy, self._spent(), self._headroom(), request, rate_map, finish_call=finish
+            )
+            if d.action == "finish" and not finish:
+                # the adapter will make the final call; it reserves then with finish=True
+                self.finished = True
+                span.decision, span.reason, span.status = "finish", d.reason, "finished"
+                span.end = span.start
+                self._record("model", "finish", d.reason, span, model=d.model, limit=d.limit)
+                self.limit_hit = self.limit_hit or d.limit
+                guard.sink.write_spans([span])
+                # a decision, not a call: nothing to end; the final call is made with finish=True
+                return ModelCall(self, span, d, lines, None, estimate, raw, rates=None, done=True)
+            if d.action == "stop":
+                span.decision, span.reason, span.status = "stop", d.reason, "stopped"
+                span.end = span.start
+                guard.sink.write_spans([span])
+                raise self._stop(d, "model", span)
+            assert d.model is not None
+            use_rates = rate_map.get(d.model)
+            amounts: dict[str, Decimal | int] = {
+                "model_calls": 1,
+                "input_tokens": estimate,
+                "output_tokens": d.max_tokens or 0,
+                "tokens": estimate + (d.max_tokens or 0),
+            }
+            if d.reserve_usd is not None:
+                amounts["cost_usd"] = d.reserve_usd
+            rid = guard._next_id()
+            res = guard.store.reserve(rid, lines, amounts)
+            if res.ok:
+                self._update(res.balances)
+                break
+            self._balances.update(res.balances)  # someone else took it: decide again
+        else:
+            d = Decision(
+                "stop",
+                reason="the budget is contended: reservation refused 4 times",
+                limit="max_cost_usd",
+                budget=res.denied.key if res.denied else None,
+            )
+            raise self._stop(d, "model", span)
+        if finish:
+            self.finished = True
+        span.decision = d.action
+        span.reason = d.reason
+        span.model = d.model
+        span.attrs["reserved_usd"] = d.reserve_usd
+        span.attrs["max_tokens"] = d.max_tokens
+        span.attrs["input_estimate"] = estimate
+        if d.model != model:
+            span.attrs["requested_model"] = model
+        if d.action == "warn" or (d.action == "downgrade" and d.model != self._downgraded_to):
+            self._downgraded_to = d.model if d.action == "downgrade" else self._downgraded_to
+            self._record("model", d.action, d.reason, span, model=d.model, limit=d.limit)
+        call = ModelCall(self, span, d, lines, rid, estimate, raw, use_rates, amounts)
+        with self._lock:
+            self._open[rid] = call
+        return call
+
+    def _estimate_input(
+        self,
+        model: str,
+        messages: Sequence[Any] | None,
+        tools: Sequence[Any] | None,
+        input_tokens: int | None,
+    ) -> tuple[int, int]:
+        """(reservation estimate with margin, raw count)."""
+        if input_tokens is not None:
+            if input_tokens < 0:
+                raise ValueError(f"input_tokens={input_tokens!r}: cannot be negative")
+            return input_tokens, input_tokens
+        if messages is None:
+            return 0, 0
+        from agentguard._tokens import reservation_tokens
+
+        counter = self.guard._counter(model)
+        raw = counter.count_messages(messages, tools)
+        return reservation_tokens(counter, raw), raw
+
+    # -- events: tools, retries, steps, retrieval ------------------------------------------
+
+    def start_tool_call(self, name: str, *, parent_span: str | None = None) -> ToolCall:
+        """A tool is about to run. Returns a :class:`ToolCall`; check ``decision.action``:
+        ``block`` means skip the tool and tell the model why (``decision.reason``).
+        Raises :class:`BudgetExceeded` on ``stop``."""
+        span = Span(
+            span_id=self.guard._next_id(),
+            task_id=self.id,
+            kind="tool",
+            name=name,
+            start=time.time(),
+            parent_id=self._parent_span_id(parent_span),
+        )
+        amounts: dict[str, Decimal | int] = {"tool_calls": 1, f"tool:{name}": 1}
+        d = decide_tool_call(self.policy, self._spent(), name)
+        if d.action == "allow":
+            res = self.guard.store.charge(self._current_lines(), amounts)
+            if res.ok:
+                self._update(res.balances)
+            else:
+                self._balances.update(res.balances)
+                d = decide_tool_call(self.policy, self._spent(), name)
+                if d.action == "allow":  # refused on an enclosing line the policy doesn't see
+                    d = Decision(
+                        "stop" if self.policy.on_limit == "raise" else "block",
+                        reason=f"tool call refused by {res.denied}",
+                        limit="max_tool_calls",
+                    )
+        elif d.action == "warn":
+            self._update(
+                self.guard.store.charge(self._current_lines(), amounts, check=False).balances
+            )
+        span.decision, span.reason = d.action, d.reason
+        if d.action in ("stop", "block"):
+            span.status = "stopped" if d.action == "stop" else "blocked"
+            span.end = span.start
+            self.guard.sink.write_spans([span])
+            if d.action == "stop":
+                raise self._stop(d, "tool", span)
+            self._record("tool", "block", d.reason, span, limit=d.limit)
+        else:
+            if d.action == "warn":
+                self._record("tool", "warn", d.reason, span, limit=d.limit)
+            with self._lock:
+                self.tool_calls += 1
+                self.tool_calls_by_name[name] = self.tool_calls_by_name.get(name, 0) + 1
+        return ToolCall(self, span, d)
+
+    def record_retry(self, reason: str = "", *, parent_span: str | None = None) -> Decision:
+        """A retry is about to happen. Raises :class:`BudgetExceeded` past ``max_retries``."""
+        return self._counted("retry", "retries", decide_retry, reason, parent_span)
+
+    def step(self, name: str = "step", *, parent_span: str | None = None) -> Decision:
+        """An agent or graph step begins. Past ``max_steps``: ``finish`` is returned under
+        ``on_limit="finish"``, otherwise :class:`BudgetExceeded` is raised."""
+        return self._counted("step", "steps", decide_step, name, parent_span)
+
+    def _counted(
+        self, kind: str, counter: str, decide: Any, name: str, parent_span: str | None
+    ) -> Decision:
+        span = Span(
+            span_id=self.guard._next_id(),
+            task_id=self.id,
+            kind=kind,  # type: ignore[arg-type]
+            name=name or kind,
+            start=time.time(),
+            parent_id=self._parent_span_id(parent_span)
+            if kind != "step"
+            else (parent_span or self.span.span_id),
+        )
+        d: Decision = decide(self.policy, self._spent())
+        if d.action in ("allow", "warn"):
+            res = self.guard.store.charge(
+                self._current_lines(), {counter: 1}, check=d.action == "allow"
+            )
+            if res.ok:
+                self._update(res.balances)
+            else:
+                self._balances.update(res.balances)
+                d = decide(self.policy, self._spent())
+                if d.action == "allow":
+                    d = Decision("stop", reason=f"refused by {res.denied}", limit=counter)
+        span.decision, span.reason = d.action, d.reason
+        span.end = span.start
+        if d.action in ("allow", "warn"):
+            with self._lock:
+                if kind == "retry":
+                    self.retries += 1
+                else:
+                    self.steps += 1
+                    self.current_step_id = span.span_id
+        if d.action == "stop":
+            span.status = "stopped"
+            self.guard.sink.write_spans([span])
+            raise self._stop(d, kind, span)
+        if d.action in ("finish", "warn"):
+            if d.action == "finish":
+                self.finished = True
+                self.limit_hit = self.limit_hit or d.limit
+            self._record(kind, d.action, d.reason, span, limit=d.limit)
+        self.guard.sink.write_spans([span])
+        return d
+
+    def record_retrieval(
+        self,
+        name: str = "retriever",
+        *,
+        documents: int,
+        tokens: int | None = None,
+        texts: Sequence[str] | None = None,
+        model: str | None = None,
+        parent_span: str | None = None,
+    ) -> Span:
+        """A retriever returned ``documents`` chunks (counted from ``texts`` if given)."""
+        if tokens is None and texts is not None:
+            counter = self.guard._counter(model)
+            tokens = sum(counter.count(t) for t in texts)
+        now = time.time()
+        span = Span(
+            span_id=self.guard._next_id(),
+            task_id=self.id,
+            kind="retrieval",
+            name=name,
+            start=now,
+            end=now,
+            parent_id=self._parent_span_id(parent_span),
+            attrs={"documents": documents, "tokens": tokens},
+        )
+        self.guard.sink.write_spans([span])
+        return span
+
+    def trim(
+        self,
+        chunks: Sequence[Chunk | str],
+        budget_tokens: int | None = None,
+        *,
+        model: str | None = None,
+        keep_order: bool = False,
+        parent_span: str | None = None,
+        **options: Any,
+    ) -> TrimResult:
+        """Fit retrieved chunks into ``budget_tokens`` (default: the policy's
+        ``context_budget_tokens``); records tokens and dollars saved.
+
+        Example:
+            >>> import agentguard as ag
+            >>> g = ag.Guard(ag.Policy(context_budget_tokens=5), traces=False)
+            >>> with g.task() as t:
+            ...     r = t.trim(["A short one.", "Another chunk that is long enough to drop."])
+            >>> [c.text for c in r.kept]
+            ['A short one.']
+        """
+        from agentguard._trim import trim_chunks
+
+        budget = budget_tokens if budget_tokens is not None else self.policy.context_budget_tokens
+        if budget is None:
+            raise PolicyError(
+                "context_budget_tokens",
+                None,
+                "set it in the policy or pass budget_tokens= to trim()",
+            )
+        start = time.time()
+        result = trim_chunks(
+            chunks, budget, self.guard._counter(model), keep_order=keep_order, **options
+        )
+        saved_usd: Decimal | None = None
+        rates = self.guard._rates(model) if model else None
+        if rates is not None:
+            saved_usd = rates.input * result.tokens_saved
+        span = Span(
+            span_id=self.guard._next_id(),
+            task_id=self.id,
+            kind="trim",
+            name="trim",
+            start=start,
+            end=time.time(),
+            parent_id=self._parent_span_id(parent_span),
+            decision="trim",
+            model=model,
+            attrs={
+                "budget_tokens": budget,
+                "tokens_in": result.tokens_in,
+                "tokens_kept": result.tokens_kept,
+                "tokens_saved": result.tokens_saved,
+                "saved_usd": saved_usd,
+                "chunks_in": len(chunks),
+                "chunks_kept": len(result.kept),
+                "estimated": result.tokens_in_estimated,
+            },
+        )
+        with self._lock:
+            self.tokens_saved += result.tokens_saved
+            if saved_usd is not None:
+                self.saved_usd += saved_usd
+        if result.tokens_saved:
+            self._record(
+                "trim",
+                "trim",
+                f"kept {result.tokens_kept} of {result.tokens_in} context tokens "
+                f"({len(result.kept)}/{len(chunks)} chunks)",
+                span,
+                model=model,
+            )
+        self.guard.sink.write_spans([span])
+        return result
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def _close(self, exc: BaseException | None) -> None:
+        with self._lock:
+            leftovers = list(self._open.values())
+        for call in leftovers:  # a call that never ended must not hold budget forever
+            call.fail(RuntimeError("task closed while the call was open"))
+        self.ended = time.time()
+        if isinstance(exc, BudgetExceeded):
+            self.status = "stopped"
+            self.limit_hit = self.limit_hit or exc.limit
+        elif exc is not None:
+            self.status = "error"
+        else:
+            self.status = "finished" if self.finished else "ok"
+        self.span.end = self.ended
+        self.span.status = self.status
+        self.span.usage = self.usage
+        self.span.cost_usd = self.cost_usd
+        counts: dict[str, int] = {}
+        for rec in self.decisions:
+            counts[rec.action] = counts.get(rec.action, 0) + 1
+        sink = self.guard.sink
+        sink.write_spans([self.span])
+        sink.write_task(
+            TaskRecord(
+                task_id=self.id,
+                parent_id=self.parent.id if self.parent else None,
+                start=self.started,
+                end=self.ended,
+                status=self.status,
+                tags=dict(self.tags),
+                usage=self.usage,
+                cost_usd=self.cost_usd,
+                model_calls=self.model_calls,
+                tool_calls=self.tool_calls,
+                retries=self.retries,
+                steps=self.steps,
+                decisions=counts,
+                saved_usd=self.saved_usd,
+                tokens_saved=self.tokens_saved,
+                limit_hit=self.limit_hit,
+            )
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Task(id={self.id!r}, cost_usd={self.cost_usd}, model_calls={self.model_calls}, "
+            f"status={self.status!r})"
+        )
+
+
+@dataclass(slots=True)
+class ModelCall:
+    """A model call in flight. Bind ``model`` and ``max_tokens``; then ``end`` or ``fail``."""
+
+    task: Task
+    span: Span
+    decision: Decision
+    lines: Sequence[BudgetLine]
+    reservation_id: str | None
+    input_estimate: int
+    input_counted: int
+    rates: ModelRates | None
+    amounts: Mapping[str, Decimal | int] = field(default_factory=dict)
+    done: bool = False
+
+    @property
+    def model(self) -> str:
+        """The model to call (the requested one, or the ladder's cheaper rung)."""
+        return self.decision.model or self.span.model or self.span.name
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The output cap to bind on the call (``None``: no cap applies)."""
+        return self.decision.max_tokens
+
+    def end(
+        self,
+        usage: Usage | Mapping[str, Any] | Any | None = None,
+        *,
+        output_text: str | None = None,
+        model: str | None = None,
+    ) -> Decimal | None:
+        """The call finished. ``usage`` as reported (any shape :meth:`Usage.parse` knows);
+        when it is missing, the usage is estimated from the input count and ``output_text``
+        and marked ``estimated``. Returns the call's cost (``None`` if unpriced)."""
+        if self.done:
+            return self.span.cost_usd
+        task = self.task
+        guard = task.guard
+        if usage is None:
+            out = 0
+            if output_text:
+                out = guard._counter(self.model).count(output_text)
+            u = Usage(self.input_counted, out, estimated=True)
+        else:
+            u = Usage.parse(usage)
+        rates = self.rates
+        if model is not None and model != self.model:
+            rates = guard._rates(model) or rates
+        cost = rates.cost(u) if rates is not None else None
+        actual: dict[str, Decimal | int] = {
+            "model_calls": 1,
+            "input_tokens": u.input_tokens,
+            "output_tokens": u.output_tokens,
+            "tokens": u.total_tokens,
+        }
+        if cost is not None:
+            actual["cost_usd"] = cost
+        span = self.span
+        reserved = self.decision.reserve_usd
+        if self.reservation_id is not None:
+            balances = guard.store.commit(self.reservation_id, self.lines, actual)
+        else:
+            balances = guard.store.charge(self.lines, actual, check=False).balances
+        self.done = True
+        with task._lock:
+            task._open.pop(self.reservation_id or "", None)
+            task.usage = task.usage + u
+            task.model_calls += 1
+            if cost is None:
+                task.unpriced_calls += 1
+            else:
+                task.priced_cost_usd += cost
+        task._update(balances)
+        span.end = time.time()
+        span.usage = u
+        span.cost_usd = cost
+        if u.estimated:
+            span.attrs["estimated"] = True
+        if model is not None and model != span.model:
+            span.attrs["reported_model"] = model
+        if reserved is not None and cost is not None and cost > reserved:
+            span.attrs["over_reservation"] = True
+            task.overspent = True
+            task._record(
+                "overspend",
+                "warn",
+                f"the provider reported ${cost}, above the ${reserved} reserved",
+                span,
+                model=self.model,
+            )
+        guard.sink.write_spans([span])
+        return cost
+
+    def fail(self, error: BaseException | None = None) -> None:
+        """The call failed: release the reservation and record the error."""
+        if self.done:
+            return
+        self.done = True
+        task = self.task
+        if self.reservation_id is not None:
+            task.guard.store.release(self.reservation_id)
+            task._refresh()
+        with task._lock:
+            task._open.pop(self.reservation_id or "", None)
+        self.span.end = time.time()
+        self.span.status = "error"
+        if error is not None:
+            self.span.attrs["error"] = type(error).__name__
+        task.guard.sink.write_spans([self.span])
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """A tool call in flight."""
+
+    task: Task
+    span: Span
+    decision: Decision
+    done: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.proceeds
+
+    def end(self, *, cost_usd: Decimal | None = None) -> None:
+        """The tool finished. ``cost_usd`` for paid tools (search APIs...), if known."""
+        if self.done:
+            return
+        self.done = True
+        self.span.end = time.time()
+        if cost_usd is not None:
+            self.span.cost_usd = cost_usd
+            task = self.task
+            res = task.guard.store.charge(
+                task._current_lines(), {"cost_usd": cost_usd}, check=False
+            )
+            with task._lock:
+                task.priced_cost_usd += cost_usd
+            task._update(res.balances)
+        self.task.guard.sink.write_spans([self.span])
+
+    def fail(self, error: BaseException | None = None) -> None:
+        """The tool raised."""
+        if self.done:
+            return
+        self.done = True
+        self.span.end = time.time()
+        self.span.status = "error"
+        if error is not None:
+            self.span.attrs["error"] = type(error).__name__
+        self.task.guard.sink.write_spans([self.span])
