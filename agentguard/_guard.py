@@ -482,7 +482,7 @@ class Task:
             return
         self._soft_seen.add(key)
         reason = f"{int(fraction * 100)}% of the budget on {key[0]} spent ({now_fraction:.0%})"
-        self._record("soft_limit", "warn", reason, None)
+        self._record("soft_limit", "soft_limit", reason, None)
         _logger().warning(
             "agentguard.soft_limit",
             task_id=self.id,
@@ -610,7 +610,8 @@ class Task:
             if d.action == "finish" and not finish:
                 # the adapter will make the final call; it reserves then with finish=True
                 self.finished = True
-                span.decision, span.reason, span.status = "finish", d.reason, "finished"
+                span.kind, span.decision, span.reason = "decision", "finish", d.reason
+                span.status = "finished"
                 span.end = span.start
                 self._record("model", "finish", d.reason, span, model=d.model, limit=d.limit)
                 self.limit_hit = self.limit_hit or d.limit
@@ -618,7 +619,8 @@ class Task:
                 # a decision, not a call: nothing to end; the final call is made with finish=True
                 return ModelCall(self, span, d, lines, None, estimate, raw, rates=None, done=True)
             if d.action == "stop":
-                span.decision, span.reason, span.status = "stop", d.reason, "stopped"
+                span.kind, span.decision, span.reason = "decision", "stop", d.reason
+                span.status = "stopped"
                 span.end = span.start
                 guard.sink.write_spans([span])
                 raise self._stop(d, "model", span)

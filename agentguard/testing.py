@@ -46,11 +46,7 @@ class Reply:
     cost_usd: Decimal | None
     decision: Decision
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        """True when this was the graceful final answer (the guard decided ``finish``)."""
-        return self.decision.action == "finish"
+    finished: bool = False  # this was the graceful final answer
 
 
 class ScriptedModel:
@@ -107,18 +103,24 @@ class ScriptedModel:
         *,
         tools: Sequence[Any] | None = None,
         max_tokens: int | None = None,
+        final: bool = False,
     ) -> Reply:
         """One model call under ``task``: decide, (maybe) finish, call, report usage.
 
         On a ``finish`` decision the model is called once more without tools and its answer is
-        the final one. Raises :class:`~agentguard.BudgetExceeded` when the guard stops the call.
+        the final one; ``final=True`` makes this call the graceful final answer itself (after
+        a ``finish`` decision from a step or a tool cap). Raises :class:`~agentguard.BudgetExceeded` when the guard stops the call.
         """
         call = task.start_model_call(
-            self.model, messages=messages, tools=tools, max_tokens=max_tokens
+            self.model,
+            messages=messages,
+            tools=None if final else tools,
+            max_tokens=max_tokens,
+            finish=final,
         )
         decision = call.decision
-        final = decision.action == "finish"
-        if final:
+        if decision.action == "finish":
+            final = True
             call = task.start_model_call(
                 call.model, messages=messages, max_tokens=call.max_tokens, finish=True
             )
@@ -139,4 +141,4 @@ class ScriptedModel:
         tool_calls = []
         if self.tool_call is not None and not final:
             tool_calls = [dict(self.tool_call, id=f"call_{self.calls}")]
-        return Reply(text, model, usage, cost, decision, tool_calls)
+        return Reply(text, model, usage, cost, decision, tool_calls, finished=final)

@@ -285,7 +285,7 @@ def test_soft_limits_log_once_each() -> None:
             task.start_model_call("gpt-4o", input_tokens=100).end(ag.Usage(100, 200))
     soft = [e for e in logs if e["event"] == "agentguard.soft_limit"]
     assert [e["threshold"] for e in soft] == [0.5, 0.8]
-    assert [d.action for d in task.decisions if d.kind == "soft_limit"] == ["warn", "warn"]
+    assert [d.action for d in task.decisions if d.kind == "soft_limit"] == ["soft_limit"] * 2
 
 
 def test_current_task_follows_threads_with_copied_context_and_asyncio() -> None:
