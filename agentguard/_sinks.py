@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from agentguard._errors import AgentGuardError
-from agentguard._trace import Span, TaskRecord, TraceSink, _attrs_from_json, _attrs_to_json
+from agentguard._trace import Span, TaskRecord, TraceSink, _attrs_from_json
 from agentguard._usage import Usage
 
 __all__ = [
@@ -129,7 +129,6 @@ CREATE TABLE IF NOT EXISTS spans (
 );
 CREATE INDEX IF NOT EXISTS spans_task  ON spans (task_id, start_time);
 CREATE INDEX IF NOT EXISTS spans_start ON spans (start_time);
-CREATE INDEX IF NOT EXISTS spans_model ON spans (model, start_time);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
 """
 
@@ -148,7 +147,19 @@ _TASK_COLUMNS = (
 )
 _INSERT_TASK = f"INSERT OR REPLACE INTO tasks ({_TASK_COLUMNS}) VALUES ({', '.join('?' * 24)})"
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+def _json_default(value: Any) -> Any:
+    # Only called for values json cannot encode itself: money as exact strings, the rest readable.
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, Usage):
+        return value.as_dict()
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_json_default).encode
 
 
 def _span_row(s: Span) -> tuple[Any, ...]:
@@ -172,7 +183,7 @@ def _span_row(s: Span) -> tuple[Any, ...]:
         None if s.cost_usd is None else str(s.cost_usd),
         s.decision,
         s.reason,
-        _dumps(_attrs_to_json(s.attrs)) if s.attrs else "{}",
+        _dumps(s.attrs) if s.attrs else "{}",
     )
 
 

@@ -23,7 +23,7 @@ This module is on the per-call hot path: it imports nothing heavy and the datacl
 
 from __future__ import annotations
 
-import os
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -71,14 +71,17 @@ DECISIONS: tuple[str, ...] = (
 _METERED_KINDS = frozenset({"model", "retrieval"})
 
 
+_getrandbits = random.getrandbits  # reseeded in forked children by the random module
+
+
 def new_span_id() -> str:
-    """A fresh random 64-bit span id as 16 hex characters (about 0.3 µs).
+    """A fresh random 64-bit span id as 16 hex characters (about 0.3 µs; not a secret).
 
     Example:
         >>> len(new_span_id())
         16
     """
-    return os.urandom(8).hex()
+    return "%016x" % _getrandbits(64)  # noqa: UP031 - the fastest spelling, on the hot path
 
 
 def _dec(value: Any) -> Decimal | None:
