@@ -144,6 +144,15 @@ def _group_cost(g: dict[str, Any]) -> str:
     return f"unknown: {format_usd(g['priced_usd'])} + {g['unpriced']} unpriced"
 
 
+def _emit(out: IO[str], text: str) -> None:
+    """Write ``text``; characters the terminal's encoding lacks become ``?``, not a traceback."""
+    try:
+        out.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(out, "encoding", None) or "ascii"
+        out.write(text.encode(encoding, "replace").decode(encoding))
+
+
 def _to_json(obj: Any) -> str:
     def default(o: Any) -> Any:
         if isinstance(o, Decimal):
@@ -200,7 +209,7 @@ def _cmd_report(args: argparse.Namespace, out: IO[str]) -> int:
             ],
             "totals": totals,
         }
-        out.write(_to_json(doc) + "\n")
+        _emit(out, _to_json(doc) + "\n")
         return 0
 
     scope = [f"db {_db_path(args)}"]
@@ -213,7 +222,7 @@ def _cmd_report(args: argparse.Namespace, out: IO[str]) -> int:
     lines = [f"agentguard report: {len(tasks)} task{'s' * (len(tasks) != 1)} ({', '.join(scope)})"]
     if not tasks:
         lines.append("no tasks recorded in this window")
-        out.write("\n".join(lines) + "\n")
+        _emit(out, "\n".join(lines) + "\n")
         return 0
 
     lines.append("")
@@ -278,9 +287,12 @@ def _cmd_report(args: argparse.Namespace, out: IO[str]) -> int:
         if not groups:
             lines.append("(none)")
             continue
-        calls_header = "MODEL CALLS" if by != "model" else "CALLS"
+        # Savings belong to trim / decision spans, not to a model: no SAVED column by model.
+        with_saved = by != "model"
+        headers = [by.upper(), "TASKS", "MODEL CALLS" if with_saved else "CALLS"]
+        headers += ["INPUT TOK", "OUTPUT TOK", "COST", *(["SAVED"] * with_saved)]
         lines += _table(
-            [by.upper(), "TASKS", calls_header, "INPUT TOK", "OUTPUT TOK", "COST", "SAVED"],
+            headers,
             [
                 [
                     g["key"] if g["key"] is not None else "(none)",
@@ -289,13 +301,13 @@ def _cmd_report(args: argparse.Namespace, out: IO[str]) -> int:
                     _fmt_int(g["input_tokens"]),
                     _fmt_int(g["output_tokens"]),
                     _group_cost(g),
-                    format_usd(g["saved_usd"]),
+                    *([format_usd(g["saved_usd"])] * with_saved),
                 ]
                 for g in groups
             ],
             "lrrrrrr",
         )
-    out.write("\n".join(lines) + "\n")
+    _emit(out, "\n".join(lines) + "\n")
     return 0
 
 
@@ -366,7 +378,7 @@ def _cmd_trace(args: argparse.Namespace, out: IO[str]) -> int:
             "spans": [s.to_dict() for s in spans],
             "children": [c.to_dict() for c in children],
         }
-        out.write(_to_json(doc) + "\n")
+        _emit(out, _to_json(doc) + "\n")
         return 0
 
     lines: list[str] = []
@@ -424,7 +436,7 @@ def _cmd_trace(args: argparse.Namespace, out: IO[str]) -> int:
         )
     else:
         lines += ["", "(no spans recorded)"]
-    out.write("\n".join(lines) + "\n")
+    _emit(out, "\n".join(lines) + "\n")
     return 0
 
 
@@ -491,7 +503,7 @@ def _cmd_prices(args: argparse.Namespace, out: IO[str]) -> int:
             ],
             "time_of_day_rates": len(peak),
         }
-        out.write(_to_json(doc) + "\n")
+        _emit(out, _to_json(doc) + "\n")
         return 0
 
     head = [("model", str(rates.model))]
@@ -528,7 +540,7 @@ def _cmd_prices(args: argparse.Namespace, out: IO[str]) -> int:
         )
     if peak:
         lines += ["", f"time-of-day pricing: {len(peak)} other rate set(s) apply at some hours"]
-    out.write("\n".join(lines) + "\n")
+    _emit(out, "\n".join(lines) + "\n")
     return 0
 
 

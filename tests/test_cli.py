@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -151,11 +153,11 @@ def test_report_tables(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     model = lines[lines.index("Totals by model") :][:5]
     assert model[1].split() == ["MODEL", "TASKS", "CALLS", "INPUT", "TOK", "OUTPUT", "TOK",
-                                "COST", "SAVED"]  # fmt: skip
+                                "COST"]  # fmt: skip
     rows = {r.split()[0]: r for r in model[2:]}
-    assert rows["gpt-4o"].split()[-2] == "$0.0078"
+    assert rows["gpt-4o"].split()[-1] == "$0.0078"
     assert rows["gpt-4o-mini"].split()[1:3] == ["2", "2"]
-    assert rows["gpt-4o-mini"].split()[-2] == "$0.0006162"
+    assert rows["gpt-4o-mini"].split()[-1] == "$0.0006162"
     assert "unknown: $0.00 + 1 unpriced" in rows["llama-local"]
 
 
@@ -320,6 +322,22 @@ def test_trace_lists_sub_tasks(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert code == 0
     assert "  parent task parent" in out
     assert "(no spans recorded)" in out
+
+
+def test_trace_on_an_ascii_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "ascii.db"
+    with SQLiteSink(db) as sink:
+        sink.write_spans([Span("a", "t-1", "task", "t-1", T0, end=T0 + 1),
+                          Span("b", "t-1", "tool", "résumé⚡", T0, "a", T0 + 1)])  # fmt: skip
+        sink.write_task(_task("t-1", T0, {"feature": "café"}, decisions={"trim": 2}))
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    assert main(["trace", "t-1", "--db", str(db)]) == 0
+    sys.stdout.flush()
+    text = raw.getvalue().decode("ascii")
+    assert "feature=caf?" in text
+    assert "decisions trimx2" in text
+    assert text.splitlines()[-1].split()[:3] == ["`-", "r?sum??", "tool"]
 
 
 def test_trace_json(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
