@@ -745,7 +745,7 @@ def test_memory_sink() -> None:
 
 def test_multi_sink_calls_every_sink_and_raises_the_first_error() -> None:
     class Broken(NullSink):
-        def write_spans(self, spans: object) -> None:  # type: ignore[override]
+        def write_spans(self, spans: object) -> None:
             raise OSError("disk full")
 
     a, b = MemorySink(), MemorySink()
