@@ -1,6 +1,8 @@
 """Pure decisions: given a policy, what has been spent and what a call asks for, what happens.
 
-Nothing here does I/O, reads a clock or touches a store; every function is a pure function of
+Nothing here does I/O, reads a clock or touches a store; the value classes are plain slotted
+dataclasses (not frozen: frozen ones cost microseconds per call on this hot path) and are never
+mutated after construction; every function is a pure function of
 plain values, shared by every adapter, identical in sync and async code, and tested
 exhaustively. The guard gathers the values (balances from the store, rates from the price book,
 token estimates from the counter), calls one of these, then reserves what the decision says.
@@ -39,7 +41,7 @@ MIN_USEFUL_OUTPUT_TOKENS = 16
 _ZERO = Decimal(0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Spent:
     """What a task has used so far (committed plus in-flight reservations)."""
 
@@ -58,7 +60,7 @@ class Spent:
         return self.input_tokens + self.output_tokens
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Headroom:
     """The tightest of the money budgets enclosing a task (its own, its parents', team, org...).
 
@@ -74,7 +76,7 @@ class Headroom:
     tokens_budget: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallRequest:
     """A model call about to start.
 
@@ -87,7 +89,7 @@ class CallRequest:
     max_tokens: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """What to do with the next action.
 
@@ -228,8 +230,8 @@ def decide_model_call(
     # 1. counting caps (calls, tools, steps, tokens)
     hit = _count_limit(policy, spent, request)
     if hit is not None and not finish_call:
-        name, value, actual, reason, finish_ok = hit
-        d = _limit_decision(policy, name, value, actual, reason, finish_ok=finish_ok)
+        name, value, count, why, finish_ok = hit
+        d = _limit_decision(policy, name, value, count, why, finish_ok=finish_ok)
         if d.action != "finish":
             if d.action == "warn":
                 return _with_call(
@@ -292,6 +294,7 @@ def decide_model_call(
             actual=None if remaining is None else (headroom.limit_usd or _ZERO) - remaining,
             budget=headroom.budget,
         )
+    limit_value: Decimal | int | None
     if remaining is not None:
         limit_name, limit_value = "max_cost_usd", headroom.limit_usd
         actual: Decimal | int | None = (headroom.limit_usd or _ZERO) - remaining

@@ -339,7 +339,8 @@ class Task:
         self.limit_hit: str | None = None
         # exact local accounting of this task (children roll theirs up through the store)
         self._lock = threading.Lock()
-        self.usage = Usage(per_call=False)
+        # input, output, cache read, cache write, reasoning, estimated calls
+        self._usage = [0, 0, 0, 0, 0, 0]
         self.priced_cost_usd: Decimal = _ZERO
         self.unpriced_calls = 0
         self.model_calls = 0
@@ -356,13 +357,15 @@ class Task:
         self._open: dict[str, ModelCall] = {}
         self.current_step_id: str | None = None
         self._downgraded_to: str | None = None
-        self.span = Span(
+        self._rate_maps: dict[str, dict[str, ModelRates | None]] = {}
+        self._has_cost_limit = self.policy.has_cost_limit
+        self.span: Span = Span(
             span_id=guard._next_id(),
             task_id=self.id,
             kind="task",
             name=self.id,
             start=self.started,
-            parent_id=parent.span.span_id if parent is not None else None,
+            parent_id=parent.span_id if parent is not None else None,
             attrs={"tags": dict(self.tags)},
         )
         self._key = f"task:{self.id}"
@@ -418,26 +421,28 @@ class Task:
             self._lines = self._build_lines(now)
         return self._lines
 
-    def _spent(self) -> Spent:
+    def _spent(self, *, tools: bool = False) -> Spent:
         b = self._balances.get(self._key)
         if b is None:
             return Spent(finished=self.finished)
-        u = b.used
-        prefix = "tool:"
-        by_name = {k[len(prefix) :]: int(v) for k, v in b.committed.items() if k.startswith(prefix)}
-        for k, v in b.reserved.items():
-            if k.startswith(prefix):
-                by_name[k[len(prefix) :]] = by_name.get(k[len(prefix) :], 0) + int(v)
+        com, res = b.committed, b.reserved
+        by_name: dict[str, int] = {}
+        if tools:
+            for src in (com, res):
+                for k, v in src.items():
+                    if k.startswith("tool:"):
+                        by_name[k[5:]] = by_name.get(k[5:], 0) + int(v)
+        g0, g1 = com.get, res.get  # stores hand back Decimal money and int counts
         return Spent(
-            cost_usd=Decimal(u("cost_usd")),
-            input_tokens=int(u("input_tokens")),
-            output_tokens=int(u("output_tokens")),
-            model_calls=int(u("model_calls")),
-            tool_calls=int(u("tool_calls")),
-            tool_calls_by_name=by_name,
-            retries=int(u("retries")),
-            steps=int(u("steps")),
-            finished=self.finished,
+            g0("cost_usd", _ZERO) + g1("cost_usd", _ZERO),  # type: ignore[arg-type]
+            g0("input_tokens", 0) + g1("input_tokens", 0),  # type: ignore[arg-type]
+            g0("output_tokens", 0) + g1("output_tokens", 0),  # type: ignore[arg-type]
+            g0("model_calls", 0) + g1("model_calls", 0),  # type: ignore[arg-type]
+            g0("tool_calls", 0) + g1("tool_calls", 0),  # type: ignore[arg-type]
+            by_name,
+            g0("retries", 0) + g1("retries", 0),  # type: ignore[arg-type]
+            g0("steps", 0) + g1("steps", 0),  # type: ignore[arg-type]
+            self.finished,
         )
 
     def _headroom(self) -> Headroom:
@@ -542,6 +547,17 @@ class Task:
     # -- read-outs --------------------------------------------------------------------------
 
     @property
+    def span_id(self) -> str:
+        """The id of this task's own span (the root of its trace tree)."""
+        return self.span.span_id
+
+    @property
+    def usage(self) -> Usage:
+        """Token usage of this task's own calls (``estimated`` if any call's was)."""
+        u = self._usage
+        return Usage(u[0], u[1], u[2], u[3], u[4], estimated=bool(u[5]), per_call=False)
+
+    @property
     def cost_usd(self) -> Decimal | None:
         """Exact cost of this task's own calls; ``None`` if any call could not be priced."""
         return None if self.unpriced_calls else self.priced_cost_usd
@@ -583,16 +599,19 @@ class Task:
         """
         guard = self.guard
         policy = self.policy
-        rates = guard._rates(model)
-        if rates is None and policy.has_cost_limit:
-            raise UnknownModelError(model)
+        rate_map = self._rate_maps.get(model)
+        if rate_map is None:
+            rates = guard._rates(model)
+            if rates is None and self._has_cost_limit:
+                raise UnknownModelError(model)
+            rate_map = {model: rates}
+            for rung in policy.downgrade:
+                rate_map[rung.to] = guard._rates(rung.to)
+            if policy.finish_model is not None:
+                rate_map[policy.finish_model] = guard._rates(policy.finish_model)
+            self._rate_maps[model] = rate_map
         estimate, raw = self._estimate_input(model, messages, tools, input_tokens)
         request = CallRequest(model, estimate, max_tokens)
-        rate_map: dict[str, ModelRates | None] = {model: rates}
-        for rung in policy.downgrade:
-            rate_map[rung.to] = guard._rates(rung.to)
-        if policy.finish_model is not None:
-            rate_map[policy.finish_model] = guard._rates(policy.finish_model)
         lines = self._current_lines()
         span = Span(
             span_id=guard._next_id(),
@@ -701,14 +720,14 @@ class Task:
             parent_id=self._parent_span_id(parent_span),
         )
         amounts: dict[str, Decimal | int] = {"tool_calls": 1, f"tool:{name}": 1}
-        d = decide_tool_call(self.policy, self._spent(), name)
+        d = decide_tool_call(self.policy, self._spent(tools=True), name)
         if d.action == "allow":
             res = self.guard.store.charge(self._current_lines(), amounts)
             if res.ok:
                 self._update(res.balances)
             else:
                 self._balances.update(res.balances)
-                d = decide_tool_call(self.policy, self._spent(), name)
+                d = decide_tool_call(self.policy, self._spent(tools=True), name)
                 if d.action == "allow":  # refused on an enclosing line the policy doesn't see
                     d = Decision(
                         "stop" if self.policy.on_limit == "raise" else "block",
@@ -1012,7 +1031,13 @@ class ModelCall:
         self.done = True
         with task._lock:
             task._open.pop(self.reservation_id or "", None)
-            task.usage = task.usage + u
+            tu = task._usage
+            tu[0] += u.input_tokens
+            tu[1] += u.output_tokens
+            tu[2] += u.cache_read_tokens
+            tu[3] += u.cache_write_tokens
+            tu[4] += u.reasoning_tokens
+            tu[5] += u.estimated
             task.model_calls += 1
             if cost is None:
                 task.unpriced_calls += 1

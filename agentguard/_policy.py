@@ -68,7 +68,7 @@ class Downgrade(_Frozen):
 
     def __init__(self, at: float, to: str, **kw: Any) -> None:
         try:
-            super().__init__(at=at, to=to, **kw)
+            super().__init__(at=at, to=to, **kw)  # type: ignore[call-arg]  # fields of this class
         except ValidationError as exc:
             raise _policy_error(exc, "Downgrade") from None
 

@@ -55,7 +55,7 @@ class BudgetLine:
     expires_at: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Balance:
     """Committed and reserved amounts of one key, by counter."""
 
@@ -78,7 +78,7 @@ class Denied:
     requested: Amount
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReserveResult:
     """The outcome of ``reserve``, with the balances of the touched keys after it."""
 
@@ -143,25 +143,36 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._committed: dict[str, dict[str, Amount]] = {}
         self._reserved: dict[str, dict[str, Amount]] = {}
-        # reservation id -> [(key, counter, amount)]
-        self._holds: dict[str, list[tuple[str, str, Amount]]] = {}
+        # reservation id -> (keys, amounts)
+        self._holds: dict[str, tuple[tuple[str, ...], dict[str, Amount]]] = {}
 
     # -- internals (called with the lock held) -------------------------------------------------
+
+    def _balances(self, lines: Sequence[BudgetLine]) -> dict[str, Balance]:
+        com, res = self._committed, self._reserved
+        return {
+            ln.key: Balance(com[ln.key].copy(), res[ln.key].copy())
+            if ln.key in com and ln.key in res
+            else Balance(dict(com.get(ln.key, {})), dict(res.get(ln.key, {})))
+            for ln in lines
+        }
 
     def _balance(self, key: str) -> Balance:
         return Balance(dict(self._committed.get(key, {})), dict(self._reserved.get(key, {})))
 
     def _free(self, reservation_id: str) -> None:
-        holds = self._holds.pop(reservation_id, None)
-        if not holds:
+        hold = self._holds.pop(reservation_id, None)
+        if hold is None:
             return
-        for key, counter, amount in holds:
+        keys, amounts = hold
+        for key in keys:
             res = self._reserved[key]
-            left = res[counter] - amount
-            if left:
-                res[counter] = left
-            else:
-                del res[counter]
+            for counter, amount in amounts.items():
+                left = res[counter] - amount
+                if left:
+                    res[counter] = left
+                else:
+                    del res[counter]
 
     def _check(self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]) -> Denied | None:
         for line in lines:
@@ -195,16 +206,17 @@ class MemoryStore:
                 raise ValueError(f"reservation_id={reservation_id!r} is already held")
             denied = self._check(lines, amounts)
             if denied is not None:
-                return ReserveResult(False, denied, {ln.key: self._balance(ln.key) for ln in lines})
-            holds = []
+                return ReserveResult(False, denied, self._balances(lines))
+            held = {c: a for c, a in amounts.items() if a}
+            reserved = self._reserved
             for line in lines:
-                res = self._reserved.setdefault(line.key, {})
-                for counter, amount in amounts.items():
-                    if amount:
-                        res[counter] = res.get(counter, 0) + amount
-                        holds.append((line.key, counter, amount))
-            self._holds[reservation_id] = holds
-            return ReserveResult(True, None, {ln.key: self._balance(ln.key) for ln in lines})
+                res = reserved.get(line.key)
+                if res is None:
+                    res = reserved[line.key] = {}
+                for counter, amount in held.items():
+                    res[counter] = res.get(counter, 0) + amount
+            self._holds[reservation_id] = (tuple(ln.key for ln in lines), held)
+            return ReserveResult(True, None, self._balances(lines))
 
     def commit(
         self, reservation_id: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
@@ -212,7 +224,7 @@ class MemoryStore:
         with self._lock:
             self._free(reservation_id)
             self._add(lines, actual)
-            return {ln.key: self._balance(ln.key) for ln in lines}
+            return self._balances(lines)
 
     def release(self, reservation_id: str) -> None:
         with self._lock:
@@ -225,9 +237,7 @@ class MemoryStore:
             denied = self._check(lines, amounts) if check else None
             if denied is None:
                 self._add(lines, amounts)
-            return ReserveResult(
-                denied is None, denied, {ln.key: self._balance(ln.key) for ln in lines}
-            )
+            return ReserveResult(denied is None, denied, self._balances(lines))
 
     def snapshot(self, keys: Sequence[str]) -> Mapping[str, Balance]:
         with self._lock:

@@ -1,0 +1,125 @@
+"""Guard overhead per model call, and import time.
+
+Run: ``.venv/bin/python benchmarks/bench_guard.py`` (``--json`` for machine output).
+
+* per model call: ``start_model_call`` (decide + reserve) + ``end`` (price + commit + trace),
+  with the memory store and a memory / SQLite trace sink; ``input_tokens`` given (the adapter
+  knows them) and, separately, counted from a short chat with the tokenizer;
+* a tool call and a step, for reference;
+* ``import agentguard`` over a bare interpreter, and the first ``Guard`` built (which loads
+  pydantic, genai-prices and structlog) — medians of fresh processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import agentguard as ag
+
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful support agent for an online shop."},
+    {"role": "user", "content": "My parcel for order 1182 is late; what can you do?"},
+    {"role": "assistant", "content": "Let me look the order up in the carrier's system."},
+]
+
+
+def per_call(fn: Callable[[], None], n: int, repeats: int) -> float:
+    """Median over ``repeats`` of the mean µs per call of ``n`` calls."""
+    results = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        results.append((time.perf_counter() - t) / n * 1e6)
+    return statistics.median(results)
+
+
+def bench_calls(n: int, repeats: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    usage = ag.Usage(1200, 180, cache_read_tokens=1024)
+    policy = ag.Policy(
+        max_cost_usd="1000000",
+        max_model_calls=10**9,
+        max_output_tokens=800,
+        downgrade=[ag.Downgrade(at=0.6, to="gpt-4o-mini")],
+        on_limit="finish",
+        budgets=[ag.Budget(scope="team", max_cost_usd="10000000", window="day")],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, traces in (("memory sink", "memory"), ("sqlite sink", f"{tmp}/b.db")):
+            guard = ag.Guard(policy, traces=traces)
+            with guard.task("bench", team="cx") as task:
+
+                def call(task: ag.Task = task) -> None:
+                    c = task.start_model_call("gpt-4o", input_tokens=1200)
+                    c.end(usage)
+
+                def counted(task: ag.Task = task) -> None:
+                    c = task.start_model_call("gpt-4o", messages=MESSAGES)
+                    c.end(usage)
+
+                def tool(task: ag.Task = task) -> None:
+                    task.start_tool_call("search").end()
+
+                for fn in (call, counted, tool):  # warm caches (prices, encodings)
+                    fn()
+                out[f"model call, input_tokens given ({label})"] = per_call(call, n, repeats)
+                out[f"model call, messages counted ({label})"] = per_call(counted, n, repeats)
+                out[f"tool call ({label})"] = per_call(tool, n, repeats)
+                if label == "memory sink":
+                    guard.sink.clear()  # type: ignore[attr-defined]
+            guard.close()
+    return out
+
+
+def bench_import(repeats: int) -> dict[str, float]:
+    def run(code: str) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            times.append((time.perf_counter() - t) * 1000)
+        return statistics.median(times)
+
+    bare = run("pass")
+    imp = run("import agentguard")
+    first_guard = run("import agentguard as ag; ag.Guard(traces=False)")
+    return {
+        "bare interpreter (ms)": bare,
+        "import agentguard (ms)": imp,
+        "import agentguard over bare (ms)": imp - bare,
+        "first Guard built, over bare (ms)": first_guard - bare,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("-n", type=int, default=2000, help="calls per repeat")
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    results = {**bench_calls(args.n, args.repeats), **bench_import(args.repeats)}
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"guard overhead (median of {args.repeats} repeats x {args.n} calls)")
+    for k, v in results.items():
+        unit = "" if "(ms)" in k else " µs"
+        print(f"  {k:<50} {v:>9.2f}{unit}")
+    goal = results["model call, input_tokens given (sqlite sink)"]
+    print(f"\ngoal: guard work per model call <= 50 µs median -> {goal:.1f} µs")
+    print(
+        f"goal: import agentguard <= 100 ms over bare -> "
+        f"{results['import agentguard over bare (ms)']:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
