@@ -167,13 +167,16 @@ def _candidates(
     ladder never moves a call *up* in price.
     """
     requested = request.model
+    if not policy.downgrade:
+        return [requested]
     base = rates.get(requested)
+    base_unit = _unit_cost(base) if base is not None else None
 
     def cheaper(m: str) -> bool:
-        if m == requested or base is None:
+        if m == requested or base_unit is None:
             return True
         r = rates.get(m)
-        return r is not None and _unit_cost(r) < _unit_cost(base)
+        return r is not None and _unit_cost(r) < base_unit
 
     rungs = [r.to for r in policy.downgrade]
     picked = _ladder_model(policy, headroom.fraction_spent)
@@ -267,10 +270,17 @@ def decide_model_call(
             )
             return _allow(model, request.model, cap, reserve, "no money limit applies")
         keep_back = _keep_back(policy, request, rates, model) if finishing else _ZERO
-        affordable = r.max_output_tokens_for(remaining - keep_back, request.input_tokens)
-        out = affordable if cap is None else min(cap, affordable)
-        if out >= need:
-            reserve = r.worst_case_cost(request.input_tokens, out)
+        available = remaining - keep_back
+        reserve = r.worst_case_cost(request.input_tokens, cap) if cap is not None else None
+        if reserve is not None and reserve <= available:
+            out = cap  # the common case: the full cap fits, no division needed
+        else:
+            affordable = r.max_output_tokens_for(available, request.input_tokens)
+            out = affordable if cap is None else min(cap, affordable)
+            reserve = None
+        if out is not None and out >= need:
+            if reserve is None:
+                reserve = r.worst_case_cost(request.input_tokens, out)
             why = "within budget"
             if model != request.model:
                 if model == candidates[0]:

@@ -92,7 +92,7 @@ class UnknownModelError(AgentGuardError, LookupError):
         msg = (
             f"model={model!r} has no known price, so a cost limit cannot be enforced for it. "
             "Add a price override (PriceBook(overrides={...})), an alias to a priced model, "
-            "or set PriceBook(unknown_model='fallback', fallback_rates=...)"
+            "or set PriceBook(unknown_model='fallback', fallback=...)"
         )
         if detail:
             msg += f" ({detail})"

@@ -359,6 +359,7 @@ class Task:
         self._downgraded_to: str | None = None
         self._rate_maps: dict[str, dict[str, ModelRates | None]] = {}
         self._has_cost_limit = self.policy.has_cost_limit
+        self._needs_fraction = bool(self.policy.downgrade or self.policy.soft_limits)
         self.span: Span = Span(
             span_id=guard._next_id(),
             task_id=self.id,
@@ -456,11 +457,12 @@ class Task:
             lim = ln.limits.get("cost_usd")
             bal = self._balances.get(ln.key)
             if lim is not None:
-                used = Decimal(bal.used("cost_usd")) if bal else _ZERO
+                used = bal.used("cost_usd") if bal else _ZERO
                 left = lim - used
                 if remaining is None or left < remaining:
-                    remaining, limit_usd, budget = left, Decimal(lim), ln.key
-                fraction = max(fraction, float(used / lim)) if lim > 0 else 1.0
+                    remaining, limit_usd, budget = left, lim, ln.key  # type: ignore[assignment]
+                if self._needs_fraction:
+                    fraction = max(fraction, float(used / lim)) if lim > 0 else 1.0
             tl = ln.limits.get("tokens")
             if tl is not None and ln.key != self._key:  # the task's own is in Spent
                 left_t = int(tl) - (int(bal.used("tokens")) if bal else 0)
@@ -675,6 +677,8 @@ class Task:
         span.attrs["reserved_usd"] = d.reserve_usd
         span.attrs["max_tokens"] = d.max_tokens
         span.attrs["input_estimate"] = estimate
+        if guard.capture_content and messages is not None:
+            span.attrs["prompt"] = _message_texts(messages)
         if d.model != model:
             span.attrs["requested_model"] = model
         if d.action == "warn" or (d.action == "downgrade" and d.model != self._downgraded_to):
@@ -1047,6 +1051,8 @@ class ModelCall:
         span.end = time.time()
         span.usage = u
         span.cost_usd = cost
+        if output_text is not None and guard.capture_content:
+            span.attrs["completion"] = output_text
         if u.estimated:
             span.attrs["estimated"] = True
         if model is not None and model != span.model:
@@ -1122,3 +1128,20 @@ class ToolCall:
         if error is not None:
             self.span.attrs["error"] = type(error).__name__
         self.task.guard.sink.write_spans([self.span])
+
+
+def _message_texts(messages: Sequence[Any]) -> list[dict[str, str]]:
+    """Role and text of each message, for traces that opted in to content capture."""
+    out = []
+    for m in messages:
+        if isinstance(m, Mapping):
+            role, content = m.get("role", ""), m.get("content", "")
+        else:
+            role = getattr(m, "type", None) or getattr(m, "role", "")
+            content = getattr(m, "content", "")
+        if not isinstance(content, str):
+            content = " ".join(
+                b.get("text", "") if isinstance(b, Mapping) else str(b) for b in content
+            )
+        out.append({"role": str(role), "content": content})
+    return out

@@ -175,18 +175,20 @@ class MemoryStore:
                     del res[counter]
 
     def _check(self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]) -> Denied | None:
+        empty: dict[str, Amount] = {}
+        committed, reserved = self._committed, self._reserved
         for line in lines:
-            if not line.limits:
+            limits = line.limits
+            if not limits:
                 continue
-            com = self._committed.get(line.key, {})
-            res = self._reserved.get(line.key, {})
-            for counter, limit in line.limits.items():
+            com = committed.get(line.key, empty)
+            res = reserved.get(line.key, empty)
+            for counter, limit in limits.items():
                 amount = amounts.get(counter)
-                if not amount:
-                    continue
-                used = com.get(counter, 0) + res.get(counter, 0)
-                if used + amount > limit:
-                    return Denied(line.key, counter, limit, used, amount)
+                if amount:
+                    used = com.get(counter, 0) + res.get(counter, 0)
+                    if used + amount > limit:
+                        return Denied(line.key, counter, limit, used, amount)
         return None
 
     def _add(self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]) -> None:
@@ -215,7 +217,7 @@ class MemoryStore:
                     res = reserved[line.key] = {}
                 for counter, amount in held.items():
                     res[counter] = res.get(counter, 0) + amount
-            self._holds[reservation_id] = (tuple(ln.key for ln in lines), held)
+            self._holds[reservation_id] = (tuple([ln.key for ln in lines]), held)
             return ReserveResult(True, None, self._balances(lines))
 
     def commit(
@@ -223,8 +225,18 @@ class MemoryStore:
     ) -> Mapping[str, Balance]:
         with self._lock:
             self._free(reservation_id)
-            self._add(lines, actual)
-            return self._balances(lines)
+            committed = self._committed
+            out = {}
+            for line in lines:
+                key = line.key
+                com = committed.get(key)
+                if com is None:
+                    com = committed[key] = {}
+                for counter, amount in actual.items():
+                    if amount:
+                        com[counter] = com.get(counter, 0) + amount
+                out[key] = Balance(com.copy(), self._reserved.get(key, {}).copy())
+            return out
 
     def release(self, reservation_id: str) -> None:
         with self._lock:

@@ -399,3 +399,15 @@ def test_committed_never_exceeds_the_limit_for_any_call_sequence(
             assert task.spent.cost_usd <= D("0.05")
     assert task.cost_usd is not None
     assert task.cost_usd <= D("0.05")
+
+
+def test_content_is_captured_only_when_opted_in() -> None:
+    reply = ScriptedModel("gpt-4o-mini", replies=["Lisbon is lovely in May."])
+    for capture in (False, True):
+        g = ag.Guard(ag.Policy(max_cost_usd="1"), traces="memory", capture_content=capture)
+        with g.task() as task:
+            reply.invoke(task, MSGS)
+        (span,) = [s for s in spans(g) if s.kind == "model"]
+        text = repr(span.to_dict())
+        assert ("Plan a trip to Lisbon" in text) is capture
+        assert ("lovely in May" in text) is capture
