@@ -454,13 +454,13 @@ class Task:
         tokens_left: int | None = None
         tokens_budget = None
         for ln in self._lines:
-            lim = ln.limits.get("cost_usd")
+            lim: Decimal | None = ln.limits.get("cost_usd")  # type: ignore[assignment]
             bal = self._balances.get(ln.key)
             if lim is not None:
                 used = bal.used("cost_usd") if bal else _ZERO
                 left = lim - used
                 if remaining is None or left < remaining:
-                    remaining, limit_usd, budget = left, lim, ln.key  # type: ignore[assignment]
+                    remaining, limit_usd, budget = left, lim, ln.key
                 if self._needs_fraction:
                     fraction = max(fraction, float(used / lim)) if lim > 0 else 1.0
             tl = ln.limits.get("tokens")
