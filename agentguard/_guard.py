@@ -46,7 +46,7 @@ from agentguard._decide import (
     decide_step,
     decide_tool_call,
 )
-from agentguard._errors import BudgetExceeded, PolicyError, UnknownModelError
+from agentguard._errors import BudgetExceeded, InvalidUsage, PolicyError, UnknownModelError
 from agentguard._policy import Policy
 from agentguard._store import Balance, BudgetLine, BudgetStore, MemoryStore
 from agentguard._trace import Span, TaskRecord, TraceSink
@@ -147,6 +147,7 @@ class Guard:
         self.tags: dict[str, str] = {**policy.tags, **(tags or {})}
         self.capture_content = capture_content
         self._ids = itertools.count(1)
+        self.trace_errors = 0
         self._prefix = uuid.uuid4().hex[:10]
         self._check_ladder(policy)
 
@@ -172,6 +173,24 @@ class Guard:
                     f"the ladder goes up in price: {rung.to} costs more than {prev[0]}",
                 )
             prev = (rung.to, unit)
+
+    def _write(self, spans: list[Span]) -> None:
+        """Hand spans to the sink. A failing sink never breaks the user's run: the error is
+        logged (``agentguard.trace_error``) and budgets are still enforced."""
+        try:
+            self.sink.write_spans(spans)
+        except Exception as exc:
+            self._trace_error(exc, len(spans))
+
+    def _write_task(self, record: TaskRecord) -> None:
+        try:
+            self.sink.write_task(record)
+        except Exception as exc:
+            self._trace_error(exc, 1)
+
+    def _trace_error(self, exc: Exception, n: int) -> None:
+        self.trace_errors += 1
+        _logger().error("agentguard.trace_error", error=f"{type(exc).__name__}: {exc}", records=n)
 
     def _next_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
@@ -636,14 +655,14 @@ class Task:
                 span.end = span.start
                 self._record("model", "finish", d.reason, span, model=d.model, limit=d.limit)
                 self.limit_hit = self.limit_hit or d.limit
-                guard.sink.write_spans([span])
+                guard._write([span])
                 # a decision, not a call: nothing to end; the final call is made with finish=True
                 return ModelCall(self, span, d, lines, None, estimate, raw, rates=None, done=True)
             if d.action == "stop":
                 span.kind, span.decision, span.reason = "decision", "stop", d.reason
                 span.status = "stopped"
                 span.end = span.start
-                guard.sink.write_spans([span])
+                guard._write([span])
                 raise self._stop(d, "model", span)
             assert d.model is not None
             use_rates = rate_map.get(d.model)
@@ -746,7 +765,7 @@ class Task:
         if d.action in ("stop", "block"):
             span.status = "stopped" if d.action == "stop" else "blocked"
             span.end = span.start
-            self.guard.sink.write_spans([span])
+            self.guard._write([span])
             if d.action == "stop":
                 raise self._stop(d, "tool", span)
             self._record("tool", "block", d.reason, span, limit=d.limit)
@@ -803,14 +822,14 @@ class Task:
                     self.current_step_id = span.span_id
         if d.action == "stop":
             span.status = "stopped"
-            self.guard.sink.write_spans([span])
+            self.guard._write([span])
             raise self._stop(d, kind, span)
         if d.action in ("finish", "warn"):
             if d.action == "finish":
                 self.finished = True
                 self.limit_hit = self.limit_hit or d.limit
             self._record(kind, d.action, d.reason, span, limit=d.limit)
-        self.guard.sink.write_spans([span])
+        self.guard._write([span])
         return d
 
     def record_retrieval(
@@ -838,7 +857,7 @@ class Task:
             parent_id=self._parent_span_id(parent_span),
             attrs={"documents": documents, "tokens": tokens},
         )
-        self.guard.sink.write_spans([span])
+        self.guard._write([span])
         return span
 
     def trim(
@@ -913,7 +932,7 @@ class Task:
                 span,
                 model=model,
             )
-        self.guard.sink.write_spans([span])
+        self.guard._write([span])
         return result
 
     # -- closing ----------------------------------------------------------------------------
@@ -938,9 +957,8 @@ class Task:
         counts: dict[str, int] = {}
         for rec in self.decisions:
             counts[rec.action] = counts.get(rec.action, 0) + 1
-        sink = self.guard.sink
-        sink.write_spans([self.span])
-        sink.write_task(
+        self.guard._write([self.span])
+        self.guard._write_task(
             TaskRecord(
                 task_id=self.id,
                 parent_id=self.parent.id if self.parent else None,
@@ -1013,7 +1031,19 @@ class ModelCall:
                 out = guard._counter(self.model).count(output_text)
             u = Usage(self.input_counted, out, estimated=True)
         else:
-            u = Usage.parse(usage)
+            try:
+                u = Usage.parse(usage)
+            except InvalidUsage as exc:
+                # Never sum a corrupt record, never lose the spend: charge the call's upper
+                # bound (its input estimate and the output cap it ran under), marked estimated.
+                out = self.decision.max_tokens or 0
+                if output_text:
+                    out = guard._counter(self.model).count(output_text)
+                u = Usage(self.input_counted, out, estimated=True)
+                self.span.attrs["invalid_usage"] = str(exc)
+                _logger().error(
+                    "agentguard.invalid_usage", task_id=task.id, model=self.model, error=str(exc)
+                )
         rates = self.rates
         if model is not None and model != self.model:
             rates = guard._rates(model) or rates
@@ -1067,7 +1097,7 @@ class ModelCall:
                 span,
                 model=self.model,
             )
-        guard.sink.write_spans([span])
+        guard._write([span])
         return cost
 
     def fail(self, error: BaseException | None = None) -> None:
@@ -1085,7 +1115,7 @@ class ModelCall:
         self.span.status = "error"
         if error is not None:
             self.span.attrs["error"] = type(error).__name__
-        task.guard.sink.write_spans([self.span])
+        task.guard._write([self.span])
 
 
 @dataclass(slots=True)
@@ -1116,7 +1146,7 @@ class ToolCall:
             with task._lock:
                 task.priced_cost_usd += cost_usd
             task._update(res.balances)
-        self.task.guard.sink.write_spans([self.span])
+        self.task.guard._write([self.span])
 
     def fail(self, error: BaseException | None = None) -> None:
         """The tool raised."""
@@ -1127,7 +1157,7 @@ class ToolCall:
         self.span.status = "error"
         if error is not None:
             self.span.attrs["error"] = type(error).__name__
-        self.task.guard.sink.write_spans([self.span])
+        self.task.guard._write([self.span])
 
 
 def _message_texts(messages: Sequence[Any]) -> list[dict[str, str]]:

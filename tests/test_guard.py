@@ -411,3 +411,42 @@ def test_content_is_captured_only_when_opted_in() -> None:
         text = repr(span.to_dict())
         assert ("Plan a trip to Lisbon" in text) is capture
         assert ("lovely in May" in text) is capture
+
+
+def test_a_bad_usage_record_is_not_summed_and_the_spend_is_not_lost() -> None:
+    g = guard(max_cost_usd="1", max_output_tokens=100)
+    with capture_logs() as logs, g.task() as task:
+        c = task.start_model_call("gpt-4o", input_tokens=1000)
+        cost = c.end({"prompt_tokens": -5, "completion_tokens": 10})
+    # charged at the call's bound: 1000 input tokens and the 100-token cap it ran under
+    assert cost == D("0.0025") + D("0.001")
+    assert task.usage == ag.Usage(1000, 100, estimated=True)
+    (event,) = [e for e in logs if e["event"] == "agentguard.invalid_usage"]
+    assert "input_tokens=-5" in event["error"]
+    (span,) = [s for s in spans(g) if s.kind == "model"]
+    assert "input_tokens=-5" in span.attrs["invalid_usage"]
+
+
+class BrokenSink:
+    def write_spans(self, spans: Any) -> None:
+        raise OSError("disk full")
+
+    def write_task(self, record: Any) -> None:
+        raise OSError("disk full")
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failing_trace_sink_never_breaks_the_run_and_limits_still_hold() -> None:
+    g = ag.Guard(ag.Policy(max_model_calls=2), traces=BrokenSink())
+    with capture_logs() as logs:
+        with pytest.raises(ag.BudgetExceeded), g.task() as task:
+            for _ in range(3):
+                task.start_model_call("gpt-4o", input_tokens=10).end(ag.Usage(10, 1))
+    assert task.model_calls == 2
+    assert g.trace_errors >= 3
+    assert any(e["event"] == "agentguard.trace_error" and "disk full" in e["error"] for e in logs)
