@@ -443,10 +443,9 @@ class BrokenSink:
 
 def test_a_failing_trace_sink_never_breaks_the_run_and_limits_still_hold() -> None:
     g = ag.Guard(ag.Policy(max_model_calls=2), traces=BrokenSink())
-    with capture_logs() as logs:
-        with pytest.raises(ag.BudgetExceeded), g.task() as task:
-            for _ in range(3):
-                task.start_model_call("gpt-4o", input_tokens=10).end(ag.Usage(10, 1))
+    with capture_logs() as logs, pytest.raises(ag.BudgetExceeded), g.task() as task:
+        for _ in range(3):
+            task.start_model_call("gpt-4o", input_tokens=10).end(ag.Usage(10, 1))
     assert task.model_calls == 2
     assert g.trace_errors >= 3
     assert any(e["event"] == "agentguard.trace_error" and "disk full" in e["error"] for e in logs)
