@@ -11,7 +11,7 @@ Example:
     ...     call = task.start_model_call("gpt-4o-mini", input_tokens=900, max_tokens=300)
     ...     _ = call.end({"prompt_tokens": 900, "completion_tokens": 120})
     >>> task.cost_usd
-    Decimal('0.0002070')
+    Decimal('0.000207000')
 
 Names are imported lazily on first use, so ``import agentguard`` stays cheap: pydantic,
 structlog, genai-prices and tiktoken load only when the first guard is built.
@@ -72,7 +72,53 @@ _EXPORTS: dict[str, str] = {
     "NullSink": "_sinks",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "AgentGuardError",
+    "Balance",
+    "Budget",
+    "BudgetExceeded",
+    "BudgetLine",
+    "BudgetStore",
+    "CallRequest",
+    "Chunk",
+    "Decision",
+    "DecisionRecord",
+    "Downgrade",
+    "Guard",
+    "Headroom",
+    "InvalidUsage",
+    "JSONLSink",
+    "MemorySink",
+    "MemoryStore",
+    "ModelCall",
+    "ModelRates",
+    "MultiSink",
+    "NullSink",
+    "Policy",
+    "PolicyError",
+    "PriceBook",
+    "PriceOverride",
+    "SQLiteSink",
+    "Span",
+    "Spent",
+    "StoreError",
+    "Task",
+    "TaskRecord",
+    "TokenCounter",
+    "ToolCall",
+    "TraceSink",
+    "TrimResult",
+    "UnknownModelError",
+    "Usage",
+    "__version__",
+    "counter_for",
+    "current_task",
+    "decide_model_call",
+    "decide_retry",
+    "decide_step",
+    "decide_tool_call",
+    "trim_chunks",
+]
 
 
 def __getattr__(name: str) -> Any:

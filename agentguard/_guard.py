@@ -61,16 +61,47 @@ __all__ = ["DecisionRecord", "Guard", "ModelCall", "Task", "ToolCall", "current_
 
 _ZERO = Decimal(0)
 _current: ContextVar[Task | None] = ContextVar("agentguard_task", default=None)
-_log: Any = None
 
 
-def _logger() -> Any:
-    global _log
-    if _log is None:
+class _Events:
+    """Where decisions and errors are reported.
+
+    When the application has configured structlog, events go to structlog (``agentguard.*``
+    with key-value fields). Otherwise they go to the standard ``logging`` logger
+    ``"agentguard"`` — silent until the application configures logging, apart from Python's
+    last-resort handler for warnings and errors — so a library never prints to stdout unasked.
+    """
+
+    __slots__ = ()
+
+    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
         import structlog
 
-        _log = structlog.get_logger("agentguard")
-    return _log
+        if structlog.is_configured():
+            structlog.get_logger("agentguard").log(level, event, **fields)
+            return
+        import logging
+
+        log = logging.getLogger("agentguard")
+        if log.isEnabledFor(level):
+            detail = " ".join(f"{k}={v!r}" for k, v in fields.items())
+            log.log(level, "%s %s", event, detail, extra={"agentguard": fields})
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit(20, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit(30, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit(40, event, fields)
+
+
+_events = _Events()
+
+
+def _logger() -> _Events:
+    return _events
 
 
 def current_task() -> Task | None:
@@ -115,7 +146,7 @@ class Guard:
         ...     call = task.start_model_call("gpt-4o-mini", input_tokens=1000, max_tokens=200)
         ...     _ = call.end(ag.Usage(input_tokens=1000, output_tokens=150))
         >>> task.cost_usd
-        Decimal('0.00024')
+        Decimal('0.000240000')
     """
 
     def __init__(
