@@ -61,3 +61,7 @@ def test_the_core_never_imports_a_framework() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_all_matches_the_lazy_export_table() -> None:
+    assert set(agentguard.__all__) == {*agentguard._EXPORTS, "__version__"}
