@@ -48,7 +48,7 @@ from agentguard._decide import (
 )
 from agentguard._errors import BudgetExceeded, InvalidUsage, PolicyError, UnknownModelError
 from agentguard._policy import Policy
-from agentguard._store import Balance, BudgetLine, BudgetStore, MemoryStore
+from agentguard._store import Balance, BudgetLine, BudgetStore, Denied, MemoryStore
 from agentguard._trace import Span, TaskRecord, TraceSink
 from agentguard._usage import Usage
 
@@ -712,13 +712,7 @@ class Task:
                 break
             self._balances.update(res.balances)  # someone else took it: decide again
         else:
-            d = Decision(
-                "stop",
-                reason="the budget is contended: reservation refused 4 times",
-                limit="max_cost_usd",
-                budget=res.denied.key if res.denied else None,
-            )
-            raise self._stop(d, "model", span)
+            raise self._stop(_denied_decision(res.denied, "model call"), "model", span)
         if finish:
             self.finished = True
         span.decision = d.action
@@ -783,11 +777,9 @@ class Task:
                 self._balances.update(res.balances)
                 d = decide_tool_call(self.policy, self._spent(tools=True), name)
                 if d.action == "allow":  # refused on an enclosing line the policy doesn't see
-                    d = Decision(
-                        "stop" if self.policy.on_limit == "raise" else "block",
-                        reason=f"tool call refused by {res.denied}",
-                        limit="max_tool_calls",
-                    )
+                    d = _denied_decision(res.denied, f"{name!r} tool call")
+                    if self.policy.on_limit != "raise":
+                        d.action = "block"
         elif d.action == "warn":
             self._update(
                 self.guard.store.charge(self._current_lines(), amounts, check=False).balances
@@ -841,7 +833,7 @@ class Task:
                 self._balances.update(res.balances)
                 d = decide(self.policy, self._spent())
                 if d.action == "allow":
-                    d = Decision("stop", reason=f"refused by {res.denied}", limit=counter)
+                    d = _denied_decision(res.denied, kind)
         span.decision, span.reason = d.action, d.reason
         span.end = span.start
         if d.action in ("allow", "warn"):
@@ -1206,3 +1198,37 @@ def _message_texts(messages: Sequence[Any]) -> list[dict[str, str]]:
             )
         out.append({"role": str(role), "content": content})
     return out
+
+
+_COUNTER_LIMITS = {
+    "cost_usd": "max_cost_usd",
+    "tokens": "max_total_tokens",
+    "input_tokens": "max_input_tokens",
+    "output_tokens": "max_total_output_tokens",
+    "model_calls": "max_model_calls",
+    "tool_calls": "max_tool_calls",
+    "retries": "max_retries",
+    "steps": "max_steps",
+}
+
+
+def _denied_decision(denied: Denied | None, what: str) -> Decision:
+    """A stop for a reservation the store kept refusing, naming the line that refused it
+    (e.g. a parent task's or a team's counter the task's own policy does not see)."""
+    if denied is None:  # pragma: no cover - a refusal always says why
+        return Decision("stop", reason=f"the {what} was refused by the budget store")
+    counter = denied.counter
+    limit = _COUNTER_LIMITS.get(counter)
+    if limit is None and counter.startswith("tool:"):
+        limit = f"tool_limits.{counter[5:]}"
+    return Decision(
+        "stop",
+        reason=(
+            f"the {what} was refused on {denied.key}: {counter} at {denied.used} of "
+            f"{denied.limit}, {denied.requested} more requested"
+        ),
+        limit=limit or counter,
+        limit_value=denied.limit,
+        actual=denied.used + denied.requested,
+        budget=denied.key,
+    )

@@ -449,3 +449,20 @@ def test_a_failing_trace_sink_never_breaks_the_run_and_limits_still_hold() -> No
     assert task.model_calls == 2
     assert g.trace_errors >= 3
     assert any(e["event"] == "agentguard.trace_error" and "disk full" in e["error"] for e in logs)
+
+
+def test_a_parent_limit_the_child_policy_does_not_know_stops_with_its_numbers() -> None:
+    g = guard(max_model_calls=3)
+    with g.task("parent"):
+        child_policy = ag.Policy(max_model_calls=10)
+        with pytest.raises(ag.BudgetExceeded) as info, g.task("kid", policy=child_policy) as kid:
+            for _ in range(5):
+                kid.start_model_call("gpt-4o-mini", input_tokens=5).end(ag.Usage(5, 1))
+    assert kid.model_calls == 3
+    err = info.value
+    assert (err.limit, err.limit_value, err.actual, err.budget) == (
+        "max_model_calls",
+        3,
+        4,
+        "task:parent",
+    )
