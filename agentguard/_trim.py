@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, TypeVar
@@ -294,13 +294,19 @@ def _sentence_ends(window: str, limit: int) -> Iterator[int]:
 
 
 def _cut(
-    text: str, full_tokens: int, room: int, counter: _Counter, min_tokens: int
+    text: str,
+    full_tokens: int,
+    room: int,
+    counter: _Counter,
+    count: Callable[[str], int],
+    min_tokens: int,
 ) -> tuple[str, int] | None:
     """Cut ``text`` to at most ``room`` tokens at a sentence end.
 
     Decodes a token prefix of ``room`` tokens, backs off to the last sentence end inside it and
     re-counts the result (backing off further if the counter disagrees). Returns the cut text and
-    its count, or ``None`` when no cut of at least ``min_tokens`` tokens fits.
+    its count, or ``None`` when no cut of at least ``min_tokens`` tokens fits. ``count`` is the
+    call's caching count (a cut may equal another chunk's text).
     """
     # Only the first ``room`` tokens matter: encode a generous character prefix instead of the
     # whole chunk (the chunk's own chars-per-token ratio tells how long it must be).
@@ -319,7 +325,7 @@ def _cut(
         candidate = window[:end].rstrip()
         if not candidate:
             return None
-        n = counter.count(candidate)
+        n = count(candidate)
         if n < min_tokens:
             return None
         if n <= room:
@@ -500,7 +506,7 @@ def trim_chunks(
         full = True
         room = remaining - separator
         least = max(min_cut, 1)
-        cut = _cut(text, n, room, counter, least) if cut_last and room >= least else None
+        cut = _cut(text, n, room, counter, count, least) if cut_last and room >= least else None
         if cut is None:
             dropped.append((position, chunk, "over_budget"))
             continue

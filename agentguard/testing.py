@@ -109,7 +109,8 @@ class ScriptedModel:
 
         On a ``finish`` decision the model is called once more without tools and its answer is
         the final one; ``final=True`` makes this call the graceful final answer itself (after
-        a ``finish`` decision from a step or a tool cap). Raises :class:`~agentguard.BudgetExceeded` when the guard stops the call.
+        a ``finish`` decision from a step or a tool cap). Raises
+        :class:`~agentguard.BudgetExceeded` when the guard stops the call.
         """
         call = task.start_model_call(
             self.model,

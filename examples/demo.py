@@ -23,11 +23,40 @@ import agentguard as ag
 from agentguard._cli import main as cli
 from agentguard.testing import ScriptedModel
 
-WORDS = (
-    "invoice refund policy customer account shipping delay warehouse carrier tracking "
-    "premium plan upgrade billing cycle discount voucher support escalation region tax "
-    "receipt order status return window damaged item replacement priority queue agent"
-).split()
+WORDS = [
+    "invoice",
+    "refund",
+    "policy",
+    "customer",
+    "account",
+    "shipping",
+    "delay",
+    "warehouse",
+    "carrier",
+    "tracking",
+    "premium",
+    "plan",
+    "upgrade",
+    "billing",
+    "cycle",
+    "discount",
+    "voucher",
+    "support",
+    "escalation",
+    "region",
+    "tax",
+    "receipt",
+    "order",
+    "status",
+    "return",
+    "window",
+    "damaged",
+    "item",
+    "replacement",
+    "priority",
+    "queue",
+    "agent",
+]
 
 
 def _chunk(rng: random.Random, n_sentences: int) -> str:

@@ -344,15 +344,33 @@ def test_token_accounting(chunks: list[Chunk | str], budget: int, opts: dict[str
     counted = Counter(counter.counted)
     assert all(n == 1 for n in counted.values())
     inputs = as_chunks(chunks)
-    over_or_cut = [c for c, why in result.dropped if why == "over_budget"]
-    over_or_cut += [c for c in result.kept if c.truncated]
-    first_short = min(over_or_cut, key=rank, default=None)
     examined = {inputs[c.index].text for c in result.kept}
     examined |= {c.text for c, why in result.dropped if why == "empty"}
+    stops = [inputs[c.index].text for c in stop_candidates(result)]
     for text in counted:
-        assert text in examined or (
-            first_short is not None and inputs[first_short.index].text.startswith(text)
-        )
+        assert text in examined or any(stop.startswith(text) for stop in stops)
+
+
+def stop_candidates(result: TrimResult) -> list[Chunk]:
+    """The chunks the walk may have stopped at (the first that did not fit).
+
+    That is the truncated chunk, or the first over_budget one, or a chunk ranked after every
+    kept one whose cut repeated a kept chunk (dropped as a duplicate).
+    """
+    over = [c for c, why in result.dropped if why == "over_budget"]
+    first_over = min(over, key=rank, default=None)
+    last_kept = max((rank(c) for c in result.kept), default=(-1, 0.0, -1))
+    return [
+        *(c for c in result.kept if c.truncated),
+        *([first_over] if first_over is not None else []),
+        *(
+            c
+            for c, why in result.dropped
+            if why in ("duplicate", "near_duplicate")
+            and rank(c) > last_kept
+            and (first_over is None or rank(c) < rank(first_over))
+        ),
+    ]
 
 
 @settings(max_examples=300, deadline=None)
@@ -684,3 +702,13 @@ def test_the_docstring_example_holds() -> None:
     results = doctest.testmod(agentguard._trim, raise_on_error=False)
     assert results.attempted > 0
     assert results.failed == 0
+
+
+def test_a_cut_equal_to_a_kept_text_is_counted_once_and_dropped_as_duplicate() -> None:
+    head = "Alpha beta gamma. Delta epsilon."
+    tail = head + " " + " ".join(paragraph_of(12, seed=8))
+    counter = RecordingCounter()
+    result = trim_chunks([head, tail], 2 * tokens(head) + 3, counter, min_cut_tokens=1)
+    assert [c.text for c in result.kept] == [head]
+    assert [(c.index, why) for c, why in result.dropped] == [(1, "duplicate")]
+    assert counter.counted == [head, tail]
