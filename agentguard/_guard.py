@@ -429,14 +429,28 @@ class Task:
     # -- budgets ----------------------------------------------------------------------------
 
     def _build_lines(self, now: float) -> list[BudgetLine]:
-        lines = [BudgetLine(self._key, _task_limits(self.policy))]
+        """The budget lines this task charges: its own, its parents', each matching budget.
+
+        Two budgets on one key (a general ``team`` budget and a ``match="ops"`` one, or a
+        parent's and a child's) merge into one line with the tighter limit of each counter.
+        """
+        merged: dict[str, tuple[dict[str, Decimal | int], float | None]] = {
+            self._key: (_task_limits(self.policy), None)
+        }
         until = float("inf")
-        keys = {self._key}
+
+        def add(key: str, limits: Mapping[str, Decimal | int], expires: float | None) -> None:
+            if key not in merged:
+                merged[key] = (dict(limits), expires)
+                return
+            have = merged[key][0]
+            for counter, value in limits.items():
+                old = have.get(counter)
+                have[counter] = value if old is None else min(old, value)
+
         if self.parent is not None:
             for ln in self.parent._current_lines(now):
-                if ln.key not in keys:
-                    lines.append(ln)
-                    keys.add(ln.key)
+                add(ln.key, ln.limits, ln.expires_at)
             until = self.parent._lines_until
         warn = self.policy.on_limit == "warn"
         for b in self.policy.budgets:
@@ -452,18 +466,15 @@ class Task:
                 label, expires = _window_bucket(b.window, now)
                 key = f"{key}@{b.window}:{label}"
                 until = min(until, expires)
-            if key in keys:
-                continue
             limits: dict[str, Decimal | int] = {}
             if not warn:
                 if b.max_cost_usd is not None:
                     limits["cost_usd"] = b.max_cost_usd
                 if b.max_total_tokens is not None:
                     limits["tokens"] = b.max_total_tokens
-            lines.append(BudgetLine(key, limits, expires))
-            keys.add(key)
+            add(key, limits, expires)
         self._lines_until = until
-        return lines
+        return [BudgetLine(k, lim, exp) for k, (lim, exp) in merged.items()]
 
     def _current_lines(self, now: float | None = None) -> list[BudgetLine]:
         if now is None:
@@ -1100,6 +1111,11 @@ class ModelCall:
                 task.unpriced_calls += 1
             else:
                 task.priced_cost_usd += cost
+        saved = self._downgrade_saving(u, cost)
+        if saved is not None:
+            span.attrs["saved_usd"] = saved
+            with task._lock:
+                task.saved_usd += saved
         task._update(balances)
         span.end = time.time()
         span.usage = u
@@ -1122,6 +1138,16 @@ class ModelCall:
             )
         guard._write([span])
         return cost
+
+    def _downgrade_saving(self, u: Usage, cost: Decimal | None) -> Decimal | None:
+        """What the same tokens would have cost on the model that was asked for."""
+        requested = self.span.attrs.get("requested_model")
+        if requested is None or cost is None:
+            return None
+        asked = self.task._rate_maps.get(requested, {}).get(requested)
+        if asked is None:
+            return None
+        return asked.cost(u) - cost
 
     def fail(self, error: BaseException | None = None) -> None:
         """The call failed: release the reservation and record the error."""

@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         soft_limits=(0.5, 0.8),
         downgrade=[ag.Downgrade(at=0.6, to="gpt-4o-mini")],
         on_limit="finish",
-        budgets=[ag.Budget(scope="team", max_cost_usd="0.10", window="day")],
+        budgets=[
+            ag.Budget(scope="team", max_cost_usd="0.10", window="day"),
+            ag.Budget(scope="team", match="ops", max_cost_usd="0.0055", window="day"),
+        ],
     )
     import structlog
 
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{t.id:>10}: {t.status:<8} {cost:<14} calls={t.model_calls:<3} "
             f"tools={t.tool_calls:<3} tokens={t.usage.total_tokens:<6} "
-            f"saved={t.tokens_saved} tokens (${t.saved_usd.quantize(Decimal('0.000001'))})"
+            f"trimmed={t.tokens_saved:<5} saved=${t.saved_usd.quantize(Decimal('0.000001'))}"
         )
         if moves:
             print(f"{'':>12}{moves}")

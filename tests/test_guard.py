@@ -70,6 +70,15 @@ def test_issue_example_runaway_agent_downgrades_then_finishes() -> None:
     model_spans = [s for s in spans(g) if s.kind == "model" and s.usage is not None]
     assert sum(genai_cost(s.model or "", s.usage) for s in model_spans if s.usage) == task.cost_usd
     assert {s.model for s in model_spans} == {"gpt-4o", "gpt-4o-mini"}
+    # a downgraded call saved what the same tokens cost on gpt-4o, minus what they cost
+    downgraded = [s for s in model_spans if s.attrs.get("requested_model") == "gpt-4o"]
+    assert downgraded
+    assert task.saved_usd == sum(
+        genai_cost("gpt-4o", s.usage) - genai_cost("gpt-4o-mini", s.usage)
+        for s in downgraded
+        if s.usage
+    )
+    assert task.saved_usd > 0
     record = g.sink.tasks[-1]  # type: ignore[attr-defined]
     assert record.task_id == "ticket-42"
     assert record.decisions["finish"] == 1
@@ -466,3 +475,22 @@ def test_a_parent_limit_the_child_policy_does_not_know_stops_with_its_numbers() 
         4,
         "task:parent",
     )
+
+
+def test_two_budgets_on_one_key_take_the_tighter_limit() -> None:
+    g = guard(
+        max_output_tokens=100,
+        budgets=[
+            ag.Budget(scope="team", max_cost_usd="1", window="day"),
+            ag.Budget(scope="team", match="ops", max_cost_usd="0.002", window="day"),
+        ],
+    )
+    total = D(0)
+    with pytest.raises(ag.BudgetExceeded) as info:
+        for i in range(10):
+            with g.task(f"t{i}", team="ops") as task:
+                c = task.start_model_call("gpt-4o", input_tokens=100)
+                c.end(ag.Usage(100, min(100, c.max_tokens or 0)))
+                total += task.cost_usd or 0
+    assert info.value.limit_value == D("0.002")
+    assert total <= D("0.002")
