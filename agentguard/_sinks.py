@@ -315,7 +315,34 @@ class _SQLiteWriter:
         self.last_flush = time.monotonic()
         self.closed = False
         self.conn: sqlite3.Connection | None = self._open()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.errors = 0
+        self.last_error: TraceStoreError | None = None
         _WRITERS.add(self)
+
+    def ensure_thread(self) -> None:
+        """Start the background flusher (lazily; again in a forked child)."""
+        if self.thread is None and not self.closed:
+            with self.buf_lock:
+                if self.thread is None:
+                    self.thread = threading.Thread(
+                        target=self._run, name=f"agentguard-sqlite:{self.path}", daemon=True
+                    )
+                    self.thread.start()
+
+    def _run(self) -> None:
+        # Holds the writer, never the sink, so the sink can still be collected and finalized.
+        while not self.closed:
+            self.wake.wait(self.flush_interval)
+            self.wake.clear()
+            if self.closed:
+                return
+            try:
+                self.flush()
+            except TraceStoreError as e:  # kept buffered; reported by the next caller
+                self.errors += 1
+                self.last_error = e
 
     def _open(self) -> sqlite3.Connection:
         conn = _connect(self.path)
@@ -342,6 +369,8 @@ class _SQLiteWriter:
         self.buf = []
         self.buf_lock = threading.Lock()
         self.io_lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread = None  # threads do not survive fork(); restarted on the next write
 
     def flush(self, *, block: bool = True, task: TaskRecord | None = None) -> None:
         if not self.io_lock.acquire(blocking=block):
@@ -391,6 +420,7 @@ class _SQLiteWriter:
             with self.io_lock:
                 if not self.closed:
                     self.closed = True
+                    self.wake.set()
                     if self.conn is not None:
                         self.conn.close()
                         self.conn = None
@@ -412,11 +442,14 @@ if hasattr(os, "register_at_fork"):
 class SQLiteSink:
     """The embedded default sink: a SQLite file in WAL mode, written in batches.
 
-    ``write_spans`` only appends to an in-memory buffer (about a microsecond). The buffer is
-    written as one transaction when it reaches ``batch_size`` spans, when ``flush_interval``
-    seconds have passed since the last write to disk (checked on each call, no background
-    thread), on :meth:`write_task` (the task's spans and its record commit together), on
-    :meth:`flush` / :meth:`close`, when the sink is garbage-collected and at interpreter exit.
+    ``write_spans`` only appends to an in-memory buffer (about a microsecond). A background
+    daemon thread writes the buffer as one transaction when it reaches ``batch_size`` spans and
+    every ``flush_interval`` seconds, so the caller's thread never waits on disk I/O; if that
+    thread falls behind by four batches, the caller writes itself (back-pressure). The buffer is
+    also written on :meth:`write_task` (the task's spans and its record commit together, on the
+    caller's thread), on :meth:`flush` / :meth:`close`, when the sink is garbage-collected and
+    at interpreter exit. A background write that fails keeps the spans buffered; the error is
+    counted in :attr:`errors` and raised by the next :meth:`flush` or :meth:`write_task`.
     A process killed between two of those loses only the unwritten buffer: committed batches
     survive intact (WAL, ``synchronous=NORMAL``: durable against process crashes; a power loss
     may roll back the last transactions, never corrupt the file).
@@ -477,6 +510,11 @@ class SQLiteSink:
         """Spans dropped because writes kept failing and the buffer was full."""
         return self._w.dropped
 
+    @property
+    def errors(self) -> int:
+        """Background writes that failed (their spans stayed buffered)."""
+        return self._w.errors
+
     def write_spans(self, spans: Sequence[Span]) -> None:
         """Buffer spans; write the buffer if it is full or ``flush_interval`` has passed."""
         w = self._w
@@ -484,11 +522,14 @@ class SQLiteSink:
             if w.closed:
                 raise TraceStoreError(f"{self!r} is closed")
             w.buf.extend(spans)
-            due = len(w.buf) >= w.batch_size
-        if due or time.monotonic() - w.last_flush >= w.flush_interval:
-            # Non-blocking: if another thread is already writing, it or the next call will
-            # take these spans; a writer never queues behind disk I/O it did not need.
-            w.flush(block=due and len(w.buf) >= 4 * w.batch_size)
+            n = len(w.buf)
+        if w.thread is None:
+            w.ensure_thread()
+        if n >= w.batch_size:
+            if n >= 4 * w.batch_size:  # the flusher is behind: write here (back-pressure)
+                w.flush()
+            else:
+                w.wake.set()
 
     def write_task(self, record: TaskRecord) -> None:
         """Write the buffered spans and the task's record in one transaction, now."""

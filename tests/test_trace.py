@@ -85,6 +85,14 @@ def count_rows(db: Path, table: str = "spans") -> int:
         conn.close()
 
 
+def wait_rows(db: Path, n: int, timeout: float = 5.0) -> int:
+    """Rows once the background flusher has written ``n`` of them (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while (rows := count_rows(db)) < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return rows
+
+
 # -- the model -------------------------------------------------------------------------------
 
 
@@ -268,8 +276,9 @@ def test_sqlite_batches_until_batch_size(tmp_path: Path) -> None:
     sink.write_spans([model_span(i) for i in range(9)])
     assert count_rows(db) == 0  # buffered
     sink.write_spans([model_span(9)])
-    assert count_rows(db) == 10  # the 10th span filled the batch
+    assert wait_rows(db, 10) == 10  # the 10th span filled the batch: the flusher wrote it
     sink.write_spans([model_span(10)])
+    time.sleep(0.05)
     assert count_rows(db) == 10
     sink.flush()
     assert count_rows(db) == 11
@@ -284,13 +293,12 @@ def test_sqlite_batches_until_batch_size(tmp_path: Path) -> None:
 def test_sqlite_flushes_after_the_interval(tmp_path: Path) -> None:
     db = tmp_path / "i.db"
     sink = SQLiteSink(db, batch_size=1000, flush_interval=0.3)
-    sink.flush()  # the interval counts from the last write to disk
+    started = time.monotonic()
     sink.write_spans([model_span(0)])
     sink.write_spans([model_span(1)])
-    assert count_rows(db) == 0
-    time.sleep(0.35)
-    sink.write_spans([model_span(2)])
-    assert count_rows(db) == 3
+    assert count_rows(db) == 0  # buffered: far from a batch
+    assert wait_rows(db, 2) == 2  # the background flusher wrote them within the interval
+    assert time.monotonic() - started < 2.0
     sink.close()
 
 
@@ -505,10 +513,14 @@ def test_a_failed_write_keeps_the_spans_within_bounds(tmp_path: Path) -> None:
             raise sqlite3.OperationalError("disk I/O error")
 
     sink._w.conn = Failing()  # type: ignore[assignment]
-    sink.write_spans([model_span(0)])
+    sink.write_spans([model_span(0), model_span(1)])  # a full batch: the flusher tries
+    deadline = time.monotonic() + 5
+    while sink.errors == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sink.errors >= 1  # the background write failed; the caller was not disturbed
     with pytest.raises(TraceStoreError, match="disk I/O error"):
-        sink.write_spans([model_span(1)])
-    with pytest.raises(TraceStoreError):
+        sink.flush()  # an explicit flush reports it
+    with pytest.raises(TraceStoreError):  # 8 spans = 4 batches behind: written inline, fails
         sink.write_spans([model_span(i) for i in range(2, 8)])
     assert sink.dropped == 3  # 8 buffered, 5 kept: the oldest 3 are gone
     sink._w.conn = real
