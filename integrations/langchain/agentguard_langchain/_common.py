@@ -1,0 +1,55 @@
+"""Pieces every LangChain entry point shares: reading usage off messages, the current task,
+and the flag that keeps one model call from being charged twice."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+from agentguard import InvalidUsage, Usage
+
+__all__ = ["already_metered", "metered_here", "usage_of"]
+
+# Set while the middleware or the budget-aware chat model is making a model call it meters
+# itself: a callback handler attached to the same run sees it and does not charge the call
+# again (a user may attach both; each call is charged once).
+_METERED: ContextVar[bool] = ContextVar("agentguard_langchain_metered", default=False)
+
+
+@contextlib.contextmanager
+def metered_here() -> Iterator[None]:
+    """Mark the model calls made inside this block as metered by the caller."""
+    token = _METERED.set(True)
+    try:
+        yield
+    finally:
+        _METERED.reset(token)
+
+
+def already_metered() -> bool:
+    """True inside :func:`metered_here` (the call is charged by the middleware / wrapper)."""
+    return _METERED.get()
+
+
+def usage_of(message: Any) -> Usage | None:
+    """The usage a chat model reported on an ``AIMessage`` (or chunk), or ``None``.
+
+    Reads ``usage_metadata`` (LangChain's normalised shape) first, then provider shapes in
+    ``response_metadata`` (OpenAI ``token_usage``, Anthropic / Bedrock ``usage``).
+    Raises :class:`agentguard.InvalidUsage` for a malformed record.
+    """
+    um = getattr(message, "usage_metadata", None)
+    if um:
+        return Usage.from_langchain(um)
+    meta = getattr(message, "response_metadata", None)
+    if isinstance(meta, Mapping):
+        for key in ("token_usage", "usage"):
+            raw = meta.get(key)
+            if raw:
+                try:
+                    return Usage.parse(raw)
+                except InvalidUsage:
+                    raise
+    return None
