@@ -253,6 +253,30 @@ class Guard:
         """
         return _TaskScope(self, task_id, policy, parent, tags)
 
+    def open_task(
+        self,
+        task_id: str | None = None,
+        *,
+        policy: Policy | None = None,
+        parent: Task | None = None,
+        **tags: str,
+    ) -> Task:
+        """Open a task without a ``with`` block, for adapters whose framework reports the start
+        and the end of a run as separate events (callbacks, middleware hooks).
+
+        The task is *not* made current (no ContextVar is set): the adapter keeps it and calls
+        :meth:`Task.close` exactly once when the run ends. ``parent`` makes it a child task.
+
+        Example:
+            >>> import agentguard as ag
+            >>> g = ag.Guard(traces=False)
+            >>> t = g.open_task("run-1", team="cx")
+            >>> t.close()
+            >>> t.status
+            'ok'
+        """
+        return Task(self, task_id, policy, parent, tags)
+
     def close(self) -> None:
         """Flush and close the trace sink."""
         self.sink.flush()
@@ -970,6 +994,13 @@ class Task:
         return result
 
     # -- closing ----------------------------------------------------------------------------
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """End the task (for tasks from :meth:`Guard.open_task`): release anything still
+        reserved, write its record. ``exc`` is the error that ended the run, if any.
+        Closing twice does nothing."""
+        if self.ended is None:
+            self._close(exc)
 
     def _close(self, exc: BaseException | None) -> None:
         with self._lock:

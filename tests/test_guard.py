@@ -494,3 +494,21 @@ def test_two_budgets_on_one_key_take_the_tighter_limit() -> None:
                 total += task.cost_usd or 0
     assert info.value.limit_value == D("0.002")
     assert total <= D("0.002")
+
+
+def test_open_task_and_close_without_a_with_block() -> None:
+    g = guard(max_model_calls=1)
+    parent = g.open_task("run-1", team="cx")
+    assert ag.current_task() is None  # not made current
+    child = g.open_task("run-1.sub", parent=parent)
+    assert child.parent is parent
+    assert child.tags == {"team": "cx"}
+    call = child.start_model_call("gpt-4o-mini", input_tokens=10)
+    child.close(RuntimeError("run failed"))  # an open call is released, the error recorded
+    assert child.status == "error"
+    assert parent.spent.model_calls == 0
+    parent.close()
+    parent.close()  # idempotent
+    assert parent.status == "ok"
+    assert [r.task_id for r in g.sink.tasks] == ["run-1.sub", "run-1"]  # type: ignore[attr-defined]
+    assert call.done
