@@ -86,7 +86,9 @@ class ScriptedChatModel(BaseChatModel):
         tool_calls: ``"always"`` — with tools bound, every answer calls the first tool (the
             runaway loop); ``"never"``; or an int N — call tools for the first N answers.
         parallel_tool_calls: how many tool calls one answer makes.
-        tool_args: the arguments of each tool call.
+        tool_args: the arguments of each tool call, or a function of the called tool's schema
+            (OpenAI format) and the messages that returns them (a scripted "reading" of the
+            prompt, for suites that check the arguments).
         cached_fraction: share of input tokens reported as cache reads.
         latency: seconds each call takes.
         report_usage: ``False`` omits ``usage_metadata`` (as some streams do).
@@ -100,7 +102,9 @@ class ScriptedChatModel(BaseChatModel):
     reply_tokens: int = 300
     tool_calls: str | int = "always"
     parallel_tool_calls: int = 1
-    tool_args: dict[str, Any] = Field(default_factory=lambda: {"query": "order 1182"})
+    tool_args: dict[str, Any] | Callable[[dict[str, Any], list[BaseMessage]], dict[str, Any]] = (
+        Field(default_factory=lambda: {"query": "order 1182"})
+    )
     cached_fraction: float = 0.0
     latency: float = 0.0
     report_usage: bool = True
@@ -168,6 +172,11 @@ class ScriptedChatModel(BaseChatModel):
             return False
         return n < int(self.tool_calls)
 
+    def _args(self, tool: dict[str, Any], messages: list[BaseMessage]) -> dict[str, Any]:
+        if callable(self.tool_args):
+            return dict(self.tool_args(tool, messages))
+        return dict(self.tool_args)
+
     def _answer(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> AIMessage:
         tools = kwargs.get("tools")
         tool_choice = kwargs.get("tool_choice")
@@ -190,13 +199,14 @@ class ScriptedChatModel(BaseChatModel):
         tool_calls: list[dict[str, Any]] = []
         content = ""
         if self._wants_tool(tools, tool_choice, n):
+            by_name = {t["function"]["name"]: t for t in tools or ()}
             names = [t["function"]["name"] for t in tools or ()]
             if isinstance(tool_choice, str) and tool_choice in names:
                 names = [tool_choice]
             tool_calls = [
                 {
                     "name": names[i % len(names)],
-                    "args": dict(self.tool_args),
+                    "args": self._args(by_name[names[i % len(names)]], messages),
                     "id": f"call_{n}_{i}",
                     "type": "tool_call",
                 }

@@ -1,0 +1,705 @@
+"""A budget-aware chat model: the guard's decisions applied to plain chains, no agent needed.
+
+:class:`BudgetedChatModel` wraps a chat model (and, optionally, the chat models of a
+downgrade ladder). Each call it receives goes through the guard's event API:
+
+1. find the task — the current one (``with guard.task(...)``) or, outside any task, one
+   opened for this call alone and closed after it;
+2. ``task.start_model_call(...)`` with the messages, the bound tools and the caller's output
+   cap: the guard decides, reserves the call's worst case and answers with the model to use
+   and the cap to bind — or ``finish``, or raises :class:`~agentguard.BudgetExceeded`;
+3. call the chosen chat model with that cap bound, inside :func:`metered_here` (so an
+   :class:`AgentGuardCallbackHandler` on the same run does not charge the call again);
+4. commit the usage the provider reported (a stream's usage from its chunks, or an estimate
+   from the streamed text when the stream carries none), or release the reservation if the
+   call failed.
+
+No budget arithmetic happens here: the wrapper only translates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass, field
+from typing import Any, Self, cast
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import (
+    BaseChatModel,
+    LangSmithParams,
+    LanguageModelInput,
+    ModelProfile,
+)
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata, add_usage
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableBinding
+from langchain_core.tools import BaseTool
+from pydantic import Field, PrivateAttr, model_validator
+
+from agentguard import Guard, InvalidUsage, ModelCall, Task, current_task
+from agentguard_langchain._common import already_metered, metered_here, usage_of
+
+__all__ = ["METERED_METADATA_KEY", "BudgetedChatModel"]
+
+#: Key this wrapper adds to the metadata of its runs (through ``_get_ls_params``): a callback
+#: handler seeing ``metadata[METERED_METADATA_KEY]`` in ``on_chat_model_start`` knows the call
+#: is metered by the wrapper itself and must not be charged again.
+METERED_METADATA_KEY = "agentguard_metered"
+
+# The binding kwarg that carries the tools as they were given to ``bind_tools``, so that a
+# ladder rung served by another chat model class formats them its own way. Never reaches a
+# provider: popped before any delegate is called, hidden from invocation params.
+_RAW_TOOLS = "agentguard_tools"
+
+# Output-cap parameters LangChain chat models understand, in the order a cap is looked for.
+_CAP_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict")
+_CAP_FIELDS = ("max_tokens", "max_output_tokens", "num_predict", "max_new_tokens")
+
+# Keys ``bind_tools`` may carry that are for tracing only (popped by BaseChatModel before
+# ``_generate``): not part of how a delegate should format tools.
+_TRACING_ONLY = frozenset({"ls_structured_output_format", "structured_output_format"})
+_TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
+
+
+@dataclass(frozen=True, slots=True)
+class _BoundTools:
+    """Tools as given to :meth:`BudgetedChatModel.bind_tools`, to format them per delegate."""
+
+    tools: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+    keys: frozenset[str]  # the binding kwargs the default model's bind_tools produced
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One metered call: its task, reservation, the chat model to call and its kwargs."""
+
+    task: Task
+    owned: bool
+    call: ModelCall
+    model: BaseChatModel
+    stop: list[str] | None
+    kwargs: dict[str, Any]
+    final: bool
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What a stream has carried so far: usage, text, the model that answered."""
+
+    usage: UsageMetadata | None = None
+    other_usage: Any = None  # a provider shape in response_metadata (no usage_metadata)
+    parts: list[str] = field(default_factory=list)
+    model_name: str | None = None
+    chunks: int = 0
+
+    def add(self, chunk: ChatGenerationChunk) -> None:
+        msg = chunk.message
+        self.chunks += 1
+        um = getattr(msg, "usage_metadata", None)
+        if um:
+            self.usage = um if self.usage is None else add_usage(self.usage, um)
+        elif self.usage is None:
+            meta = msg.response_metadata
+            for key in ("token_usage", "usage"):
+                if meta.get(key):
+                    self.other_usage = meta[key]
+        text = msg.text
+        if text:
+            self.parts.append(text)
+        for tc in getattr(msg, "tool_call_chunks", None) or ():
+            self.parts.append((tc.get("name") or "") + (tc.get("args") or ""))
+        name = msg.response_metadata.get("model_name") or msg.response_metadata.get("model")
+        if isinstance(name, str) and name:
+            self.model_name = name
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def reported(self) -> Any:
+        """The usage to commit: LangChain's summed ``usage_metadata``, else a provider shape."""
+        return self.usage if self.usage is not None else self.other_usage
+
+
+def _model_id(model: BaseChatModel) -> str:
+    """The id a chat model calls its model by (``ls_model_name``, then the usual fields)."""
+    try:
+        name = model._get_ls_params().get("ls_model_name")
+    except Exception:  # a provider's tracing params must not break the wrapper
+        name = None
+    if isinstance(name, str) and name:
+        return name
+    for attr in ("model_name", "model", "model_id", "deployment_name"):
+        value = getattr(model, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return model._llm_type
+
+
+def _int_cap(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _accepts_run_manager(method: Callable[..., Any]) -> bool:
+    return "run_manager" in inspect.signature(method).parameters
+
+
+def _binding_kwargs(bound: Runnable[Any, Any]) -> dict[str, Any]:
+    if not isinstance(bound, RunnableBinding):
+        raise TypeError(
+            f"bind_tools of the wrapped model returned {type(bound).__name__}, "
+            "not a RunnableBinding: BudgetedChatModel cannot read the tools it bound"
+        )
+    return {k: v for k, v in bound.kwargs.items() if k not in _TRACING_ONLY}
+
+
+def _usage_or_raw(message: BaseMessage) -> Any:
+    """The usage on ``message`` for :meth:`ModelCall.end`; a malformed record is handed over
+    raw so the guard charges the call's bound and flags it instead of failing the run."""
+    try:
+        return usage_of(message)
+    except InvalidUsage:
+        return getattr(message, "usage_metadata", None) or message.response_metadata.get(
+            "token_usage", message.response_metadata.get("usage")
+        )
+
+
+def _output_text(message: BaseMessage) -> str:
+    text = message.text
+    for tc in getattr(message, "tool_calls", None) or ():
+        text += tc["name"] + json.dumps(tc["args"])
+    return text
+
+
+def _as_chunk(message: BaseMessage) -> ChatGenerationChunk:
+    """A whole answer as the single, last chunk of a stream."""
+    tool_calls = getattr(message, "tool_calls", None) or []
+    return ChatGenerationChunk(
+        message=AIMessageChunk(
+            content=message.content,
+            additional_kwargs=message.additional_kwargs,
+            response_metadata=message.response_metadata,
+            id=message.id,
+            tool_call_chunks=[
+                {"name": tc["name"], "args": json.dumps(tc["args"]), "id": tc["id"], "index": i}
+                for i, tc in enumerate(tool_calls)
+            ],
+            usage_metadata=getattr(message, "usage_metadata", None),
+            chunk_position="last",
+        )
+    )
+
+
+class BudgetedChatModel(BaseChatModel):
+    """A chat model that keeps every call inside the current task's budget.
+
+    Use it wherever a chat model goes — a plain LCEL chain, ``with_structured_output``,
+    ``bind_tools`` — when there is no agent middleware to apply the guard's decisions. Each
+    call is decided and reserved by the guard before it is made, runs on the model the guard
+    picked with the output cap it allows, and is charged with the usage the provider
+    reports (streams included; a stream without usage is charged an estimate, labelled as
+    such).
+
+    * **Task**: the current task (``with guard.task(...)``) of ``guard``; outside any task,
+      each call opens a task of its own (``task_id``, ``task_tags``) and closes it after.
+      Calls made under the same ``task_id`` charge that task's budget line together.
+    * **Ladder**: when the guard picks a cheaper rung, the call goes to ``models[rung]``; a
+      rung without an entry is called on ``model`` with the per-call ``model=`` override
+      (which LangChain's partner models honour). A ``model=`` kwarg on a call asks for that
+      model the same way, and the guard may still downgrade it.
+    * **Output cap**: the cap the guard allows is bound on every call, under the parameter
+      the caller used (``max_tokens``, ``max_completion_tokens``...) or, by default, the one
+      the chat model declares (``max_tokens``, ``max_output_tokens``, ``num_predict``);
+      ``max_tokens_param`` names it explicitly. The caller's own cap (a call kwarg, this
+      model's ``max_tokens``, the wrapped model's constructor cap) is always respected.
+    * **Finish** (``on_limit="finish"``): the call is made as the task's graceful final
+      answer — on the model and with the cap the guard reserved for it, with the bound tools
+      kept but ``tool_choice="none"`` so the model must answer in text (a tool-calling
+      structured output then yields no parsed result). The answer's
+      ``response_metadata["agentguard_final"]`` is ``True``; a later call in the task stops.
+    * **Stop**: :class:`~agentguard.BudgetExceeded` propagates to the caller.
+    * **Tools**: :meth:`bind_tools` binds the tools the way the wrapped model does, and
+      re-formats them for a rung served by another chat model class;
+      ``with_structured_output`` uses tool calling.
+    * **Charged once**: inside agentguard's agent middleware (which meters the call itself),
+      the wrapper only forwards; an :class:`AgentGuardCallbackHandler` attached to the run
+      sees ``metadata["agentguard_metered"]`` and does not charge it again.
+
+    Args:
+        guard: the :class:`~agentguard.Guard` whose tasks are charged.
+        model: the chat model to call (its id is the model asked for).
+        models: chat models for ladder rungs, by model id (unbound chat models).
+        max_tokens: an output cap for every call, below whatever the guard allows.
+        stop: default stop sequences.
+        max_tokens_param: the kwarg the wrapped models take their output cap under.
+        task_id: id of the task opened for a call made outside any task.
+        task_tags: attribution tags of such a task.
+
+    Example:
+        >>> import agentguard as ag
+        >>> from agentguard_langchain import BudgetedChatModel
+        >>> from agentguard_langchain.testing import ScriptedChatModel
+        >>> guard = ag.Guard(ag.Policy(max_cost_usd="0.01", max_output_tokens=50), traces=False)
+        >>> llm = BudgetedChatModel(
+        ...     guard=guard, model=ScriptedChatModel(model_name="gpt-4o", replies=["Done."])
+        ... )
+        >>> with guard.task("ticket-7") as task:
+        ...     answer = llm.invoke("Summarise the ticket.")
+        >>> answer.content, task.model_calls, llm.model.seen[-1]["max_tokens"]
+        ('Done.', 1, 50)
+    """
+
+    guard: Guard
+    model: BaseChatModel
+    models: dict[str, BaseChatModel] = Field(default_factory=dict)
+    max_tokens: int | None = Field(default=None, gt=0)
+    stop: list[str] | None = None
+    max_tokens_param: str | None = None
+    task_id: str | None = None
+    task_tags: dict[str, str] = Field(default_factory=dict)
+
+    _default_id: str = PrivateAttr(default="")
+
+    @model_validator(mode="after")
+    def _read_default_id(self) -> Self:
+        for reserved in ("policy", "parent"):
+            if reserved in self.task_tags:
+                raise ValueError(f"task_tags[{reserved!r}]: {reserved!r} cannot be a tag name")
+        self._default_id = _model_id(self.model)
+        return self
+
+    # -- identity --------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        """The id of the default model (what a call asks for unless told otherwise)."""
+        return self._default_id
+
+    @property
+    def _llm_type(self) -> str:
+        return "agentguard-budgeted"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self._default_id,
+            "delegate": self.model._llm_type,
+            "ladder": sorted(self.models),
+        }
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        return self.model.profile
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        kwargs.pop(_RAW_TOOLS, None)
+        try:
+            params = self.model._get_ls_params(stop=stop, **kwargs)
+        except Exception:  # pragma: no cover - a provider's tracing params are best effort
+            params = LangSmithParams(ls_provider="agentguard")
+        requested = kwargs.get("model")
+        params["ls_model_name"] = requested if isinstance(requested, str) else self._default_id
+        params["ls_model_type"] = "chat"
+        cap = self._caller_cap(self.model, kwargs)
+        if cap is not None:
+            params["ls_max_tokens"] = cap
+        else:
+            params.pop("ls_max_tokens", None)
+        stops = stop or self.stop
+        if stops:
+            params["ls_stop"] = stops
+        cast("dict[str, Any]", params)[METERED_METADATA_KEY] = True
+        return params
+
+    def _get_invocation_params(
+        self, stop: list[str] | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        kwargs.pop(_RAW_TOOLS, None)
+        return super()._get_invocation_params(stop=stop, **kwargs)
+
+    # -- tools -------------------------------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools the way the wrapped model does (its ``bind_tools``), keeping the tools
+        as given so a ladder rung served by another chat model formats them its own way."""
+        extra = dict(kwargs)
+        if tool_choice is not None:
+            extra["tool_choice"] = tool_choice
+        produced = _binding_kwargs(self.model.bind_tools(tools, **extra))
+        traced = {k: v for k, v in kwargs.items() if k in _TRACING_ONLY}
+        spec = _BoundTools(
+            tuple(tools),
+            {k: v for k, v in extra.items() if k not in _TRACING_ONLY},
+            frozenset(produced),
+        )
+        return self.bind(**produced, **traced, **{_RAW_TOOLS: spec})
+
+    # -- planning a call ----------------------------------------------------------------------
+
+    def _resolve(self, model_id: str) -> tuple[BaseChatModel, dict[str, Any]]:
+        """The chat model serving ``model_id`` and the kwargs that select it."""
+        chosen = self.models.get(model_id)
+        if chosen is not None:
+            return chosen, {}
+        if model_id == self._default_id:
+            return self.model, {}
+        return self.model, {"model": model_id}
+
+    def _caller_cap(self, model: BaseChatModel, kwargs: Mapping[str, Any]) -> int | None:
+        caps = [c for k in _CAP_KEYS if (c := _int_cap(kwargs.get(k))) is not None]
+        if self.max_tokens is not None:
+            caps.append(self.max_tokens)
+        caps.extend(c for k in _CAP_FIELDS if (c := _int_cap(getattr(model, k, None))) is not None)
+        return min(caps) if caps else None
+
+    def _cap_param(self, model: BaseChatModel) -> str:
+        if self.max_tokens_param is not None:
+            return self.max_tokens_param
+        fields = type(model).model_fields
+        return next((k for k in _CAP_FIELDS if k in fields), "max_tokens")
+
+    def _kwargs_for(
+        self,
+        model: BaseChatModel,
+        spec: _BoundTools | None,
+        kwargs: dict[str, Any],
+        *,
+        final: bool,
+    ) -> dict[str, Any]:
+        """The call kwargs for ``model``: tools formatted by it, forced to text when final."""
+        kw = dict(kwargs)
+        if spec is not None and (model is not self.model or final):
+            extra = dict(spec.kwargs)
+            if final:
+                extra["tool_choice"] = "none"
+            for key in spec.keys:
+                kw.pop(key, None)
+            try:
+                kw.update(_binding_kwargs(model.bind_tools(list(spec.tools), **extra)))
+            except (NotImplementedError, ValueError, TypeError):
+                if not final:
+                    raise
+                # the model cannot express tool_choice="none": answer without tools
+        elif final and kw.get("tools"):
+            kw["tool_choice"] = "none"
+        return kw
+
+    def _apply_cap(self, model: BaseChatModel, kw: dict[str, Any], cap: int | None) -> None:
+        if cap is None:
+            return
+        own = _int_cap(getattr(model, self._cap_param(model), None))
+        if own is not None:  # a rung's own constructor cap is never raised
+            cap = min(cap, own)
+        present = [k for k in _CAP_KEYS if k in kw]
+        for key in present or [self._cap_param(model)]:
+            kw[key] = cap
+
+    def _begin(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> _Plan | None:
+        """Decide and reserve the call, or ``None`` when an enclosing agentguard layer (the
+        agent middleware) meters it already."""
+        if already_metered():
+            return None
+        kwargs = dict(kwargs)
+        spec: _BoundTools | None = kwargs.pop(_RAW_TOOLS, None)
+        asked = kwargs.pop("model", None)
+        requested = asked if isinstance(asked, str) else self._default_id
+        task = current_task()
+        owned = task is None or task.guard is not self.guard
+        if task is None or owned:
+            open_task: Callable[..., Task] = self.guard.open_task  # tags are plain **kwargs
+            task = open_task(self.task_id, **self.task_tags)
+        try:
+            first, _ = self._resolve(requested)
+            cap = self._caller_cap(first, kwargs)
+            tools = kwargs.get("tools")
+            call = task.start_model_call(requested, messages=messages, tools=tools, max_tokens=cap)
+            final = False
+            if call.decision.action == "finish":
+                final = True
+                call = task.start_model_call(
+                    call.model, messages=messages, tools=tools, max_tokens=call.max_tokens,
+                    finish=True,
+                )  # fmt: skip
+        except BaseException as exc:
+            if owned:
+                task.close(exc)
+            raise
+        model, select = self._resolve(call.model)
+        plan = _Plan(task, owned, call, model, stop or self.stop or None, kwargs, final)
+        try:
+            kw = self._kwargs_for(model, spec, kwargs, final=final)
+            kw.update(select)
+            self._apply_cap(model, kw, call.max_tokens)
+        except BaseException as exc:
+            self._abort(plan, exc)
+            raise
+        plan.kwargs = kw
+        return plan
+
+    def _forward(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[BaseChatModel, list[str] | None, dict[str, Any]]:
+        """The call as it goes out when agentguard meters it elsewhere."""
+        kwargs = dict(kwargs)
+        spec: _BoundTools | None = kwargs.pop(_RAW_TOOLS, None)
+        asked = kwargs.pop("model", None)
+        model, select = self._resolve(asked if isinstance(asked, str) else self._default_id)
+        kw = self._kwargs_for(model, spec, kwargs, final=False)
+        kw.update(select)
+        self._apply_cap(model, kw, self._caller_cap(model, kw))
+        return model, stop or self.stop or None, kw
+
+    # -- ending a call -------------------------------------------------------------------------
+
+    def _abort(self, plan: _Plan, exc: BaseException) -> None:
+        plan.call.fail(exc)
+        if plan.owned:
+            plan.task.close(exc)
+
+    def _commit(self, plan: _Plan, usage: Any, text: str, model_name: str | None) -> None:
+        try:
+            plan.call.end(usage, output_text=text, model=model_name)
+        finally:
+            if plan.owned:
+                plan.task.close()
+
+    def _commit_result(self, plan: _Plan, result: ChatResult) -> None:
+        if not result.generations:
+            self._commit(plan, None, "", None)
+            return
+        message = result.generations[0].message
+        usage = _usage_or_raw(message)
+        if usage is None and result.llm_output:
+            usage = result.llm_output.get("token_usage") or result.llm_output.get("usage")
+        name = message.response_metadata.get("model_name")
+        self._commit(plan, usage, _output_text(message), name if isinstance(name, str) else None)
+        if plan.final:
+            message.response_metadata["agentguard_final"] = True
+
+    def _commit_stream(self, plan: _Plan, tally: _Tally) -> None:
+        self._commit(plan, tally.reported(), tally.text, tally.model_name)
+
+    # -- BaseChatModel ---------------------------------------------------------------------------
+
+    def _call_generate(
+        self,
+        model: BaseChatModel,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None,
+        kwargs: dict[str, Any],
+    ) -> ChatResult:
+        if model.rate_limiter is not None:
+            model.rate_limiter.acquire(blocking=True)
+        if _accepts_run_manager(model._generate):
+            kwargs = {**kwargs, "run_manager": run_manager}
+        with metered_here():
+            return model._generate(messages, stop=stop, **kwargs)
+
+    async def _acall_generate(
+        self,
+        model: BaseChatModel,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: AsyncCallbackManagerForLLMRun | None,
+        kwargs: dict[str, Any],
+    ) -> ChatResult:
+        if model.rate_limiter is not None:
+            await model.rate_limiter.aacquire(blocking=True)
+        if _accepts_run_manager(model._agenerate):
+            kwargs = {**kwargs, "run_manager": run_manager}
+        with metered_here():
+            return await model._agenerate(messages, stop=stop, **kwargs)
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        plan = self._begin(messages, stop, kwargs)
+        if plan is None:
+            model, stops, kw = self._forward(messages, stop, kwargs)
+            return self._call_generate(model, messages, stops, run_manager, kw)
+        try:
+            result = self._call_generate(plan.model, messages, plan.stop, run_manager, plan.kwargs)
+        except BaseException as exc:
+            self._abort(plan, exc)
+            raise
+        self._commit_result(plan, result)
+        return result
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        plan = self._begin(messages, stop, kwargs)
+        if plan is None:
+            model, stops, kw = self._forward(messages, stop, kwargs)
+            return await self._acall_generate(model, messages, stops, run_manager, kw)
+        try:
+            result = await self._acall_generate(
+                plan.model, messages, plan.stop, run_manager, plan.kwargs
+            )
+        except BaseException as exc:
+            self._abort(plan, exc)
+            raise
+        self._commit_result(plan, result)
+        return result
+
+    def _delegate_stream(
+        self,
+        model: BaseChatModel,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None,
+        kwargs: dict[str, Any],
+    ) -> Generator[ChatGenerationChunk, None, None]:
+        streams = type(model)._stream is not BaseChatModel._stream
+        disabled = getattr(model, "_streaming_disabled", None)
+        if not streams or (disabled is not None and disabled(**kwargs)):
+            yield _as_chunk(
+                self._call_generate(model, messages, stop, run_manager, kwargs)
+                .generations[0]
+                .message
+            )
+            return
+        if model.rate_limiter is not None:
+            model.rate_limiter.acquire(blocking=True)
+        if _accepts_run_manager(model._stream):
+            kwargs = {**kwargs, "run_manager": run_manager}
+        chunks = model._stream(messages, stop=stop, **kwargs)
+        try:
+            while True:
+                with metered_here():  # only while the provider's code runs, not between chunks
+                    chunk = next(chunks, None)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    async def _adelegate_stream(
+        self,
+        model: BaseChatModel,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: AsyncCallbackManagerForLLMRun | None,
+        kwargs: dict[str, Any],
+    ) -> AsyncGenerator[ChatGenerationChunk, None]:
+        cls = type(model)
+        streams = cls._astream is not BaseChatModel._astream or cls._stream is not (
+            BaseChatModel._stream
+        )
+        disabled = getattr(model, "_streaming_disabled", None)
+        if not streams or (disabled is not None and disabled(**kwargs)):
+            result = await self._acall_generate(model, messages, stop, run_manager, kwargs)
+            yield _as_chunk(result.generations[0].message)
+            return
+        if model.rate_limiter is not None:
+            await model.rate_limiter.aacquire(blocking=True)
+        if _accepts_run_manager(model._astream):
+            kwargs = {**kwargs, "run_manager": run_manager}
+        chunks = model._astream(messages, stop=stop, **kwargs)
+        try:
+            while True:
+                with metered_here():
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        return
+                yield chunk
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        plan = self._begin(messages, stop, kwargs)
+        if plan is None:
+            model, stops, kw = self._forward(messages, stop, kwargs)
+            yield from self._delegate_stream(model, messages, stops, run_manager, kw)
+            return
+        tally = _Tally()
+        chunks = self._delegate_stream(plan.model, messages, plan.stop, run_manager, plan.kwargs)
+        try:
+            for chunk in chunks:
+                if plan.final and not tally.chunks:
+                    chunk.message.response_metadata["agentguard_final"] = True
+                tally.add(chunk)
+                yield chunk
+        except GeneratorExit:
+            # the consumer stopped reading: the provider has read the prompt and written what
+            # was streamed, so the call is charged (estimated when no usage arrived)
+            chunks.close()
+            self._commit_stream(plan, tally)
+            raise
+        except BaseException as exc:
+            self._abort(plan, exc)
+            raise
+        self._commit_stream(plan, tally)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        plan = self._begin(messages, stop, kwargs)
+        if plan is None:
+            model, stops, kw = self._forward(messages, stop, kwargs)
+            async for chunk in self._adelegate_stream(model, messages, stops, run_manager, kw):
+                yield chunk
+            return
+        tally = _Tally()
+        chunks = self._adelegate_stream(plan.model, messages, plan.stop, run_manager, plan.kwargs)
+        try:
+            async for chunk in chunks:
+                if plan.final and not tally.chunks:
+                    chunk.message.response_metadata["agentguard_final"] = True
+                tally.add(chunk)
+                yield chunk
+        except (GeneratorExit, asyncio.CancelledError) as exc:
+            await chunks.aclose()
+            if tally.chunks:  # charged for what was streamed (see _stream)
+                self._commit_stream(plan, tally)
+            else:
+                self._abort(plan, exc)
+            raise
+        except BaseException as exc:
+            self._abort(plan, exc)
+            raise
+        self._commit_stream(plan, tally)
