@@ -11,9 +11,24 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "AgentGuardCallbackHandler": "_callbacks",
+    "AsyncAgentGuardCallbackHandler": "_callbacks",
+    "AgentGuardMiddleware": "_middleware",
+    "BudgetedChatModel": "_chat_model",
+    "AgentGuardCompressor": "_compress",
+    "trim_documents": "_compress",
+}
 
-__all__ = ["__version__"]
+__all__ = [
+    "AgentGuardCallbackHandler",
+    "AgentGuardCompressor",
+    "AgentGuardMiddleware",
+    "AsyncAgentGuardCallbackHandler",
+    "BudgetedChatModel",
+    "__version__",
+    "trim_documents",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,4 +41,10 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    pass
+    from agentguard_langchain._callbacks import (
+        AgentGuardCallbackHandler,
+        AsyncAgentGuardCallbackHandler,
+    )
+    from agentguard_langchain._chat_model import BudgetedChatModel
+    from agentguard_langchain._compress import AgentGuardCompressor, trim_documents
+    from agentguard_langchain._middleware import AgentGuardMiddleware

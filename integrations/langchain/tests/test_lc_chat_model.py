@@ -10,9 +10,6 @@ from typing import Any, cast
 
 import httpx
 import pytest
-from agentguard_langchain._chat_model import METERED_METADATA_KEY, BudgetedChatModel
-from agentguard_langchain._common import metered_here
-from agentguard_langchain.testing import ScriptedChatModel, count_input_tokens
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -25,6 +22,9 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
 import agentguard as ag
+from agentguard_langchain._chat_model import METERED_METADATA_KEY, BudgetedChatModel
+from agentguard_langchain._common import metered_here
+from agentguard_langchain.testing import ScriptedChatModel, count_input_tokens
 
 D = Decimal
 

@@ -8,9 +8,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from agentguard_langchain._chat_model import BudgetedChatModel
-from agentguard_langchain._compress import TRUNCATED_KEY, AgentGuardCompressor, trim_documents
-from agentguard_langchain.testing import ScriptedChatModel, count_input_tokens
 from langchain_core.callbacks import BaseCallbackHandler, CallbackManagerForRetrieverRun
 from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.messages import BaseMessage
@@ -20,6 +17,9 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnablePassthrough
 
 import agentguard as ag
+from agentguard_langchain._chat_model import BudgetedChatModel
+from agentguard_langchain._compress import TRUNCATED_KEY, AgentGuardCompressor, trim_documents
+from agentguard_langchain.testing import ScriptedChatModel, count_input_tokens
 
 MODEL = "gpt-4o-mini"
 COUNTER = ag.counter_for(MODEL)

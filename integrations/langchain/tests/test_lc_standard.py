@@ -13,14 +13,14 @@ import re
 from typing import Any
 
 import pytest
-from agentguard_langchain._chat_model import BudgetedChatModel
-from agentguard_langchain.testing import ScriptedChatModel
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 import agentguard as ag
+from agentguard_langchain._chat_model import BudgetedChatModel
+from agentguard_langchain.testing import ScriptedChatModel
 
 # stream_events(version="v3") is a beta LangChain API; the suite exercises it on purpose.
 pytestmark = pytest.mark.filterwarnings(
