@@ -86,6 +86,7 @@ class _Run:
     closed_on_error: bool = False
     warned: bool = False
     checked: set[str] = field(default_factory=set)
+    model_id: str | None = None  # the model of the run's last call (tokenizer for trimming)
     # each message of the conversation as the mapping the guard counts, made once per run
     forms: dict[int, tuple[BaseMessage, dict[str, Any]]] = field(default_factory=dict)
 
@@ -148,7 +149,7 @@ def _note(message: AIMessage, note: str) -> str | list[str | dict[str, Any]]:
     return [*content, {"type": "text", "text": note}]
 
 
-class AgentGuardMiddleware(AgentMiddleware[AgentGuardState, Any, Any]):
+class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
     """Keeps a ``create_agent`` run inside its budget: meters every model and tool call, caps
     output, swaps to cheaper models down the policy's ladder and ends the run gracefully.
 
@@ -174,6 +175,11 @@ class AgentGuardMiddleware(AgentMiddleware[AgentGuardState, Any, Any]):
         exit_behavior: at a hard stop, ``"error"`` raises :class:`agentguard.BudgetExceeded`
             out of ``invoke``; ``"end"`` ends the run with an ``AIMessage`` saying why. Default:
             ``"end"`` under ``on_limit="finish"``, else ``"error"``.
+        trim_tool_results: fit each tool result into the policy's ``context_budget_tokens``
+            (paragraphs kept in order, near-duplicates dropped, the last one cut at a sentence
+            end; see :meth:`agentguard.Task.trim`) before it enters the conversation, so no
+            later call pays for the excess. Off by default: a cut JSON result is no longer
+            JSON.
 
     Raises:
         PolicyError: a mapped model is not an unbound chat model or cannot call tools. A ladder
@@ -216,6 +222,8 @@ class AgentGuardMiddleware(AgentMiddleware[AgentGuardState, Any, Any]):
         True
     """
 
+    # the private run key rides in the state; typed as the base state so the middleware mixes
+    # with any other in one ``middleware=[...]`` list
     state_schema = AgentGuardState
 
     def __init__(
@@ -227,6 +235,7 @@ class AgentGuardMiddleware(AgentMiddleware[AgentGuardState, Any, Any]):
         tags: Mapping[str, str] | None = None,
         finish_message: str | None = DEFAULT_FINISH_MESSAGE,
         exit_behavior: Literal["end", "error"] | None = None,
+        trim_tool_results: bool = False,
     ) -> None:
         super().__init__()
         if exit_behavior not in (None, "end", "error"):
@@ -241,6 +250,13 @@ class AgentGuardMiddleware(AgentMiddleware[AgentGuardState, Any, Any]):
         self._tag_kwargs: dict[str, Any] = dict(self.tags)
         self.finish_message = finish_message
         self.exit_behavior = exit_behavior
+        if trim_tool_results and guard.policy.context_budget_tokens is None:
+            raise PolicyError(
+                "context_budget_tokens",
+                None,
+                "trim_tool_results=True needs a context budget in the guard's policy",
+            )
+        self.trim_tool_results = trim_tool_results
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._closed: OrderedDict[str, _Run] = OrderedDict()
@@ -409,23 +425,23 @@ class AgentGuardMiddleware(AgentMiddleware[AgentGuardState, Any, Any]):
 
     # -- agent hooks ---------------------------------------------------------------------------
 
-    def before_agent(self, state: AgentGuardState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+    def before_agent(self, state: AgentState[Any], runtime: Runtime[Any]) -> dict[str, Any] | None:
         """Start the run: use the caller's current task or open one."""
         return self._open_run(state, runtime)
 
     async def abefore_agent(
-        self, state: AgentGuardState, runtime: Runtime[Any]
+        self, state: AgentState[Any], runtime: Runtime[Any]
     ) -> dict[str, Any] | None:
         """Start the run: use the caller's current task or open one."""
         return self._open_run(state, runtime)
 
-    def after_agent(self, state: AgentGuardState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+    def after_agent(self, state: AgentState[Any], runtime: Runtime[Any]) -> dict[str, Any] | None:
         """End the run: close the task the middleware opened."""
         self._close_run(state, runtime)
         return None
 
     async def aafter_agent(
-        self, state: AgentGuardState, runtime: Runtime[Any]
+        self, state: AgentState[Any], runtime: Runtime[Any]
     ) -> dict[str, Any] | None:
         """End the run: close the task the middleware opened."""
         self._close_run(state, runtime)
@@ -515,6 +531,7 @@ class AgentGuardMiddleware(AgentMiddleware[AgentGuardState, Any, Any]):
             )
             return self._end_message(run, exc)
         model_id, own_cap = self._model_info(request.model)
+        run.model_id = model_id
         self._check_run(run, model_id, request)
         messages = _forms(run.forms, request.messages, request.system_message)
         tools = self._schemas(request.tools) if request.tools else None
@@ -715,6 +732,34 @@ class AgentGuardMiddleware(AgentMiddleware[AgentGuardState, Any, Any]):
             )
         return tool
 
+    def _trimmed(self, run: _Run, result: ToolMessage | Command[Any]) -> ToolMessage | Command[Any]:
+        """The tool result fitted into the context budget (``trim_tool_results``)."""
+        if (
+            not self.trim_tool_results
+            or not isinstance(result, ToolMessage)
+            or not isinstance(result.content, str)
+            or result.status == "error"
+        ):
+            return result
+        task = run.task
+        if task.policy.context_budget_tokens is None:
+            return result
+        paragraphs = [p for p in result.content.split("\n\n") if p.strip()]
+        trim = task.trim(paragraphs, model=run.model_id, keep_order=True)
+        if not trim.tokens_saved:
+            return result
+        kept = "\n\n".join(c.text for c in trim.kept)
+        note = (
+            f"[agentguard: tool result trimmed to {trim.tokens_kept} of {trim.tokens_in} "
+            "tokens by the context budget]"
+        )
+        meta = {
+            **result.response_metadata,
+            "agentguard": {"tokens_in": trim.tokens_in, "tokens_kept": trim.tokens_kept},
+        }
+        content = f"{kept}\n\n{note}" if kept else note
+        return result.model_copy(update={"content": content, "response_metadata": meta})
+
     def wrap_tool_call(
         self,
         request: ToolCallRequest,
@@ -737,7 +782,7 @@ class AgentGuardMiddleware(AgentMiddleware[AgentGuardState, Any, Any]):
             self._abort(run, exc)
             raise
         tool.end()
-        return result
+        return self._trimmed(run, result)
 
     async def awrap_tool_call(
         self,
@@ -761,4 +806,4 @@ class AgentGuardMiddleware(AgentMiddleware[AgentGuardState, Any, Any]):
             self._abort(run, exc)
             raise
         tool.end()
-        return result
+        return self._trimmed(run, result)

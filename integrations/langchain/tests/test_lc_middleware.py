@@ -703,3 +703,39 @@ def test_a_retry_outside_the_middleware_keeps_charging_and_warns(
     calls = model_spans(g)
     assert calls[0].status == "error"
     assert len([s for s in calls if s.usage is not None]) == 3  # the limits still held
+
+
+@MODES
+def test_tool_results_are_trimmed_to_the_context_budget(mode: str) -> None:
+    g = make_guard(context_budget_tokens=120, max_model_calls=3, on_limit="finish")
+
+    @tool
+    def fetch(query: str) -> str:
+        """Fetch the carrier's tracking page."""
+        events = [f"Event {i}: the parcel was scanned at depot {i} at 0{i}:00." for i in range(9)]
+        return "\n\n".join(events * 4)  # 36 paragraphs, the last 27 repeat the first 9
+
+    model = scripted("gpt-4o-mini", reply_tokens=20)
+    agent = agent_with(model, AgentGuardMiddleware(g, trim_tool_results=True), tools=[fetch])
+    out = run(agent, mode)
+
+    tool_msgs = [m for m in out["messages"] if isinstance(m, ToolMessage)]
+    assert len(tool_msgs) == 2
+    counter = ag.counter_for("gpt-4o-mini")
+    for m in tool_msgs:
+        body, note = str(m.content).rsplit("\n\n", 1)
+        assert counter.count(body) <= 120
+        assert note.startswith("[agentguard: tool result trimmed to")
+        assert body.startswith("Event 0:")  # in order
+        assert body.count("Event 0:") == 1  # the repeats are gone
+        meta = m.response_metadata["agentguard"]
+        assert meta["tokens_kept"] <= 120 < meta["tokens_in"]
+    (record,) = records(g)
+    assert record.tokens_saved > 0
+    assert record.saved_usd > 0
+    assert len([s for s in spans(g) if s.kind == "trim"]) == 2
+
+
+def test_trim_tool_results_needs_a_context_budget() -> None:
+    with pytest.raises(ag.PolicyError, match="context_budget_tokens"):
+        AgentGuardMiddleware(make_guard(), trim_tool_results=True)
