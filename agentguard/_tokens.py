@@ -465,6 +465,12 @@ def _tool_json(tool: Any) -> str:
     return str(tool)
 
 
+#: Texts shorter than this are tokenised every time (cheaper than hashing and caching them).
+_CACHE_MIN_CHARS = 64
+#: The count cache of a counter is dropped once it holds this many characters of text.
+_CACHE_MAX_CHARS = 8_000_000
+
+
 class TiktokenCounter(_Counting):
     """Counts with a tiktoken encoding (exact, or an approximation with a margin).
 
@@ -474,7 +480,16 @@ class TiktokenCounter(_Counting):
         ('tiktoken:cl100k_base', True, 2)
     """
 
-    __slots__ = ("_encode", "encoding", "exact", "margin", "name", "source")
+    __slots__ = (
+        "_cache",
+        "_cached_chars",
+        "_encode",
+        "encoding",
+        "exact",
+        "margin",
+        "name",
+        "source",
+    )
 
     def __init__(self, encoding: Encoding, *, exact: bool, margin: float, source: str) -> None:
         self.encoding = encoding
@@ -483,10 +498,28 @@ class TiktokenCounter(_Counting):
         self.source = source
         self.name = f"tiktoken:{encoding.name}" + ("" if exact else " (approximation)")
         self._encode = encoding.encode_ordinary
+        self._cache: dict[str, int] = {}
+        self._cached_chars = 0
 
     def count(self, text: str) -> int:
-        """Tokens in ``text`` (special-token strings are counted as plain text)."""
-        return len(self._encode(text)) if text else 0
+        """Tokens in ``text`` (special-token strings are counted as plain text).
+
+        Counts of longer texts are cached (bounded: at most ~8 M characters are kept), because
+        an agent loop re-sends its whole history on every call: each message is tokenised once.
+        """
+        if not text:
+            return 0
+        if len(text) < _CACHE_MIN_CHARS:
+            return len(self._encode(text))
+        n = self._cache.get(text)
+        if n is None:
+            n = len(self._encode(text))
+            if self._cached_chars + len(text) > _CACHE_MAX_CHARS:
+                self._cache.clear()  # racing threads may both clear: harmless
+                self._cached_chars = 0
+            self._cache[text] = n
+            self._cached_chars += len(text)
+        return n
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``."""
