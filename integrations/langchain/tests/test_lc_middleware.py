@@ -354,9 +354,8 @@ def test_a_tool_stop_with_exit_end_ends_the_run_at_the_next_model_call() -> None
 
 @MODES
 def test_middleware_and_callback_handler_charge_each_call_once(mode: str) -> None:
-    callbacks = pytest.importorskip(
-        "agentguard_langchain._callbacks", reason="AgentGuardCallbackHandler not written yet"
-    )
+    from agentguard_langchain import _callbacks as callbacks
+
     g = make_guard(max_cost_usd="0.05", max_output_tokens=400, on_limit="finish")
     model = scripted("gpt-4o")
     agent = agent_with(model, AgentGuardMiddleware(g))
