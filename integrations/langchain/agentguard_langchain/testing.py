@@ -27,6 +27,7 @@ import itertools
 import json
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -113,6 +114,8 @@ class ScriptedChatModel(BaseChatModel):
     _calls: int = PrivateAttr(default=0)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _reply_iter: Any = PrivateAttr(default=None)
+    # tool-call ids unique across instances: a downgraded agent talks to several models
+    _uid: str = PrivateAttr(default_factory=lambda: uuid.uuid4().hex[:6])
     seen: list[dict[str, Any]] = Field(default_factory=list, exclude=True)
 
     @property
@@ -207,7 +210,7 @@ class ScriptedChatModel(BaseChatModel):
                 {
                     "name": names[i % len(names)],
                     "args": self._args(by_name[names[i % len(names)]], messages),
-                    "id": f"call_{n}_{i}",
+                    "id": f"call_{self._uid}_{n}_{i}",
                     "type": "tool_call",
                 }
                 for i in range(self.parallel_tool_calls)
