@@ -32,9 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from langchain.agents import create_agent  # noqa: TID251 - benchmarks an adapter
-from langchain.agents.middleware import AgentMiddleware  # noqa: TID251
-from langchain_core.tools import tool  # noqa: TID251
+from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware
+from langchain_core.tools import tool
 
 import agentguard as ag
 from agentguard_langchain import AgentGuardMiddleware

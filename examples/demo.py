@@ -1,10 +1,11 @@
 """agentguard demo: three runaway workloads under one guard, on the embedded defaults.
 
-* ``ticket-42`` — a planner that never stops calling tools and hits rate limits (retries);
-  the guard downgrades it to a cheaper model at 60% of its budget and makes it finish
-  gracefully at the ceiling instead of crashing.
-* ``rag-7`` — a RAG query whose retriever returns 20 chunks of ~600 tokens; the guard trims
-  them to a 3,000-token context budget and reports what that saved.
+* ``ticket-42`` — a LangChain v1 agent (``create_agent``) whose model never stops calling
+  tools; ``AgentGuardMiddleware`` downgrades it to a cheaper model at 60% of its budget and
+  makes it finish gracefully at the ceiling instead of crashing.
+* ``rag-7`` — an LCEL RAG chain whose retriever returns 21 chunks of ~600 tokens (one a
+  duplicate); ``trim_documents`` fits them into a 3,000-token context budget and the
+  callback handler meters the answer.
 * ``digest-*`` — an always-on agent that loops on steps, capped per run, sharing a daily team
   budget with its siblings.
 
@@ -19,9 +20,23 @@ import random
 from decimal import Decimal
 from pathlib import Path
 
+from langchain.agents import create_agent
+from langchain_core.documents import Document
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda, RunnablePassthrough
+from langchain_core.tools import tool
+
 import agentguard as ag
 from agentguard._cli import main as cli
 from agentguard.testing import ScriptedModel
+from agentguard_langchain import AgentGuardCallbackHandler, AgentGuardMiddleware, trim_documents
+from agentguard_langchain.testing import ScriptedChatModel
+
+
+def handler(guard: ag.Guard) -> AgentGuardCallbackHandler:
+    return AgentGuardCallbackHandler(guard)
+
 
 WORDS = [
     "invoice",
@@ -67,47 +82,61 @@ def _chunk(rng: random.Random, n_sentences: int) -> str:
     return " ".join(sentences)
 
 
-def runaway_planner(guard: ag.Guard) -> ag.Task:
-    model = ScriptedModel("gpt-4o", reply_tokens=700, tool_calls={"name": "search", "args": {}})
-    history: list[dict[str, str]] = [
-        {"role": "system", "content": "You are a support agent. Use tools until sure."},
-        {"role": "user", "content": "Why was I charged twice for order 1182?"},
-    ]
+def runaway_agent(guard: ag.Guard) -> ag.Task:
+    """A LangChain v1 agent (``create_agent``) whose model calls a tool on every turn."""
+
+    @tool
+    def search_orders(query: str) -> str:
+        """Search the order system."""
+        return "order 1182: charged twice, second charge pending reversal. " * 12
+
+    agent = create_agent(
+        model=ScriptedChatModel(model_name="gpt-4o", reply_tokens=700),  # never stops by itself
+        tools=[search_orders],
+        system_prompt="You are a support agent. Use tools until you are sure.",
+        middleware=[
+            AgentGuardMiddleware(
+                guard, models={"gpt-4o-mini": ScriptedChatModel(model_name="gpt-4o-mini")}
+            )
+        ],
+    )
     with guard.task("ticket-42", feature="support", team="cx") as task:
-        for turn in range(1, 200):
-            task.step("plan")
-            if turn % 4 == 0:  # the provider rate-limits us now and then
-                task.record_retry("429 rate limited")
-            reply = model.invoke(task, history)
-            history.append({"role": "assistant", "content": reply.text})
-            if reply.finished:
-                break
-            for tc in reply.tool_calls:
-                tool = task.start_tool_call(tc["name"])
-                if tool.allowed:
-                    history.append({"role": "tool", "content": "order log " * 60})
-                    tool.end()
-                else:
-                    history.append({"role": "tool", "content": tool.decision.reason})
+        out = agent.invoke(
+            {"messages": [{"role": "user", "content": "Why was I charged twice for order 1182?"}]}
+        )
+    final = out["messages"][-1]
+    print(f"  ticket-42 final answer ends with: ...{final.text[-70:]!r}")
     return task
 
 
 def bloated_rag(guard: ag.Guard) -> ag.Task:
+    """An LCEL RAG chain: a retriever returning 21 chunks, trimmed to the context budget."""
     rng = random.Random(7)
-    chunks = [ag.Chunk(_chunk(rng, 40), score=rng.random(), id=f"doc-{i}") for i in range(20)]
-    chunks.append(ag.Chunk(chunks[3].text, score=0.99, id="doc-3-copy"))  # a duplicate
-    model = ScriptedModel("gpt-4o", replies=["Refunds are issued within 5 business days."])
+    docs = [
+        Document(_chunk(rng, 40), metadata={"score": rng.random(), "id": f"doc-{i}"})
+        for i in range(20)
+    ]
+    docs.append(Document(docs[3].page_content, metadata={"score": 0.99}))  # a duplicate
+    model = ScriptedChatModel(
+        model_name="gpt-4o", replies=["Refunds are issued within 5 business days."]
+    )
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", "Answer from this context:\n{context}"), ("user", "{question}")]
+    )
+    chain = (
+        {
+            "context": RunnableLambda(lambda _: docs)
+            | trim_documents(guard, model="gpt-4o")
+            | RunnableLambda(lambda kept: "\n\n".join(d.page_content for d in kept)),
+            "question": RunnablePassthrough(),
+        }
+        | prompt
+        | model
+        | StrOutputParser()
+    )
     with guard.task("rag-7", feature="faq", team="search") as task:
-        task.record_retrieval("kb", documents=len(chunks), texts=[c.text for c in chunks])
-        trimmed = task.trim(chunks, model="gpt-4o")
-        context = "\n\n".join(c.text for c in trimmed.kept)
-        model.invoke(
-            task,
-            [
-                {"role": "system", "content": f"Answer from this context:\n{context}"},
-                {"role": "user", "content": "How long do refunds take?"},
-            ],
-        )
+        task.record_retrieval("kb", documents=len(docs), texts=[d.page_content for d in docs])
+        chain.invoke("How long do refunds take?", config={"callbacks": [handler(guard)]})
     return task
 
 
@@ -166,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("agentguard demo — scripted model, memory budgets, traces in", db)
     print()
-    results = [runaway_planner(guard), bloated_rag(guard), *always_on_digest(guard, 4)]
+    results = [runaway_agent(guard), bloated_rag(guard), *always_on_digest(guard, 4)]
     guard.close()
 
     for t in results:
