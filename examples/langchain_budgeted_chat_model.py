@@ -22,7 +22,18 @@ import agentguard as ag
 from agentguard_langchain import BudgetedChatModel, trim_documents
 from agentguard_langchain.testing import ScriptedChatModel
 
-WORDS = ["refund", "carrier", "parcel", "invoice", "warehouse", "delay", "voucher", "billing", "address", "return"]
+WORDS = [
+    "refund",
+    "carrier",
+    "parcel",
+    "invoice",
+    "warehouse",
+    "delay",
+    "voucher",
+    "billing",
+    "address",
+    "return",
+]
 
 
 def corpus(seed: int = 3) -> list[Document]:
