@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from langchain_core.callbacks import (  # noqa: TID251 - benchmarks an adapter
+from langchain_core.callbacks import (
     BaseCallbackHandler,
     UsageMetadataCallbackHandler,
 )
