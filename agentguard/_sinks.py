@@ -299,8 +299,9 @@ def _check_version(conn: sqlite3.Connection, path: str) -> None:
 class _SQLiteWriter:
     """The state of a :class:`SQLiteSink`, kept apart so a finalizer can flush it.
 
-    ``buf_lock`` guards the buffer (held for microseconds by writers); ``io_lock`` serialises
-    flushes so batches commit in the order they were buffered.
+    ``buf_lock`` guards the buffers (held for microseconds by writers); ``io_lock`` serialises
+    flushes so batches commit in the order they were buffered. Task records wait in ``tasks``
+    and are committed in the same transaction as every span buffered before them.
     """
 
     def __init__(self, path: str, batch_size: int, flush_interval: float, max_buffer: int) -> None:
@@ -310,6 +311,7 @@ class _SQLiteWriter:
         self.max_buffer = max_buffer
         self.dropped = 0
         self.buf: list[Span] = []
+        self.tasks: list[TaskRecord] = []
         self.buf_lock = threading.Lock()
         self.io_lock = threading.Lock()
         self.last_flush = time.monotonic()
@@ -319,6 +321,8 @@ class _SQLiteWriter:
         self.thread: threading.Thread | None = None
         self.errors = 0
         self.last_error: TraceStoreError | None = None
+        # a background failure not yet reported to a caller (raised by the next write_task)
+        self.unreported: TraceStoreError | None = None
         _WRITERS.add(self)
 
     def ensure_thread(self) -> None:
@@ -334,15 +338,19 @@ class _SQLiteWriter:
     def _run(self) -> None:
         # Holds the writer, never the sink, so the sink can still be collected and finalized.
         while not self.closed:
-            self.wake.wait(self.flush_interval)
+            woken = self.wake.wait(self.flush_interval)
             self.wake.clear()
+            if woken and len(self.buf) < self.batch_size and len(self.tasks) < self.batch_size:
+                # woken by a task record: gather what the next few milliseconds bring into the
+                # same transaction (a commit costs far more than a row)
+                time.sleep(_TASK_LINGER)
             if self.closed:
                 return
             try:
                 self.flush()
             except TraceStoreError as e:  # kept buffered; reported by the next caller
                 self.errors += 1
-                self.last_error = e
+                self.last_error = self.unreported = e
 
     def _open(self) -> sqlite3.Connection:
         conn = _connect(self.path)
@@ -367,20 +375,22 @@ class _SQLiteWriter:
             _INHERITED_CONNECTIONS.append(self.conn)
         self.conn = None
         self.buf = []
+        self.tasks = []
         self.buf_lock = threading.Lock()
         self.io_lock = threading.Lock()
         self.wake = threading.Event()
         self.thread = None  # threads do not survive fork(); restarted on the next write
 
-    def flush(self, *, block: bool = True, task: TaskRecord | None = None) -> None:
+    def flush(self, *, block: bool = True) -> None:
         if not self.io_lock.acquire(blocking=block):
             return  # another thread is flushing; it, or the next write, takes the buffer
         try:
             if self.closed:
                 return
-            with self.buf_lock:
+            with self.buf_lock:  # spans and records together: a record never precedes its spans
                 batch, self.buf = self.buf, []
-            if not batch and task is None:
+                tasks, self.tasks = self.tasks, []
+            if not batch and not tasks:
                 self.last_flush = time.monotonic()
                 return
             try:
@@ -388,23 +398,27 @@ class _SQLiteWriter:
                     self.conn = self._open()
                 conn = self.conn
                 rows = [_span_row(s) for s in batch]
+                task_rows = [_task_row(t) for t in tasks]
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     if rows:
                         conn.executemany(_INSERT_SPAN, rows)
-                    if task is not None:
-                        conn.execute(_INSERT_TASK, _task_row(task))
+                    if task_rows:
+                        conn.executemany(_INSERT_TASK, task_rows)
                     conn.execute("COMMIT")
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
+                self.unreported = None  # written after all: nothing lost to report
             except (sqlite3.Error, TraceStoreError) as e:
-                with self.buf_lock:  # keep the spans for the next attempt, within bounds
+                with self.buf_lock:  # keep them for the next attempt, within bounds
                     self.buf[:0] = batch
-                    overflow = len(self.buf) - self.max_buffer
-                    if overflow > 0:
-                        del self.buf[:overflow]
-                        self.dropped += overflow
+                    self.tasks[:0] = tasks
+                    for kept in (self.buf, self.tasks):
+                        overflow = len(kept) - self.max_buffer
+                        if overflow > 0:
+                            del kept[:overflow]
+                            self.dropped += overflow
                 raise TraceStoreError(f"writing traces to {self.path!r} failed: {e}") from e
             finally:
                 self.last_flush = time.monotonic()
@@ -426,6 +440,9 @@ class _SQLiteWriter:
                         self.conn = None
 
 
+#: Seconds the background writer, woken by a task record, waits for more before committing.
+_TASK_LINGER = 0.02
+
 _WRITERS: weakref.WeakSet[_SQLiteWriter] = weakref.WeakSet()
 _INHERITED_CONNECTIONS: list[sqlite3.Connection] = []
 
@@ -442,24 +459,29 @@ if hasattr(os, "register_at_fork"):
 class SQLiteSink:
     """The embedded default sink: a SQLite file in WAL mode, written in batches.
 
-    ``write_spans`` only appends to an in-memory buffer (about a microsecond). A background
-    daemon thread writes the buffer as one transaction when it reaches ``batch_size`` spans and
-    every ``flush_interval`` seconds, so the caller's thread never waits on disk I/O; if that
-    thread falls behind by four batches, the caller writes itself (back-pressure). The buffer is
-    also written on :meth:`write_task` (the task's spans and its record commit together, on the
-    caller's thread), on :meth:`flush` / :meth:`close`, when the sink is garbage-collected and
-    at interpreter exit. A background write that fails keeps the spans buffered; the error is
-    counted in :attr:`errors` and raised by the next :meth:`flush` or :meth:`write_task`.
-    A process killed between two of those loses only the unwritten buffer: committed batches
+    ``write_spans`` and ``write_task`` only append to in-memory buffers (about a microsecond),
+    so the caller's thread never waits on disk I/O. A background daemon thread writes the
+    buffers as one transaction when they reach ``batch_size`` spans, when a task record arrives
+    (``write_task`` wakes it: the record is readable some 20 ms after the task ends, the
+    records of tasks ending meanwhile committed with it) and
+    every ``flush_interval`` seconds; if that thread falls behind by four batches (spans or task
+    records), the caller writes itself (back-pressure). A task record is committed in the same
+    transaction as every span buffered before it, so a reader never sees a task's record
+    without its spans. The buffers are also written on :meth:`flush` (which returns once
+    everything written so far is committed) / :meth:`close`, when the sink is
+    garbage-collected and at interpreter exit. A background write that fails keeps everything
+    buffered; the error is counted in :attr:`errors`, raised by the next :meth:`write_task`
+    (once) and by the next :meth:`flush`. A process killed between two writes loses only the
+    unwritten buffers (the last few milliseconds of spans and task records): committed batches
     survive intact (WAL, ``synchronous=NORMAL``: durable against process crashes; a power loss
     may roll back the last transactions, never corrupt the file).
 
     Many threads may write at once; a forked child process opens its own connection.
 
     If a write fails (disk full, database locked for longer than 30 s), the call raises
-    :class:`TraceStoreError` and the spans stay buffered for the next attempt; at most
-    ``max_buffer`` spans are kept, the oldest beyond that are dropped and counted in
-    :attr:`dropped`.
+    :class:`TraceStoreError` and the spans and records stay buffered for the next attempt; at
+    most ``max_buffer`` spans (and as many task records) are kept, the oldest beyond that are
+    dropped and counted in :attr:`dropped`.
 
     Args:
         path: the database file; created with its schema if missing. An existing file must be
@@ -507,7 +529,7 @@ class SQLiteSink:
 
     @property
     def dropped(self) -> int:
-        """Spans dropped because writes kept failing and the buffer was full."""
+        """Spans and task records dropped because writes kept failing and the buffer was full."""
         return self._w.dropped
 
     @property
@@ -532,13 +554,30 @@ class SQLiteSink:
                 w.wake.set()
 
     def write_task(self, record: TaskRecord) -> None:
-        """Write the buffered spans and the task's record in one transaction, now."""
-        if self._w.closed:
-            raise TraceStoreError(f"{self!r} is closed")
-        self._w.flush(task=record)
+        """Buffer the task's record and wake the background writer, which commits it with the
+        spans buffered before it (some 20 ms later; :meth:`flush` forces it).
+
+        Raises the error of a failed background write not yet reported (the record itself
+        stays buffered for the next attempt)."""
+        w = self._w
+        with w.buf_lock:
+            if w.closed:
+                raise TraceStoreError(f"{self!r} is closed")
+            w.tasks.append(record)
+            n = len(w.tasks)
+        if w.thread is None:
+            w.ensure_thread()
+        if n >= 4 * w.batch_size:  # the flusher is behind: write here (back-pressure)
+            w.flush()
+        elif not w.wake.is_set():
+            w.wake.set()
+        error = w.unreported
+        if error is not None:
+            w.unreported = None
+            raise error
 
     def flush(self) -> None:
-        """Write everything buffered so far."""
+        """Write everything buffered so far (spans and task records), now."""
         self._w.flush()
 
     def close(self) -> None:

@@ -85,10 +85,10 @@ def count_rows(db: Path, table: str = "spans") -> int:
         conn.close()
 
 
-def wait_rows(db: Path, n: int, timeout: float = 5.0) -> int:
+def wait_rows(db: Path, n: int, timeout: float = 5.0, table: str = "spans") -> int:
     """Rows once the background flusher has written ``n`` of them (or the timeout passed)."""
     deadline = time.monotonic() + timeout
-    while (rows := count_rows(db)) < n and time.monotonic() < deadline:
+    while (rows := count_rows(db, table)) < n and time.monotonic() < deadline:
         time.sleep(0.005)
     return rows
 
@@ -302,17 +302,67 @@ def test_sqlite_flushes_after_the_interval(tmp_path: Path) -> None:
     sink.close()
 
 
-def test_write_task_commits_the_buffer_and_the_record_at_once(tmp_path: Path) -> None:
+def test_write_task_wakes_the_writer_which_commits_the_buffer_and_the_record_at_once(
+    tmp_path: Path,
+) -> None:
     db = tmp_path / "t.db"
-    sink = SQLiteSink(db, batch_size=1000, flush_interval=3600)
+    sink = SQLiteSink(db, batch_size=1000, flush_interval=3600)  # only the record wakes it
     sink.write_spans([model_span(0), model_span(1)])
-    sink.write_task(record("t1", Decimal("0.3")))
-    assert count_rows(db, "spans") == 2
-    assert count_rows(db, "tasks") == 1
+    started = time.monotonic()
+    sink.write_task(record("t1", Decimal("0.3")))  # buffered: the caller does no I/O
+    assert wait_rows(db, 1, table="tasks") == 1  # promptly, by the background writer
+    assert time.monotonic() - started < 2.0
+    assert count_rows(db, "spans") == 2  # in the same transaction as the record
     sink.write_task(record("t1", Decimal("0.4")))  # written again: replaced, not duplicated
+    sink.flush()  # forces it, now
     assert count_rows(db, "tasks") == 1
     assert SQLiteTraceReader(db).tasks()[0].cost_usd == Decimal("0.4")
     sink.close()
+
+
+def test_flush_writes_buffered_task_records_now(tmp_path: Path) -> None:
+    db = tmp_path / "f.db"
+    sink = SQLiteSink(db, batch_size=1000, flush_interval=3600)
+    sink._w.ensure_thread()
+    sink._w.io_lock.acquire()  # hold the background writer off
+    try:
+        sink.write_spans([model_span(0)])
+        sink.write_task(record("t1", Decimal("0.1")))
+        time.sleep(0.05)
+        assert count_rows(db, "tasks") == 0  # buffered
+    finally:
+        sink._w.io_lock.release()
+    sink.flush()
+    assert count_rows(db, "tasks") == 1
+    assert count_rows(db, "spans") == 1
+    sink.close()
+
+
+def test_a_failed_background_write_is_reported_by_the_next_write_task(tmp_path: Path) -> None:
+    db = tmp_path / "report.db"
+    sink = SQLiteSink(db, batch_size=1000, flush_interval=3600)
+    real = sink._w.conn
+
+    class Failing:
+        def execute(self, *args: object) -> object:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    sink._w.conn = Failing()  # type: ignore[assignment]
+    sink.write_spans([model_span(0)])
+    sink.write_task(record("t1", Decimal("0.1")))  # wakes the writer, whose write fails
+    deadline = time.monotonic() + 5
+    while sink.errors == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sink.errors >= 1
+    with pytest.raises(TraceStoreError, match="disk I/O error"):
+        sink.write_task(record("t2", Decimal("0.2")))  # reports it; t2 is still buffered
+    with sink._w.io_lock:  # the writer may be retrying t2 in the background: let it finish
+        sink._w.unreported = None
+    sink._w.conn = real
+    sink.close()
+    with SQLiteTraceReader(db) as reader:
+        assert sorted(t.task_id for t in reader.tasks()) == ["t1", "t2"]
+        assert [s.span_id for s in reader.spans("t1")] == ["s00000000"]
 
 
 def test_rewriting_a_span_replaces_it(tmp_path: Path) -> None:
@@ -501,6 +551,64 @@ def test_committed_batches_survive_sigkill_of_the_writer(
     with SQLiteSink(db) as sink:
         sink.write_spans([model_span(0, task="after-crash")])
     assert len(SQLiteTraceReader(db).spans("after-crash")) == 1
+
+
+_CRASH_TASK_WRITER = """
+import sys
+from decimal import Decimal
+from agentguard._sinks import SQLiteSink
+from agentguard._trace import Span, TaskRecord
+from agentguard._usage import Usage
+
+sink = SQLiteSink(sys.argv[1], batch_size=50, flush_interval=3600)
+pad = "x" * 2000
+i = 0
+while True:
+    task = f"task-{i // 20}"
+    sink.write_spans([Span(
+        f"s{i:08d}", task, "model", "gpt-4o", float(i), end=float(i) + 0.5,
+        model="gpt-4o", usage=Usage(i, 7), cost_usd=Decimal(i) / Decimal(10**9),
+        attrs={"seq": i, "pad": pad},
+    )])
+    i += 1
+    if i % 20 == 0:  # the task ends: its record follows its 20 spans
+        sink.write_task(TaskRecord(task, None, float(i - 20), float(i), "ok", model_calls=20))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_committed_task_records_survive_sigkill_with_all_their_spans(tmp_path: Path) -> None:
+    db = tmp_path / "crash-tasks.db"
+    proc = subprocess.Popen([sys.executable, "-c", _CRASH_TASK_WRITER, str(db)])
+    try:
+        deadline = time.monotonic() + 60
+        seen = 0
+        while seen < 200:
+            assert proc.poll() is None, "the writer died on its own"
+            assert time.monotonic() < deadline, f"only {seen} task records after 60 s"
+            time.sleep(0.005)
+            if db.exists():
+                try:
+                    seen = count_rows(db, "tasks")
+                except sqlite3.OperationalError:  # schema not created yet
+                    seen = 0
+        os.kill(proc.pid, signal.SIGKILL)  # mid-run: the loop never stops writing
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    seqs = sorted(r[0] for r in conn.execute("SELECT json_extract(attrs, '$.seq') FROM spans"))
+    tasks = [r[0] for r in conn.execute("SELECT task_id FROM tasks")]
+    conn.close()
+    assert seqs == list(range(len(seqs))), "committed transactions must be complete, in order"
+    assert len(tasks) >= 200
+    reader = SQLiteTraceReader(db)
+    for task_id in tasks:  # a record is never committed without the spans written before it
+        assert len(reader.spans(task_id)) == 20
+    reader.close()
 
 
 def test_a_failed_write_keeps_the_spans_within_bounds(tmp_path: Path) -> None:
