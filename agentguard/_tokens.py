@@ -33,6 +33,7 @@ is read-only; for the same reason never point ``TIKTOKEN_CACHE_DIR`` at a packag
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import importlib.util
 import json
@@ -41,7 +42,7 @@ import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -327,6 +328,8 @@ def _dumps(value: Any) -> str:
 
 
 def _get(obj: Any, key: str) -> Any:
+    if type(obj) is dict:  # the common case, without an ABC instance check
+        return obj.get(key)
     if isinstance(obj, Mapping):
         return obj.get(key)
     return getattr(obj, key, None)
@@ -369,25 +372,30 @@ class _Counting:
                 role, content = message
                 total += count(str(role)) + self._content(content)
                 continue
-            role = _get(message, "role") or _get(message, "type") or ""
-            role = getattr(role, "value", role)  # LlamaIndex MessageRole enum
-            role = str(role)
+            if type(message) is dict:  # the common case: plain field lookups
+                get: Any = message.get
+            else:
+                get = functools.partial(_get, message)
+            role = get("role") or get("type") or ""
+            if type(role) is not str:
+                role = str(getattr(role, "value", role))  # LlamaIndex MessageRole enum
             total += count(_ROLES.get(role.lower(), role))
-            total += self._content(_get(message, "content"))
-            name = _get(message, "name")
+            content = get("content")
+            total += count(content) if type(content) is str else self._content(content)
+            name = get("name")
             if isinstance(name, str) and name:
                 total += count(name) + TOKENS_PER_NAME
-            calls = _get(message, "tool_calls")
+            calls = get("tool_calls")
             if not calls:
-                extra = _get(message, "additional_kwargs")
+                extra = get("additional_kwargs")
                 calls = _get(extra, "tool_calls") if extra else None
             if not calls:
-                legacy = _get(message, "function_call")
+                legacy = get("function_call")
                 calls = [legacy] if legacy else None
             if calls:
                 for call in calls:
                     total += self._call(call)
-            call_id = _get(message, "tool_call_id")
+            call_id = get("tool_call_id")
             if isinstance(call_id, str) and call_id:
                 total += count(call_id)
         if tools:
@@ -465,9 +473,11 @@ def _tool_json(tool: Any) -> str:
     return str(tool)
 
 
-#: Texts shorter than this are tokenised every time (cheaper than hashing and caching them).
-_CACHE_MIN_CHARS = 64
-#: The count cache of a counter is dropped once it holds this many characters of text.
+#: What one cached count costs the cache's bound on top of its text, in characters (a dict
+#: entry and a str object): millions of short texts cannot grow it past its bound either.
+_CACHE_ENTRY_CHARS = 64
+#: The count cache of a counter is dropped once it holds this many characters (text plus the
+#: per-entry charge above).
 _CACHE_MAX_CHARS = 8_000_000
 
 
@@ -504,21 +514,21 @@ class TiktokenCounter(_Counting):
     def count(self, text: str) -> int:
         """Tokens in ``text`` (special-token strings are counted as plain text).
 
-        Counts of longer texts are cached (bounded: at most ~8 M characters are kept), because
-        an agent loop re-sends its whole history on every call: each message is tokenised once.
+        Counts are cached (bounded: at most ~8 M characters are kept), because an agent loop
+        re-sends its whole history on every call, and roles, names and short prompts recur:
+        each text is tokenised once (a lookup costs ~0.05 µs, tokenising a sentence ~5 µs).
         """
-        if not text:
-            return 0
-        if len(text) < _CACHE_MIN_CHARS:
-            return len(self._encode(text))
         n = self._cache.get(text)
         if n is None:
+            if not text:
+                return 0
             n = len(self._encode(text))
-            if self._cached_chars + len(text) > _CACHE_MAX_CHARS:
+            size = len(text) + _CACHE_ENTRY_CHARS
+            if self._cached_chars + size > _CACHE_MAX_CHARS:
                 self._cache.clear()  # racing threads may both clear: harmless
                 self._cached_chars = 0
             self._cache[text] = n
-            self._cached_chars += len(text)
+            self._cached_chars += size
         return n
 
     def encode(self, text: str) -> list[int]:
@@ -669,10 +679,20 @@ def reservation_tokens(counter: TokenCounter, n: int) -> int:
     """
     if n < 0:
         raise ValueError(f"n={n!r}: a token count cannot be negative")
-    if not counter.margin:
+    margin = counter.margin
+    if not margin:
         return n
-    factor = 1 + Decimal(repr(float(counter.margin)))
-    return int((n * factor).to_integral_value(rounding=ROUND_CEILING))
+    ratio = _RATIOS.get(margin)
+    if ratio is None:
+        factor = 1 + Decimal(repr(float(margin)))
+        num, den = factor.as_integer_ratio()
+        ratio = _RATIOS[margin] = (num, den)
+    num, den = ratio
+    return -(-n * num // den)  # exact: the ceiling of n * (1 + margin) in decimal
+
+
+# margin -> (1 + margin) as an exact fraction of integers, by its decimal repr
+_RATIOS: dict[float, tuple[int, int]] = {}
 
 
 def _reset() -> None:

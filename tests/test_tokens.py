@@ -176,6 +176,24 @@ def test_counters_are_cached_and_shared() -> None:
     assert counter_for("gpt-4") is counter_for("gpt-3.5-turbo")
 
 
+def test_counts_are_cached_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    c = counter_for("gpt-4")
+    assert isinstance(c, _tokens.TiktokenCounter)
+    texts = ["user", "hello world", "A longer sentence about a parcel. " * 4, ""]
+    fresh = [len(c.encoding.encode_ordinary(t)) for t in texts]
+    assert [c.count(t) for t in texts] == fresh
+    assert [c.count(t) for t in texts] == fresh  # from the cache
+    assert "user" in c._cache  # short texts too: a lookup is far cheaper than tokenising
+    # every entry is charged its text plus a fixed overhead, so short texts stay bounded too
+    monkeypatch.setattr(_tokens, "_CACHE_MAX_CHARS", 10 * _tokens._CACHE_ENTRY_CHARS)
+    c._cache.clear()
+    c._cached_chars = 0
+    for i in range(100):
+        assert c.count(f"w{i}") == len(c.encoding.encode_ordinary(f"w{i}"))
+        assert len(c._cache) < 10
+        assert c._cached_chars <= _tokens._CACHE_MAX_CHARS
+
+
 # -- resolution order -------------------------------------------------------------------------
 
 
