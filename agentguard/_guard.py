@@ -104,6 +104,20 @@ def _logger() -> _Events:
     return _events
 
 
+_TOKENS: Any = None
+
+
+def _tokens() -> Any:
+    """``agentguard._tokens``, imported on first use (it is not needed to import agentguard)
+    and then read from a global: an import statement costs a microsecond per call."""
+    global _TOKENS
+    if _TOKENS is None:
+        from agentguard import _tokens as module
+
+        _TOKENS = module
+    return _TOKENS
+
+
 def current_task() -> Task | None:
     """The task the current context charges, or ``None`` outside ``guard.task(...)``.
 
@@ -287,9 +301,8 @@ class Guard:
         return self.prices.rates(model)
 
     def _counter(self, model: str | None) -> TokenCounter:
-        from agentguard._tokens import counter_for
-
-        return counter_for(model)
+        counter: TokenCounter = _tokens().counter_for(model)
+        return counter
 
 
 class _TaskScope:
@@ -782,11 +795,9 @@ class Task:
             return input_tokens, input_tokens
         if messages is None:
             return 0, 0
-        from agentguard._tokens import reservation_tokens
-
         counter = self.guard._counter(model)
         raw = counter.count_messages(messages, tools)
-        return reservation_tokens(counter, raw), raw
+        return _tokens().reservation_tokens(counter, raw), raw
 
     # -- events: tools, retries, steps, retrieval ------------------------------------------
 
@@ -1015,9 +1026,10 @@ class Task:
             self.status = "error"
         else:
             self.status = "finished" if self.finished else "ok"
+        usage = self.usage
         self.span.end = self.ended
         self.span.status = self.status
-        self.span.usage = self.usage
+        self.span.usage = usage
         self.span.cost_usd = self.cost_usd
         counts: dict[str, int] = {}
         for rec in self.decisions:
@@ -1031,7 +1043,7 @@ class Task:
                 end=self.ended,
                 status=self.status,
                 tags=dict(self.tags),
-                usage=self.usage,
+                usage=usage,
                 cost_usd=self.cost_usd,
                 model_calls=self.model_calls,
                 tool_calls=self.tool_calls,

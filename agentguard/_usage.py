@@ -90,11 +90,41 @@ class Usage:
         estimated: bool = False,
         per_call: bool = True,
     ) -> None:
-        i = _as_count("input_tokens", input_tokens, per_call=per_call)
-        o = _as_count("output_tokens", output_tokens, per_call=per_call)
-        cr = _as_count("cache_read_tokens", cache_read_tokens, per_call=per_call)
-        cw = _as_count("cache_write_tokens", cache_write_tokens, per_call=per_call)
-        r = _as_count("reasoning_tokens", reasoning_tokens, per_call=per_call)
+        i, o, cr, cw, r = (
+            input_tokens,
+            output_tokens,
+            cache_read_tokens,
+            cache_write_tokens,
+            reasoning_tokens,
+        )
+        int_ = int
+        if not (  # the fast path: plain in-range ints, as _as_count would return them
+            type(i) is int_
+            and type(o) is int_
+            and type(cr) is int_
+            and type(cw) is int_
+            and type(r) is int_
+            and i >= 0
+            and o >= 0
+            and cr >= 0
+            and cw >= 0
+            and r >= 0
+            and (
+                not per_call
+                or (
+                    i <= MAX_TOKENS_PER_CALL
+                    and o <= MAX_TOKENS_PER_CALL
+                    and cr <= MAX_TOKENS_PER_CALL
+                    and cw <= MAX_TOKENS_PER_CALL
+                    and r <= MAX_TOKENS_PER_CALL
+                )
+            )
+        ):
+            i = _as_count("input_tokens", input_tokens, per_call=per_call)
+            o = _as_count("output_tokens", output_tokens, per_call=per_call)
+            cr = _as_count("cache_read_tokens", cache_read_tokens, per_call=per_call)
+            cw = _as_count("cache_write_tokens", cache_write_tokens, per_call=per_call)
+            r = _as_count("reasoning_tokens", reasoning_tokens, per_call=per_call)
         if cr + cw > i:
             raise InvalidUsage(
                 "cache_read_tokens",
@@ -276,6 +306,8 @@ class Usage:
 def _get(obj: Any, key: str) -> Any:
     if obj is None:
         return None
+    if type(obj) is dict:  # the common case, without an ABC instance check
+        return obj.get(key)
     if isinstance(obj, Mapping):
         return obj.get(key)
     return getattr(obj, key, None)

@@ -141,10 +141,10 @@ def _read_result(response: LLMResult | None) -> tuple[Any, str, str | None]:
     """
     usage: Any = None
     model: str | None = None
-    texts: list[str] = []
     if response is None:
         return None, "", None
-    for gens in response.generations[:1]:
+    first = response.generations[:1]
+    for gens in first:
         for gen in gens:
             msg = getattr(gen, "message", None)
             if msg is not None:
@@ -155,14 +155,15 @@ def _read_result(response: LLMResult | None) -> tuple[Any, str, str | None]:
                     if meta:
                         reported = meta.get("model_name") or meta.get("model")
                         model = str(reported) if reported else None
-            texts.append(gen.text)
     out = response.llm_output
     if out:
         if usage is None:
             usage = out.get("token_usage") or out.get("usage") or None
         if model is None and out.get("model_name"):
             model = str(out["model_name"])
-    return usage, ("" if usage is not None else "".join(texts)), model
+    if usage is not None:
+        return usage, "", model
+    return None, "".join([gen.text for gens in first for gen in gens]), model
 
 
 def _stopped(task: Task, d: Decision, why: str) -> BudgetExceeded:
