@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "BudgetLine": "_store",
     "Balance": "_store",
     "MemoryStore": "_store",
+    "RedisStore": "_redis_store",
     "Guard": "_guard",
     "Task": "_guard",
     "ModelCall": "_guard",
@@ -98,6 +99,7 @@ __all__ = [
     "PolicyError",
     "PriceBook",
     "PriceOverride",
+    "RedisStore",
     "SQLiteSink",
     "Span",
     "Spent",
@@ -156,6 +158,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from agentguard._guard import DecisionRecord, Guard, ModelCall, Task, ToolCall, current_task
     from agentguard._policy import Budget, Downgrade, Policy
     from agentguard._pricing import ModelRates, PriceBook, PriceOverride
+    from agentguard._redis_store import RedisStore
     from agentguard._sinks import JSONLSink, MemorySink, MultiSink, NullSink, SQLiteSink
     from agentguard._store import Balance, BudgetLine, BudgetStore, MemoryStore
     from agentguard._tokens import TokenCounter, counter_for

@@ -12,6 +12,7 @@ EXPECTED = {
     "CallRequest", "Chunk", "Decision", "DecisionRecord", "Downgrade", "Guard", "Headroom",
     "InvalidUsage", "JSONLSink", "MemorySink", "MemoryStore", "ModelCall", "ModelRates",
     "MultiSink", "NullSink", "Policy", "PolicyError", "PriceBook", "PriceOverride",
+    "RedisStore",
     "SQLiteSink", "Span", "Spent", "StoreError", "Task", "TaskRecord", "TokenCounter",
     "ToolCall", "TraceSink", "TrimResult", "UnknownModelError", "Usage", "__version__",
     "counter_for", "current_task", "decide_model_call", "decide_retry", "decide_step",
@@ -42,7 +43,7 @@ def test_import_is_light() -> None:
     code = (
         "import sys, agentguard\n"
         "heavy = ['pydantic', 'structlog', 'genai_prices', 'tiktoken', 'sqlite3', 'langchain',"
-        " 'langchain_core', 'langgraph', 'llama_index']\n"
+        " 'langchain_core', 'langgraph', 'llama_index', 'redis']\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 
 import pytest
@@ -26,14 +26,43 @@ from hypothesis.stateful import (
 
 from agentguard._store import BudgetLine, BudgetStore, MemoryStore
 
-STORES: dict[str, Callable[[], BudgetStore]] = {"memory": MemoryStore}
+
+def _redis_store(kind: str) -> BudgetStore:
+    """A RedisStore on this session's private server (single node or 3-master cluster), in a
+    fresh namespace so tests never see each other's keys."""
+    import uuid
+
+    import redis_servers
+
+    from agentguard._redis_store import RedisStore
+
+    server = redis_servers.require(kind)
+    ns = f"t-{uuid.uuid4().hex[:12]}"
+    if isinstance(server, redis_servers.Cluster):
+        return RedisStore.from_cluster(server.url, namespace=ns)
+    return RedisStore.from_url(server.url, namespace=ns)
+
+
+STORES: dict[str, Callable[[], BudgetStore]] = {
+    "memory": MemoryStore,
+    "redis": lambda: _redis_store("single"),
+    "redis-cluster": lambda: _redis_store("cluster"),
+}
 
 D = Decimal
 
 
+def _close(store: BudgetStore) -> None:
+    close = getattr(store, "close", None)
+    if close is not None:
+        close()
+
+
 @pytest.fixture(params=sorted(STORES))
-def store(request: pytest.FixtureRequest) -> BudgetStore:
-    return STORES[request.param]()
+def store(request: pytest.FixtureRequest) -> Iterator[BudgetStore]:
+    s = STORES[request.param]()
+    yield s
+    _close(s)
 
 
 def test_reserve_within_limit_then_refuse(store: BudgetStore) -> None:
@@ -170,9 +199,11 @@ class StoreMachine(RuleBasedStateMachine):
 
     reservations = Bundle("reservations")
 
+    make_store: Callable[[], BudgetStore] = MemoryStore
+
     def __init__(self) -> None:
         super().__init__()
-        self.store: BudgetStore = MemoryStore()
+        self.store: BudgetStore = type(self).make_store()
         self.n = 0
         self.released: set[str] = set()
         self.late_commit = False  # a commit after release: recorded, may pass a limit
@@ -238,11 +269,26 @@ class StoreMachine(RuleBasedStateMachine):
             assert snap[key].committed.get("cost_usd", D(0)) == value
             assert snap[key].reserved.get("cost_usd", D(0)) >= 0
 
+    def teardown(self) -> None:
+        _close(self.store)
 
-TestStoreMachine = StoreMachine.TestCase
-TestStoreMachine.settings = settings(
+
+_MACHINE_SETTINGS = settings(
     max_examples=150,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def _machine_for(name: str) -> type[StoreMachine]:
+    make = STORES[name]
+    return type(f"StoreMachine_{name}", (StoreMachine,), {"make_store": staticmethod(make)})
+
+
+TestStoreMachine = StoreMachine.TestCase
+TestStoreMachine.settings = _MACHINE_SETTINGS
+TestRedisStoreMachine = _machine_for("redis").TestCase
+TestRedisStoreMachine.settings = _MACHINE_SETTINGS
+TestRedisClusterStoreMachine = _machine_for("redis-cluster").TestCase
+TestRedisClusterStoreMachine.settings = _MACHINE_SETTINGS

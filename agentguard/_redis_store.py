@@ -1,0 +1,723 @@
+"""``RedisStore``: budgets shared by every worker and process, on Redis or Redis Cluster.
+
+The only module of agentguard that imports redis (``pip install "agentguard[redis]"``).
+Layout, the Lua contract, failure modes and sizing are in ``docs/redis.md``; in short:
+
+* one Lua script per operation (``_redis_lua.py``), loaded once per server and called by
+  SHA (``EVALSHA``; on ``NOSCRIPT`` it is loaded and the call repeated);
+* every key of a store carries one hash tag, ``{<namespace>}``, so each script's keys — task,
+  team, org and window lines of one reservation, its lease record — live in one slot and the
+  same store runs on Redis Cluster;
+* money is kept as exact integers (10**-18 USD); reservations round up, commits half-even,
+  limits down; amounts come back as ``Decimal``;
+* a reservation is a lease: held by a worker that died, it is reclaimed after ``lease_ttl``;
+  a commit arriving after that is still recorded and counted in ``late_commits``;
+* ``on_store_error``: ``"fail_closed"`` raises :class:`~agentguard.StoreError`;
+  ``"fail_open"`` accounts locally and replays the spend into Redis when it is back, each
+  operation at most once (commits are idempotent per reservation id, charges per op id).
+
+All I/O lives in two small drivers (``_drive`` and ``_adrive``); each operation is one
+generator that yields the script calls it needs, so the sync and async APIs share one body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
+from typing import Any, Literal
+
+from agentguard import _redis_lua as lua
+from agentguard._errors import StoreError
+from agentguard._store import Amount, Balance, BudgetLine, Denied, MemoryStore, ReserveResult
+
+try:
+    import redis
+    import redis.asyncio as aredis
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.backoff import NoBackoff
+    from redis.cluster import ClusterNode, RedisCluster
+    from redis.exceptions import NoScriptError
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - exercised without the extra installed
+    raise ImportError('RedisStore needs redis-py: pip install "agentguard[redis]"') from exc
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger("agentguard.redis")
+
+MONEY = "cost_usd"
+_B = 10**12  # lo part range
+_SCALE = Decimal(10) ** 18  # money units per USD
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.RedisClusterException,
+)
+OnStoreError = Literal["fail_closed", "fail_open"]
+
+
+# -- numbers ----------------------------------------------------------------------------------
+
+
+def _units(counter: str, value: Amount, rounding: str) -> tuple[int, int]:
+    """``value`` as (hi, lo) units: 10**-18 USD for money, 1 for integer counters."""
+    if counter == MONEY:
+        n = int((Decimal(value) * _SCALE).to_integral_value(rounding))
+    elif isinstance(value, int):
+        n = value
+    else:
+        n = int(Decimal(value).to_integral_value(rounding))
+    return divmod(n, _B)
+
+
+def _amount(counter: str, n: int) -> Amount:
+    if counter != MONEY:
+        return n
+    if n % 10**18 == 0:
+        return Decimal(n // 10**18)
+    return Decimal(n).scaleb(-18).normalize()
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _balance(flat: Sequence[Any]) -> Balance:
+    """A budget hash (HGETALL as a flat list) as a ``Balance``."""
+    parts: dict[str, list[int]] = {}
+    for i in range(0, len(flat), 2):
+        name, value = _s(flat[i]), int(flat[i + 1])
+        kind, counter = name[0], name[1:]
+        slot = parts.setdefault(kind.lower() + counter, [0, 0])
+        slot[0 if kind.islower() else 1] = value
+    committed: dict[str, Amount] = {}
+    reserved: dict[str, Amount] = {}
+    for name, (hi, lo) in parts.items():
+        target = committed if name[0] == "c" else reserved
+        target[name[1:]] = _amount(name[1:], hi * _B + lo)
+    return Balance(committed, reserved)
+
+
+def _encode_amounts(amounts: Mapping[str, Amount], rounding: str) -> list[str]:
+    out: list[str] = []
+    for counter, value in amounts.items():
+        if value:
+            hi, lo = _units(counter, value, rounding)
+            out += (counter, str(hi), str(lo))
+    return [str(len(out) // 3), *out]
+
+
+# -- requests and the pure part ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Req:
+    script: str
+    keys: list[str]
+    args: list[str]
+    retry_arg: int | None = None  # index of the arg set to "1" when the call is retried
+
+
+class _Unavailable(Exception):  # noqa: N818 - internal signal, not an error for users
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+@dataclass(slots=True)
+class _Journal:
+    """Operations accounted locally while Redis was unreachable, replayed in order."""
+
+    ops: list[tuple[str, str, list[BudgetLine], dict[str, Amount]]] = field(default_factory=list)
+    retry_at: float = 0.0
+
+
+_SCRIPTS = {
+    "reserve": lua.RESERVE,
+    "commit": lua.COMMIT,
+    "release": lua.RELEASE,
+    "charge": lua.CHARGE,
+    "snapshot": lua.SNAPSHOT,
+    "trivial": lua.TRIVIAL,
+}
+
+
+class RedisStore:
+    """A :class:`~agentguard.BudgetStore` on Redis or Redis Cluster, shared by every worker.
+
+    Args:
+        client: a ``redis.Redis`` or ``redis.cluster.RedisCluster`` (sync) client.
+        async_client: a factory for the matching ``redis.asyncio`` client, called once per event
+            loop; without it the async methods run the sync client in a thread.
+        namespace: the hash tag of every key (``{namespace}:...``); stores with different
+            namespaces are independent and may live on different cluster shards.
+        lease_ttl: seconds a reservation is held before it is reclaimed (a worker died).
+        on_store_error: ``"fail_closed"`` (raise ``StoreError``) or ``"fail_open"`` (account
+            locally, reconcile into Redis when it is back).
+        retries: extra attempts of an operation after a connection error or timeout.
+        retry_backoff: seconds before the first retry (doubling).
+        reconnect_interval: under ``fail_open``, seconds between attempts to reach Redis again.
+        dedupe_ttl: seconds a commit / charge is remembered so a replay is not counted twice.
+        window_grace: seconds a windowed budget key outlives its window.
+
+    Example:
+        >>> import agentguard as ag
+        >>> store = ag.RedisStore.from_url("redis://localhost:6379/0")  # doctest: +SKIP
+        >>> guard = ag.Guard(ag.Policy(max_cost_usd="1"), store=store)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        async_client: Callable[[], Any] | None = None,
+        namespace: str = "agentguard",
+        lease_ttl: float = 900.0,
+        on_store_error: OnStoreError = "fail_closed",
+        retries: int = 2,
+        retry_backoff: float = 0.05,
+        reconnect_interval: float = 1.0,
+        dedupe_ttl: float = 3600.0,
+        window_grace: float = 3600.0,
+    ) -> None:
+        if on_store_error not in ("fail_closed", "fail_open"):
+            raise ValueError(
+                f"on_store_error={on_store_error!r}: must be 'fail_closed' or 'fail_open'"
+            )
+        if "{" in namespace or "}" in namespace:
+            raise ValueError(f"namespace={namespace!r}: must not contain braces")
+        self.client = client
+        self._afactory = async_client
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.namespace = namespace
+        self.on_store_error: OnStoreError = on_store_error
+        self.lease_ttl = lease_ttl
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self.reconnect_interval = reconnect_interval
+        self._lease_ms = str(int(lease_ttl * 1000))
+        self._tomb_ms = str(int(dedupe_ttl * 1000))
+        self._grace = window_grace
+        p = "{" + namespace + "}:"
+        self._p = p
+        self._leases = p + "leases"
+        self._stats = p + "stats"
+        self._shas = {name: _sha1(src) for name, src in _SCRIPTS.items()}
+        # fail_open state
+        self._lock = threading.Lock()
+        self._reconciling = threading.Lock()
+        self._journal = _Journal()
+        self._local = MemoryStore()
+        self._local_rids: set[str] = set()
+        self._seen: dict[str, Balance] = {}
+        self.late_commits = 0
+        """Commits (in this process) whose lease had already expired: recorded, and flagged."""
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float = 1.0, **kwargs: Any) -> RedisStore:
+        """A store on one Redis server (``redis://host:port/db``), sync and async clients.
+
+        ``timeout`` bounds connecting and every command (seconds); retries are the store's own.
+
+        Example:
+            >>> store = RedisStore.from_url("redis://127.0.0.1:6379/0")  # doctest: +SKIP
+        """
+        opts: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        client = redis.Redis.from_url(url, **opts)
+
+        def factory() -> Any:
+            from redis.asyncio.retry import Retry as AsyncRetry
+
+            return aredis.Redis.from_url(url, **{**opts, "retry": AsyncRetry(NoBackoff(), 0)})
+
+        return cls(client, async_client=factory, **kwargs)
+
+    @classmethod
+    def from_cluster(
+        cls,
+        url: str | None = None,
+        *,
+        nodes: Sequence[tuple[str, int]] = (),
+        timeout: float = 1.0,
+        **kwargs: Any,
+    ) -> RedisStore:
+        """A store on Redis Cluster, from a node's URL or a list of ``(host, port)`` nodes.
+
+        Example:
+            >>> store = RedisStore.from_cluster("redis://10.0.0.5:7000")  # doctest: +SKIP
+        """
+        opts: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if url is None and not nodes:
+            raise ValueError("from_cluster needs a url or nodes=[(host, port), ...]")
+
+        def make(sync: bool) -> Any:
+            if sync:
+                if url is not None:
+                    return RedisCluster.from_url(url, **opts)
+                startup = [ClusterNode(h, p) for h, p in nodes]  # type: ignore[no-untyped-call]
+                return RedisCluster(startup_nodes=startup, **opts)
+            from redis.asyncio.cluster import ClusterNode as AsyncNode
+
+            if url is not None:
+                return AsyncRedisCluster.from_url(url, **opts)
+            return AsyncRedisCluster(startup_nodes=[AsyncNode(h, p) for h, p in nodes], **opts)
+
+        return cls(make(True), async_client=lambda: make(False), **kwargs)
+
+    def close(self) -> None:
+        """Close the sync client's connections."""
+        self.client.close()
+
+    # -- keys and requests (pure) ---------------------------------------------------------------
+
+    def _bkey(self, key: str) -> str:
+        return self._p + "b:" + key
+
+    def _rkey(self, rid: str) -> str:
+        return self._p + "r:" + rid
+
+    def _expiry(self, line: BudgetLine) -> str:
+        if line.expires_at is None:
+            return "0"
+        return str(int((line.expires_at + self._grace) * 1000))
+
+    def _lines_args(self, lines: Sequence[BudgetLine]) -> list[str]:
+        out: list[str] = []
+        for line in lines:
+            limits = line.limits
+            out.append(str(len(limits)))
+            for counter, limit in limits.items():
+                hi, lo = _units(counter, limit, ROUND_FLOOR)
+                out += (counter, str(hi), str(lo))
+            out.append(self._expiry(line))
+        return out
+
+    def _reserve_req(
+        self, rid: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
+    ) -> _Req:
+        keys = [self._leases, self._rkey(rid), *[self._bkey(ln.key) for ln in lines]]
+        args = [
+            self._lease_ms,
+            "0",
+            self._tomb_ms,
+            *_encode_amounts(amounts, ROUND_CEILING),
+            *self._lines_args(lines),
+        ]
+        return _Req("reserve", keys, args, retry_arg=1)
+
+    def _commit_req(
+        self, rid: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
+    ) -> _Req:
+        keys = [
+            self._leases,
+            self._rkey(rid),
+            self._stats,
+            *[self._bkey(ln.key) for ln in lines],
+        ]
+        args = [
+            self._tomb_ms,
+            *_encode_amounts(actual, ROUND_HALF_EVEN),
+            *[self._expiry(ln) for ln in lines],
+        ]
+        return _Req("commit", keys, args)
+
+    def _release_req(self, rid: str) -> _Req:
+        return _Req("release", [self._leases, self._rkey(rid)], [self._tomb_ms])
+
+    def _charge_req(
+        self, op: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount], check: bool
+    ) -> _Req:
+        keys = [self._p + "op:" + op, *[self._bkey(ln.key) for ln in lines]]
+        rounding = ROUND_CEILING if check else ROUND_HALF_EVEN
+        args = [
+            "1" if check else "0",
+            self._tomb_ms,
+            *_encode_amounts(amounts, rounding),
+            *self._lines_args(lines),
+        ]
+        return _Req("charge", keys, args)
+
+    def _result(self, reply: Any, lines: Sequence[BudgetLine]) -> ReserveResult:
+        status = int(reply[0])
+        if status == -1:
+            raise ValueError("reservation id is already held (or was used before)")
+        balances = self._remember(lines, reply[5])
+        if status == 0:
+            line = lines[int(reply[1]) - 1]
+            counter = _s(reply[2])
+            used = _amount(counter, int(reply[3]) * _B + int(reply[4]))
+            limit = line.limits[counter]
+            return ReserveResult(False, Denied(line.key, counter, limit, used, 0), balances)
+        return ReserveResult(True, None, balances)
+
+    def _remember(self, lines: Sequence[BudgetLine], flats: Sequence[Any]) -> dict[str, Balance]:
+        out = {ln.key: _balance(flat) for ln, flat in zip(lines, flats, strict=True)}
+        self._seen.update(out)
+        return out
+
+    # -- operations: one generator each, shared by sync and async ---------------------------------
+
+    def _op_reserve(
+        self, rid: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
+    ) -> Generator[_Req, Any, ReserveResult]:
+        try:
+            yield from self._reconcile()
+            result = self._result((yield self._reserve_req(rid, lines, amounts)), lines)
+        except _Unavailable as exc:
+            self._unavailable(exc)
+            with self._lock:
+                res = self._local.reserve(rid, self._headroom(lines), amounts)
+                if res.ok:
+                    self._local_rids.add(rid)
+                return self._local_result(res, lines)
+        if result.denied is not None:
+            d = result.denied
+            result.denied = Denied(d.key, d.counter, d.limit, d.used, amounts[d.counter])
+        return result
+
+    def _op_commit(
+        self, rid: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
+    ) -> Generator[_Req, Any, Mapping[str, Balance]]:
+        try:
+            yield from self._reconcile()
+            reply = yield self._commit_req(rid, lines, actual)
+        except _Unavailable as exc:
+            self._unavailable(exc)
+            with self._lock:
+                self._local.commit(rid, lines, actual)
+                self._local_rids.discard(rid)
+                self._journal.ops.append(("commit", rid, list(lines), dict(actual)))
+                return self._merged([ln.key for ln in lines])
+        self._forget_local(rid)
+        if int(reply[1]):
+            self._late(rid)
+        return self._remember(lines, reply[2])
+
+    def _op_release(self, rid: str) -> Generator[_Req, Any, None]:
+        try:
+            yield from self._reconcile()
+            yield self._release_req(rid)
+        except _Unavailable as exc:
+            self._unavailable(exc)
+            with self._lock:
+                self._local.release(rid)
+                if rid not in self._local_rids:
+                    self._journal.ops.append(("release", rid, [], {}))
+                self._local_rids.discard(rid)
+            return
+        self._forget_local(rid)
+
+    def _op_charge(
+        self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount], check: bool
+    ) -> Generator[_Req, Any, ReserveResult]:
+        op = uuid.uuid4().hex
+        try:
+            yield from self._reconcile()
+            result = self._result((yield self._charge_req(op, lines, amounts, check)), lines)
+        except _Unavailable as exc:
+            self._unavailable(exc)
+            with self._lock:
+                res = self._local.charge(self._headroom(lines), amounts, check=check)
+                if res.ok:
+                    self._journal.ops.append(("charge", op, list(lines), dict(amounts)))
+                return self._local_result(res, lines)
+        if result.denied is not None:
+            d = result.denied
+            result.denied = Denied(d.key, d.counter, d.limit, d.used, amounts[d.counter])
+        return result
+
+    def _op_snapshot(self, keys: Sequence[str]) -> Generator[_Req, Any, Mapping[str, Balance]]:
+        try:
+            yield from self._reconcile()
+            req = _Req("snapshot", [self._leases, *[self._bkey(k) for k in keys]], [self._tomb_ms])
+            flats = yield req
+        except _Unavailable as exc:
+            self._unavailable(exc)
+            with self._lock:
+                return self._merged(keys)
+        out = {k: _balance(flat) for k, flat in zip(keys, flats, strict=True)}
+        self._seen.update(out)
+        return out
+
+    # -- fail_open: local accounting and reconciliation -----------------------------------------
+
+    def _unavailable(self, exc: _Unavailable) -> None:
+        if self.on_store_error == "fail_closed":
+            raise StoreError(
+                f"the Redis budget store is unreachable ({exc.cause!r}); "
+                "on_store_error='fail_closed' stops the call. Use on_store_error='fail_open' "
+                "to continue on local accounting while Redis is down"
+            ) from exc.cause
+        with self._lock:
+            if not self._journal.ops and not self._local_rids:
+                log.warning("Redis budget store unreachable (%r): accounting locally", exc.cause)
+            self._journal.retry_at = time.monotonic() + self.reconnect_interval
+
+    def _reconcile(self) -> Generator[_Req, Any, None]:
+        """Replay the journal into Redis (each op at most once); while it cannot, go local."""
+        journal = self._journal
+        if journal.retry_at and time.monotonic() < journal.retry_at:
+            raise _Unavailable(ConnectionError("Redis unreachable; reconnecting later"))
+        if not journal.ops:
+            return
+        if not self._reconciling.acquire(blocking=False):
+            raise _Unavailable(ConnectionError("Redis is being reconciled by another thread"))
+        try:
+            while True:
+                with self._lock:
+                    if not journal.ops:
+                        self._local = MemoryStore()  # its spend is in Redis now
+                        self._local_rids.clear()
+                        break
+                    kind, ident, lines, amounts = journal.ops[0]
+                if kind == "commit":
+                    yield self._commit_req(ident, lines, amounts)
+                elif kind == "charge":
+                    yield self._charge_req(ident, lines, amounts, check=False)
+                else:
+                    yield self._release_req(ident)
+                with self._lock:
+                    journal.ops.pop(0)
+            log.warning("Redis budget store reachable again: local spend reconciled")
+        finally:
+            self._reconciling.release()
+
+    def _forget_local(self, rid: str) -> None:
+        if self._local_rids and rid in self._local_rids:
+            with self._lock:
+                self._local.release(rid)
+                self._local_rids.discard(rid)
+
+    def _headroom(self, lines: Sequence[BudgetLine]) -> list[BudgetLine]:
+        """Lines whose limits are what was left in Redis when it was last seen."""
+        out = []
+        for ln in lines:
+            seen = self._seen.get(ln.key)
+            if seen is None or not ln.limits:
+                out.append(ln)
+                continue
+            limits = {c: lim - seen.used(c) for c, lim in ln.limits.items()}
+            out.append(BudgetLine(ln.key, limits, ln.expires_at))
+        return out
+
+    def _merged(self, keys: Sequence[str]) -> dict[str, Balance]:
+        local = self._local.snapshot(keys)
+        out = {}
+        for k in keys:
+            seen, loc = self._seen.get(k, Balance()), local[k]
+            com = dict(seen.committed)
+            res = dict(seen.reserved)
+            for c, v in loc.committed.items():
+                com[c] = com.get(c, 0) + v
+            for c, v in loc.reserved.items():
+                res[c] = res.get(c, 0) + v
+            out[k] = Balance(com, res)
+        return out
+
+    def _local_result(self, res: ReserveResult, lines: Sequence[BudgetLine]) -> ReserveResult:
+        balances = self._merged([ln.key for ln in lines])
+        denied = res.denied
+        if denied is not None:
+            line = next(ln for ln in lines if ln.key == denied.key)
+            limit = line.limits[denied.counter]
+            used = balances[denied.key].used(denied.counter)
+            denied = Denied(denied.key, denied.counter, limit, used, denied.requested)
+        return ReserveResult(res.ok, denied, balances)
+
+    def _late(self, rid: str) -> None:
+        self.late_commits += 1
+        log.warning(
+            "reservation_id=%r was committed after its lease expired (lease_ttl=%ss): "
+            "the spend is recorded; raise lease_ttl if calls run this long",
+            rid,
+            self.lease_ttl,
+        )
+
+    # -- drivers --------------------------------------------------------------------------------
+
+    def _call(self, req: _Req) -> Any:
+        client, sha = self.client, self._shas[req.script]
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            if attempt and req.retry_arg is not None:
+                req.args[req.retry_arg] = "1"
+            try:
+                try:
+                    return client.evalsha(sha, len(req.keys), *req.keys, *req.args)
+                except NoScriptError:
+                    client.script_load(_SCRIPTS[req.script])
+                    return client.evalsha(sha, len(req.keys), *req.keys, *req.args)
+            except _UNAVAILABLE as exc:
+                last = exc
+                if attempt < self.retries:
+                    time.sleep(self.retry_backoff * 2**attempt)
+            except redis.exceptions.RedisError as exc:
+                raise StoreError(f"the Redis budget store answered {exc!r}") from exc
+        assert last is not None
+        raise _Unavailable(last)
+
+    async def _acall(self, req: _Req) -> Any:
+        if self._afactory is None:
+            return await asyncio.to_thread(self._call, req)
+        loop = asyncio.get_running_loop()
+        held = self._aclients.get(loop)
+        if held is None:
+            held = await self._aclient_for(loop)
+        client = held[0]
+        sha = self._shas[req.script]
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            if attempt and req.retry_arg is not None:
+                req.args[req.retry_arg] = "1"
+            try:
+                try:
+                    return await client.evalsha(sha, len(req.keys), *req.keys, *req.args)
+                except NoScriptError:
+                    await client.script_load(_SCRIPTS[req.script])
+                    return await client.evalsha(sha, len(req.keys), *req.keys, *req.args)
+            except _UNAVAILABLE as exc:
+                last = exc
+                if attempt < self.retries:
+                    await asyncio.sleep(self.retry_backoff * 2**attempt)
+            except redis.exceptions.RedisError as exc:
+                raise StoreError(f"the Redis budget store answered {exc!r}") from exc
+        assert last is not None
+        raise _Unavailable(last)
+
+    async def _aclient_for(self, loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
+        """The async client of this event loop; closed when the loop shuts down its async
+        generators (``asyncio.run`` does), through a parked generator's ``finally``."""
+        assert self._afactory is not None
+        client = self._afactory()
+
+        async def keeper() -> AsyncGenerator[None, None]:
+            try:
+                yield
+            finally:
+                await client.aclose()
+
+        agen = keeper()
+        await agen.__anext__()
+        held = self._aclients[loop] = (client, agen)
+        return held
+
+    def _drive(self, gen: Generator[_Req, Any, Any]) -> Any:
+        try:
+            req = next(gen)
+            while True:
+                try:
+                    reply = self._call(req)
+                except _Unavailable as exc:
+                    req = gen.throw(exc)
+                else:
+                    req = gen.send(reply)
+        except StopIteration as stop:
+            return stop.value
+
+    async def _adrive(self, gen: Generator[_Req, Any, Any]) -> Any:
+        try:
+            req = next(gen)
+            while True:
+                try:
+                    reply = await self._acall(req)
+                except _Unavailable as exc:
+                    req = gen.throw(exc)
+                else:
+                    req = gen.send(reply)
+        except StopIteration as stop:
+            return stop.value
+
+    # -- the contract ---------------------------------------------------------------------------
+
+    def reserve(
+        self, reservation_id: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
+    ) -> ReserveResult:
+        """Reserve ``amounts`` on every line at once, or nothing (one ``EVALSHA``)."""
+        result: ReserveResult = self._drive(self._op_reserve(reservation_id, lines, amounts))
+        return result
+
+    def commit(
+        self, reservation_id: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
+    ) -> Mapping[str, Balance]:
+        """Free the reservation and record the actual spend (idempotent per reservation id)."""
+        out: Mapping[str, Balance] = self._drive(self._op_commit(reservation_id, lines, actual))
+        return out
+
+    def release(self, reservation_id: str) -> None:
+        """Free a reservation; idempotent, a no-op after commit."""
+        self._drive(self._op_release(reservation_id))
+
+    def charge(
+        self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount], *, check: bool = True
+    ) -> ReserveResult:
+        """Check and record in one step, without a reservation."""
+        result: ReserveResult = self._drive(self._op_charge(lines, amounts, check))
+        return result
+
+    def snapshot(self, keys: Sequence[str]) -> Mapping[str, Balance]:
+        """Committed and reserved per key (reclaiming expired leases first)."""
+        out: Mapping[str, Balance] = self._drive(self._op_snapshot(keys))
+        return out
+
+    async def areserve(
+        self, reservation_id: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
+    ) -> ReserveResult:
+        result: ReserveResult = await self._adrive(self._op_reserve(reservation_id, lines, amounts))
+        return result
+
+    async def acommit(
+        self, reservation_id: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
+    ) -> Mapping[str, Balance]:
+        out: Mapping[str, Balance] = await self._adrive(
+            self._op_commit(reservation_id, lines, actual)
+        )
+        return out
+
+    async def arelease(self, reservation_id: str) -> None:
+        await self._adrive(self._op_release(reservation_id))
+
+    async def acharge(
+        self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount], *, check: bool = True
+    ) -> ReserveResult:
+        result: ReserveResult = await self._adrive(self._op_charge(lines, amounts, check))
+        return result
+
+    async def asnapshot(self, keys: Sequence[str]) -> Mapping[str, Balance]:
+        out: Mapping[str, Balance] = await self._adrive(self._op_snapshot(keys))
+        return out
+
+    # -- operations for benchmarks and operators ------------------------------------------------
+
+    def trivial(self) -> Any:
+        """One ``EVALSHA`` of a script that returns 1 (the benchmarks' baseline)."""
+        return self._call(_Req("trivial", [self._leases], []))
+
+    def stats(self) -> dict[str, int]:
+        """Store-wide counters kept in Redis (``late_commits``)."""
+        raw = self.client.hgetall(self._stats)
+        return {_s(k): int(v) for k, v in raw.items()}
+
+
+def _sha1(src: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest()
