@@ -223,6 +223,9 @@ class RedisStore:
         self._local = MemoryStore()
         self._local_rids: set[str] = set()
         self._seen: dict[str, Balance] = {}
+        # reservations this process holds in Redis: rid -> (keys, amounts); a local commit or
+        # release during an outage takes them out of the balances last seen
+        self._held: dict[str, tuple[list[str], dict[str, Amount]]] = {}
         self.late_commits = 0
         """Commits (in this process) whose lease had already expired: recorded, and flagged."""
 
@@ -392,6 +395,8 @@ class RedisStore:
         if result.denied is not None:
             d = result.denied
             result.denied = Denied(d.key, d.counter, d.limit, d.used, amounts[d.counter])
+        elif self.on_store_error == "fail_open":
+            self._held[rid] = ([ln.key for ln in lines], {c: a for c, a in amounts.items() if a})
         return result
 
     def _op_commit(
@@ -403,6 +408,7 @@ class RedisStore:
         except _Unavailable as exc:
             self._unavailable(exc)
             with self._lock:
+                self._unhold(rid)
                 self._local.commit(rid, lines, actual)
                 self._local_rids.discard(rid)
                 self._journal.ops.append(("commit", rid, list(lines), dict(actual)))
@@ -419,6 +425,7 @@ class RedisStore:
         except _Unavailable as exc:
             self._unavailable(exc)
             with self._lock:
+                self._unhold(rid)
                 self._local.release(rid)
                 if rid not in self._local_rids:
                     self._journal.ops.append(("release", rid, [], {}))
@@ -501,7 +508,22 @@ class RedisStore:
         finally:
             self._reconciling.release()
 
+    def _unhold(self, rid: str) -> None:
+        held = self._held.pop(rid, None)
+        if held is None:
+            return
+        keys, amounts = held
+        for key in keys:
+            seen = self._seen.get(key)
+            if seen is not None:
+                res = dict(seen.reserved)
+                for c, a in amounts.items():
+                    res[c] = max(res.get(c, 0) - a, 0)
+                self._seen[key] = Balance(seen.committed, res)
+
     def _forget_local(self, rid: str) -> None:
+        if self._held:
+            self._held.pop(rid, None)
         if self._local_rids and rid in self._local_rids:
             with self._lock:
                 self._local.release(rid)

@@ -1,0 +1,287 @@
+"""RedisStore beyond the shared contract: faults on a real server (killed and restarted), leases,
+windows, exact money, no prompt text in Redis, and the multi-process concurrency proof.
+
+The contract itself runs in ``test_store_conformance.py`` (single node and cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis_servers
+
+import agentguard as ag
+from agentguard._store import BudgetLine
+
+redis = pytest.importorskip("redis", reason='RedisStore needs pip install "agentguard[redis]"')
+from agentguard._redis_store import RedisStore  # noqa: E402
+
+D = Decimal
+LINE = BudgetLine("team:cx", {"cost_usd": D("1")})
+
+
+def _ns() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def url() -> str:
+    server = redis_servers.require("single")
+    return server.url
+
+
+@pytest.fixture
+def own_server() -> Iterator[redis_servers.Server]:
+    """A server this test may kill: append-only file on, so restarts keep the data."""
+    redis_servers.require("single")  # skip / fail in CI before starting anything
+    server = redis_servers.Server(extra=("--appendonly", "yes", "--appendfsync", "always"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_store_resolves_lazily() -> None:
+    assert ag.RedisStore is RedisStore
+
+
+def test_money_is_exact_to_18_decimals_and_large(url: str) -> None:
+    store = RedisStore.from_url(url, namespace=_ns())
+    big = BudgetLine("org:acme", {"cost_usd": D("5000000")})
+    assert store.reserve("r1", [big], {"cost_usd": D("4999999.999999999999999999")}).ok
+    assert not store.reserve("r2", [big], {"cost_usd": D("0.000000000000000002")}).ok
+    assert store.reserve("r3", [big], {"cost_usd": D("0.000000000000000001")}).ok
+    store.commit("r1", [big], {"cost_usd": D("0.1") + D("0.2")})
+    snap = store.snapshot(["org:acme"])["org:acme"]
+    assert snap.committed["cost_usd"] == D("0.3")
+    assert snap.reserved["cost_usd"] == D("0.000000000000000001")
+
+
+def test_rounding_reserves_up_and_commits_half_even(url: str) -> None:
+    store = RedisStore.from_url(url, namespace=_ns())
+    line = BudgetLine("task:a")
+    assert store.reserve("r1", [line], {"cost_usd": D("1E-19")}).ok
+    assert store.snapshot(["task:a"])["task:a"].reserved["cost_usd"] == D("1E-18")
+    store.commit("r1", [line], {"cost_usd": D("2.5E-18")})
+    assert store.snapshot(["task:a"])["task:a"].committed["cost_usd"] == D("2E-18")
+
+
+def test_commit_is_idempotent_per_reservation(url: str) -> None:
+    """A replayed commit (a retry after a lost reply, a fail_open replay) counts once."""
+    store = RedisStore.from_url(url, namespace=_ns())
+    assert store.reserve("r1", [LINE], {"cost_usd": D("0.5")}).ok
+    store.commit("r1", [LINE], {"cost_usd": D("0.4")})
+    store.commit("r1", [LINE], {"cost_usd": D("0.4")})
+    assert store.snapshot(["team:cx"])["team:cx"].committed["cost_usd"] == D("0.4")
+
+
+def test_reused_reservation_id_is_refused(url: str) -> None:
+    store = RedisStore.from_url(url, namespace=_ns())
+    assert store.reserve("r1", [LINE], {"cost_usd": D("0.1")}).ok
+    with pytest.raises(ValueError, match="already held"):
+        store.reserve("r1", [LINE], {"cost_usd": D("0.1")})
+
+
+def test_lease_of_a_dead_worker_is_reclaimed_and_late_commit_is_recorded(url: str) -> None:
+    ns = _ns()
+    dead = RedisStore.from_url(url, namespace=ns, lease_ttl=0.2)
+    alive = RedisStore.from_url(url, namespace=ns, lease_ttl=0.2)
+    assert dead.reserve("r-dead", [LINE], {"cost_usd": D("0.8")}).ok
+    assert not alive.reserve("r1", [LINE], {"cost_usd": D("0.8")}).ok
+    time.sleep(0.3)
+    assert alive.snapshot(["team:cx"])["team:cx"].reserved.get("cost_usd", 0) == 0
+    assert alive.reserve("r2", [LINE], {"cost_usd": D("0.8")}).ok
+    # the "dead" worker was only slow: its spend is recorded, never lost, and flagged
+    bal = dead.commit("r-dead", [LINE], {"cost_usd": D("0.5")})
+    assert bal["team:cx"].committed["cost_usd"] == D("0.5")
+    assert bal["team:cx"].reserved["cost_usd"] == D("0.8")
+    assert dead.late_commits == 1
+    assert dead.stats()["late_commits"] == 1
+
+
+def test_windowed_key_expires_after_its_window(url: str) -> None:
+    ns = _ns()
+    store = RedisStore.from_url(url, namespace=ns, window_grace=0)
+    now = time.time()
+    old = BudgetLine("team:cx@hour:old", {"cost_usd": D("1")}, expires_at=now + 0.4)
+    new = BudgetLine("team:cx@hour:new", {"cost_usd": D("1")}, expires_at=now + 3600)
+    assert store.reserve("r1", [old], {"cost_usd": D("0.9")}).ok
+    store.commit("r1", [old], {"cost_usd": D("0.9")})
+    ttl = store.client.pttl("{" + ns + "}:b:team:cx@hour:old")
+    assert 0 < ttl <= 400
+    assert not store.reserve("r2", [old], {"cost_usd": D("0.2")}).ok
+    assert store.reserve("r3", [new], {"cost_usd": D("0.9")}).ok  # the next window is fresh
+    time.sleep(0.5)
+    assert store.snapshot([old.key])[old.key].committed == {}
+    assert store.snapshot([new.key])[new.key].reserved["cost_usd"] == D("0.9")
+
+
+def test_fail_closed_stops_while_redis_is_down(own_server: redis_servers.Server) -> None:
+    store = RedisStore.from_url(own_server.url, namespace=_ns(), retries=1, timeout=0.5)
+    assert store.reserve("r1", [LINE], {"cost_usd": D("0.3")}).ok
+    own_server.kill()
+    started = time.monotonic()
+    with pytest.raises(ag.StoreError, match="fail_closed"):
+        store.reserve("r2", [LINE], {"cost_usd": D("0.3")})
+    assert time.monotonic() - started < 3  # bounded timeouts and retries
+    with pytest.raises(ag.StoreError):
+        store.snapshot(["team:cx"])
+    own_server.start()
+    store.commit("r1", [LINE], {"cost_usd": D("0.25")})
+    assert store.snapshot(["team:cx"])["team:cx"].committed["cost_usd"] == D("0.25")
+
+
+def test_fail_closed_guard_call_is_stopped(own_server: redis_servers.Server) -> None:
+    store = RedisStore.from_url(own_server.url, namespace=_ns(), retries=0, timeout=0.5)
+    guard = ag.Guard(ag.Policy(max_cost_usd="1"), store=store, traces=False)
+    with guard.task("t1") as task:
+        own_server.kill()
+        with pytest.raises(ag.StoreError):
+            task.start_model_call("gpt-4o-mini", input_tokens=100, max_tokens=10)
+    own_server.start()
+
+
+def test_fail_open_accounts_locally_and_reconciles_once(own_server: redis_servers.Server) -> None:
+    ns = _ns()
+    store = RedisStore.from_url(
+        own_server.url,
+        namespace=ns,
+        on_store_error="fail_open",
+        retries=0,
+        timeout=0.5,
+        reconnect_interval=0.1,
+    )
+    steps = BudgetLine("task:a", {"steps": 10})
+    assert store.reserve("r1", [LINE], {"cost_usd": D("0.3")}).ok
+    store.commit("r1", [LINE], {"cost_usd": D("0.2")})
+    assert store.reserve("r2", [LINE], {"cost_usd": D("0.3")}).ok  # held in Redis
+    own_server.kill()
+    # Redis is down: the store keeps going on local accounting, against what it last saw
+    store.commit("r2", [LINE], {"cost_usd": D("0.1")})  # a reservation Redis holds
+    assert store.reserve("r3", [LINE], {"cost_usd": D("0.5")}).ok  # local
+    assert not store.reserve("r4", [LINE], {"cost_usd": D("0.3")}).ok  # 0.3 + 0.5 + 0.3 > 1
+    store.commit("r3", [LINE], {"cost_usd": D("0.4")})
+    assert store.charge([steps], {"steps": 1}).ok
+    store.release("r-none")
+    snap = store.snapshot(["team:cx"])["team:cx"]
+    assert snap.committed["cost_usd"] == D("0.7")
+    own_server.start()
+    time.sleep(0.15)
+    # the next operation replays the journal, each spend exactly once
+    snap = store.snapshot(["team:cx", "task:a"])
+    assert snap["team:cx"].committed["cost_usd"] == D("0.7")
+    assert snap["team:cx"].reserved.get("cost_usd", 0) == 0
+    assert snap["task:a"].committed["steps"] == 1
+    # a second store (another worker) sees the reconciled truth in Redis
+    other = RedisStore.from_url(own_server.url, namespace=ns)
+    assert other.snapshot(["team:cx"])["team:cx"].committed["cost_usd"] == D("0.7")
+    store.snapshot(["team:cx"])  # nothing left to replay: still no double count
+    assert other.snapshot(["team:cx"])["team:cx"].committed["cost_usd"] == D("0.7")
+
+
+def test_fail_open_guard_keeps_running_through_a_restart(own_server: redis_servers.Server) -> None:
+    ns = _ns()
+    store = RedisStore.from_url(
+        own_server.url, namespace=ns, on_store_error="fail_open", retries=0, timeout=0.5,
+        reconnect_interval=0.05,
+    )  # fmt: skip
+    policy = ag.Policy(budgets=[ag.Budget(scope="team", max_cost_usd=D("10"))])
+    guard = ag.Guard(policy, store=store, traces=False)
+    total = D(0)
+    for i in range(6):
+        if i == 2:
+            own_server.kill()
+        if i == 4:
+            own_server.start()
+            time.sleep(0.1)
+        with guard.task(f"t{i}", team="cx") as task:
+            call = task.start_model_call("gpt-4o-mini", input_tokens=1000, max_tokens=100)
+            call.end({"prompt_tokens": 1000, "completion_tokens": 50})
+            total += task.cost_usd or 0
+    snap = RedisStore.from_url(own_server.url, namespace=ns).snapshot(["team:cx"])["team:cx"]
+    assert snap.committed["cost_usd"] == total
+    assert snap.committed["model_calls"] == 6
+
+
+def test_no_prompt_text_reaches_redis(url: str) -> None:
+    ns = _ns()
+    store = RedisStore.from_url(url, namespace=ns)
+    guard = ag.Guard(ag.Policy(max_cost_usd="1"), store=store, traces=False)
+    secret = "SECRET-PROMPT-TEXT-42"
+    with guard.task("t1") as task:
+        call = task.start_model_call(
+            "gpt-4o-mini", messages=[{"role": "user", "content": secret}], max_tokens=20
+        )
+        call.end(None, output_text=f"{secret} answered")
+    client = store.client
+    keys = list(client.scan_iter(match="{" + ns + "}*"))
+    assert keys
+    for key in keys:
+        kind = client.type(key)
+        dump = repr(key) + repr(
+            client.hgetall(key) if kind == b"hash" else client.zrange(key, 0, -1)
+            if kind == b"zset" else client.get(key)
+        )  # fmt: skip
+        assert secret not in dump
+
+
+def test_async_store_on_a_cluster() -> None:
+    import asyncio
+
+    server = redis_servers.require("cluster")
+    assert isinstance(server, redis_servers.Cluster)
+    store = RedisStore.from_cluster(nodes=server.addresses, namespace=_ns())
+
+    async def run() -> None:
+        lines = [BudgetLine("task:a", {"cost_usd": D("1")}), BudgetLine("org:x")]
+        results = await asyncio.gather(
+            *[store.areserve(f"r{i}", lines, {"cost_usd": D("0.3")}) for i in range(5)]
+        )
+        assert sum(r.ok for r in results) == 3
+        snap = await store.asnapshot(["org:x"])
+        assert snap["org:x"].reserved["cost_usd"] == D("0.9")
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+def test_eight_processes_of_sixteen_threads_never_overspend(kind: str) -> None:
+    """8 processes x 16 threads run tasks against one team budget, calls in flight together:
+    the team's committed spend stays within the limit to the last decimal, and every call that
+    ran has its span (the spans' costs add up to exactly what Redis committed)."""
+    server = redis_servers.require(kind)
+    ns, limit = _ns(), D("0.5")
+    worker = Path(__file__).with_name("redis_worker.py")
+    extra = ["cluster"] if kind == "cluster" else []
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), server.url, ns, str(w), str(limit), *extra],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(8)
+    ]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    ran = [t for o in outs for t in o["ran"]]
+    span_tasks = [t for o in outs for t in o["span_tasks"]]
+    spent = sum((D(o["cost"]) for o in outs), D(0))
+    store = (
+        RedisStore.from_cluster(server.url, namespace=ns)
+        if kind == "cluster"
+        else RedisStore.from_url(server.url, namespace=ns)
+    )
+    team = store.snapshot(["team:cx"])["team:cx"]
+    assert sorted(ran) == sorted(span_tasks)
+    assert len(ran) > 100  # the workers really competed
+    assert team.committed["cost_usd"] == spent
+    assert team.committed["cost_usd"] <= limit
+    assert team.reserved.get("cost_usd", 0) == 0
+    assert team.committed["model_calls"] == len(ran)
