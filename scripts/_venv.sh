@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" \
-  -e "integrations/langchain[agents,test]"
+  -e "integrations/langchain[agents,test]" -e "integrations/langgraph[test]"

@@ -1,0 +1,565 @@
+"""``GraphGuard``: agentguard inside hand-written LangGraph ``StateGraph``s and prebuilt agents.
+
+The graph guard translates graph events into the task's event API and the guard's decisions
+into graph actions; it holds no budget arithmetic of its own:
+
+==========================  ================================================================
+guard decision              what the graph does
+==========================  ================================================================
+``allow`` / ``downgrade``   :meth:`GraphGuard.route` answers ``"continue"`` / ``"downgrade"``;
+                            the model (a :class:`~agentguard_langchain.BudgetedChatModel`)
+                            binds the output cap and calls the ladder's rung
+``finish``                  ``"finish"`` at a step cap (the finishing node makes one last,
+                            capped, tool-less call); at a money ceiling the model call itself
+                            becomes that final answer
+``block`` (tool)            the tool does not run; the model gets an error ``ToolMessage``
+``stop``                    ``BudgetExceeded`` propagates (``exit_behavior="error"``), or the
+                            route answers ``"stop"`` / the node ends the run with a message
+                            saying why (``"end"``)
+==========================  ================================================================
+
+Decisions are taken in conditional edges and node wrappers, never in extra nodes: an extra
+node costs a superstep.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+from langgraph.graph import END
+from langgraph.prebuilt import ToolNode
+from langgraph.types import Command
+
+from agentguard import BudgetExceeded, PolicyError, current_task
+from agentguard_langchain import AgentGuardMiddleware, BudgetedChatModel
+from agentguard_langchain._chat_model import _model_id, _usage_or_raw
+from agentguard_langchain._common import metered_here
+from agentguard_langchain._middleware import DEFAULT_FINISH_MESSAGE, _note
+from agentguard_langgraph._state import (
+    COST_KEY,
+    DECISIONS_KEY,
+    MODEL_CALLS_KEY,
+    STEPS_KEY,
+    TOKENS_KEY,
+    TOOL_CALLS_KEY,
+)
+
+if TYPE_CHECKING:
+    from langchain_core.tools import BaseTool
+
+    from agentguard import Guard, Policy, Task
+    from agentguard_langgraph._run import GuardedGraph
+
+__all__ = ["GraphGuard", "Route"]
+
+#: What :meth:`GraphGuard.route` answers.
+Route: TypeAlias = Literal["continue", "downgrade", "finish", "stop"]
+
+_STOP_MESSAGE = "[agentguard: the run's budget stopped the run — {error}]"
+_NodeFn: TypeAlias = Callable[..., Any]
+
+
+@dataclass(slots=True)
+class _Ledger:
+    """What of a task's spend is already in the graph state (so each node adds the rest)."""
+
+    cost: Decimal
+    tokens: int
+    model_calls: int
+    tool_calls: int
+    steps: int
+    decisions: int
+
+
+def _counts(task: Task) -> _Ledger:
+    return _Ledger(
+        task.priced_cost_usd,
+        task.usage.total_tokens,
+        task.model_calls,
+        task.tool_calls,
+        task.steps,
+        len(task.decisions),
+    )
+
+
+def _merge(result: Any, update: dict[str, Any]) -> Any:
+    """A node's return value with the spend update added."""
+    if result is None:
+        return update
+    if isinstance(result, Mapping):
+        return {**result, **update}
+    if isinstance(result, Command) and (result.update is None or isinstance(result.update, dict)):
+        return Command(
+            graph=result.graph,
+            update={**(result.update or {}), **update},
+            resume=result.resume,
+            goto=result.goto,
+        )
+    return result  # a list of updates or a pydantic state: the spend is recorded by the next node
+
+
+class GraphGuard:
+    """Keeps a LangGraph run inside its budget: a gate in front of nodes, a routing edge on
+    the guard's decision, agent-step caps, a finishing node, cost kept in the graph state and
+    child budgets for subgraphs and ``Send`` branches.
+
+    Run the graph through :meth:`bind` (``gg.bind(graph).invoke(...)``), which opens one task
+    per run — or open ``with guard.task(...)`` around ``graph.invoke`` yourself; every node,
+    edge and model call below charges that task.
+
+    Args:
+        guard: the :class:`agentguard.Guard` whose policy and budgets apply.
+        models: the ladder's model ids (``Downgrade.to``, ``finish_model``) mapped to *unbound*
+            chat models (checked as :class:`~agentguard_langchain.AgentGuardMiddleware` checks
+            them: unbound, able to call tools).
+        budget: ``"run"`` — each run has the policy's limits; ``"thread"`` — a checkpointed
+            thread has them in total: a resumed run starts from what the thread's state
+            (:class:`~agentguard_langgraph.BudgetState`) says it spent.
+        task_id: id of the run tasks :meth:`bind` opens: a string, a callable
+            ``(config) -> str``, or ``None`` for a fresh id per run.
+        tags: attribution tags of those tasks.
+        finish_message: the note added to a final answer the budget forced (``{reason}``,
+            ``{limit}``); ``None`` adds none.
+        exit_behavior: at a hard stop, ``"error"`` raises :class:`agentguard.BudgetExceeded`
+            out of ``invoke``; ``"end"`` ends the run (the route answers ``"stop"``; a node
+            answers with an ``AIMessage`` saying why). Default: ``"end"`` under
+            ``on_limit="finish"``, else ``"error"``.
+        messages_key: the state key holding the conversation.
+
+    Example:
+        >>> import agentguard as ag
+        >>> from agentguard_langgraph import GraphGuard
+        >>> gg = GraphGuard(ag.Guard(ag.Policy(max_steps=3, on_limit="finish"), traces=False))
+        >>> gg.path_map(continue_to="agent", finish_to="finish")["finish"]
+        'finish'
+    """
+
+    def __init__(
+        self,
+        guard: Guard,
+        *,
+        models: Mapping[str, BaseChatModel] | None = None,
+        budget: Literal["run", "thread"] = "run",
+        task_id: str | Callable[[RunnableConfig | None], str] | None = None,
+        tags: Mapping[str, str] | None = None,
+        finish_message: str | None = DEFAULT_FINISH_MESSAGE,
+        exit_behavior: Literal["end", "error"] | None = None,
+        messages_key: str = "messages",
+    ) -> None:
+        if budget not in ("run", "thread"):
+            raise PolicyError("budget", budget, "must be 'run' or 'thread'")
+        # the middleware validates exit_behavior, tags and the mapped models (reused checks)
+        self._mw = AgentGuardMiddleware(
+            guard, models=models, tags=tags, exit_behavior=exit_behavior
+        )
+        self.guard = guard
+        self.models: dict[str, BaseChatModel] = dict(models or {})
+        self.budget = budget
+        self.task_id = task_id
+        self.tags: dict[str, str] = dict(tags or {})
+        self.finish_message = finish_message
+        self.exit_behavior = exit_behavior
+        self.messages_key = messages_key
+        self._ledgers: weakref.WeakKeyDictionary[Task, _Ledger] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._seq = itertools.count(1)
+        self._reasons: weakref.WeakKeyDictionary[Task, tuple[str, str | None]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    def _task(self) -> Task:
+        task = current_task()
+        if task is None or task.guard is not self.guard:
+            raise RuntimeError(
+                "GraphGuard found no task of its guard: run the graph with "
+                "gg.bind(graph).invoke(...) or inside `with guard.task(...)`"
+            )
+        return task
+
+    def _exit(self, task: Task) -> str:
+        if self.exit_behavior is not None:
+            return self.exit_behavior
+        return "end" if task.policy.on_limit == "finish" else "error"
+
+    def bind(self, graph: Any) -> GuardedGraph:
+        """The compiled ``graph`` run under this guard: one task per ``invoke`` / ``ainvoke``
+        / ``stream`` / ``astream`` (a child of the caller's current task, if any); with
+        ``budget="thread"`` the task starts from what the thread's state says it spent."""
+        from agentguard_langgraph._run import GuardedGraph
+
+        return GuardedGraph(self, graph)
+
+    def _record(self, task: Task) -> dict[str, Any]:
+        """The state update adding the task's spend not yet in the state."""
+        now = _counts(task)
+        with self._lock:
+            was = self._ledgers.get(task)
+            self._ledgers[task] = now
+        if was is None:
+            was = _Ledger(Decimal(0), 0, 0, 0, 0, 0)
+        decisions = task.decisions[was.decisions : now.decisions]
+        return {
+            COST_KEY: now.cost - was.cost,
+            TOKENS_KEY: now.tokens - was.tokens,
+            MODEL_CALLS_KEY: now.model_calls - was.model_calls,
+            TOOL_CALLS_KEY: now.tool_calls - was.tool_calls,
+            STEPS_KEY: now.steps - was.steps,
+            DECISIONS_KEY: [f"{d.kind}:{d.action}" for d in decisions if d.kind != "soft_limit"],
+        }
+
+    def _stopped(self, exc: BudgetExceeded, task: Task) -> dict[str, Any]:
+        msg = AIMessage(
+            content=_STOP_MESSAGE.format(error=exc),
+            response_metadata={
+                "agentguard": {
+                    "ended_by": "stop",
+                    "limit": exc.limit,
+                    "reason": str(exc),
+                    "task_id": task.id,
+                }
+            },
+        )
+        return {self.messages_key: [msg]}
+
+    # -- models and tools -------------------------------------------------------------------------
+
+    def chat_model(self, model: BaseChatModel, **kwargs: Any) -> BudgetedChatModel:
+        """``model`` as a :class:`~agentguard_langchain.BudgetedChatModel` on this guard and
+        ladder: each call is decided and reserved, runs on the rung the guard picks with the
+        output cap it allows, and becomes the graceful final answer at a money ceiling.
+
+        Raises:
+            PolicyError: a ladder rung (or ``finish_model``) is neither ``model`` nor mapped.
+        """
+        own = _model_id(model)
+        policy = self.guard.policy
+        targets = [(f"downgrade[{i}].to", r.to) for i, r in enumerate(policy.downgrade)]
+        if policy.finish_model is not None:
+            targets.append(("finish_model", policy.finish_model))
+        for where, target in targets:
+            if target != own and target not in self.models:
+                raise PolicyError(
+                    where,
+                    target,
+                    f"no chat model is mapped to it: pass models={{{target!r}: <chat model>}} "
+                    f"to GraphGuard (the graph's own model is {own!r})",
+                )
+        return BudgetedChatModel(guard=self.guard, model=model, models=self.models, **kwargs)
+
+    def tool_node(self, tools: Sequence[BaseTool | Callable[..., Any]], **kwargs: Any) -> ToolNode:
+        """A ``ToolNode`` whose calls count against the tool caps (per tool and in total,
+        parallel calls included); a blocked call answers the model with an error
+        ``ToolMessage`` — the same tool gate as the LangChain agent middleware."""
+        return ToolNode(
+            tools,
+            wrap_tool_call=self._mw.wrap_tool_call,
+            awrap_tool_call=self._mw.awrap_tool_call,
+            **kwargs,
+        )
+
+    # -- edges ------------------------------------------------------------------------------------
+
+    def route(self, state: Any = None) -> Route:
+        """A conditional edge on the guard's decision, to put in front of the agent's next
+        step (after ``START`` and after the tools). It counts one agent step (``max_steps``
+        caps loops independently of ``recursion_limit``) and answers:
+
+        * ``"continue"`` — go on;
+        * ``"downgrade"`` — go on; the ladder has moved the run to a cheaper model;
+        * ``"finish"`` — a cap is reached under ``on_limit="finish"``: go to the finishing
+          node (:meth:`finish_node`);
+        * ``"stop"`` — the budget stopped the run (``exit_behavior="end"``), or its final
+          answer is already made.
+
+        Map the answers to your nodes with :meth:`path_map`. No extra superstep is spent.
+        """
+        task = self._task()
+        if task.finished:  # the final answer was made; the graph came back anyway
+            return "stop"
+        try:
+            d = task.step("agent")
+        except BudgetExceeded:
+            if self._exit(task) == "error":
+                raise
+            return "stop"
+        if d.action == "finish":
+            return "finish"
+        cap = task.policy.max_steps
+        if cap is not None and task.policy.on_limit == "finish" and task.spent.steps >= cap:
+            # this is the last step the cap allows: spend it on the final answer
+            with self._lock:
+                self._reasons[task] = (f"{cap} of {cap} steps used", "max_steps")
+            return "finish"
+        if any(r.action == "downgrade" for r in task.decisions):
+            return "downgrade"
+        return "continue"
+
+    def path_map(
+        self,
+        *,
+        continue_to: str,
+        finish_to: str | None = None,
+        stop_to: str = END,
+        downgrade_to: str | None = None,
+    ) -> dict[str, str]:
+        """The ``path_map`` of :meth:`route` for ``add_conditional_edges``: each decision to
+        one of your nodes (``finish_to`` defaults to ``stop_to``, ``downgrade_to`` to
+        ``continue_to``)."""
+        return {
+            "continue": continue_to,
+            "downgrade": downgrade_to or continue_to,
+            "finish": finish_to or stop_to,
+            "stop": stop_to,
+        }
+
+    # -- nodes ------------------------------------------------------------------------------------
+
+    def node(self, fn: _NodeFn, *, record: bool = True) -> _NodeFn:
+        """Wrap a node (sync or async): a budget stop inside it ends the run gracefully
+        (``exit_behavior="end"``) and, with ``record=True``, its return value also adds the
+        run's new spend to the :class:`~agentguard_langgraph.BudgetState` keys.
+
+        The wrapper keeps the node's signature, so ``config`` / ``runtime`` injection still
+        works.
+        """
+        if inspect.iscoroutinefunction(fn):
+            afn = cast("Callable[..., Awaitable[Any]]", fn)
+
+            @functools.wraps(afn)
+            async def anode(*args: Any, **kwargs: Any) -> Any:
+                task = self._task()
+                try:
+                    out = await afn(*args, **kwargs)
+                except BudgetExceeded as exc:
+                    if self._exit(task) == "error":
+                        raise
+                    out = self._stopped(exc, task)
+                return _merge(out, self._record(task)) if record else out
+
+            return anode
+
+        @functools.wraps(fn)
+        def snode(*args: Any, **kwargs: Any) -> Any:
+            task = self._task()
+            try:
+                out = fn(*args, **kwargs)
+            except BudgetExceeded as exc:
+                if self._exit(task) == "error":
+                    raise
+                out = self._stopped(exc, task)
+            return _merge(out, self._record(task)) if record else out
+
+        return snode
+
+    def finish_node(
+        self, model: BaseChatModel, *, tools: Sequence[Any] | None = None
+    ) -> Runnable[Any, dict[str, Any]]:
+        """The finishing node: one last call on the finish model with the final answer's
+        output cap and ``tool_choice="none"`` (or no tools), answering from the conversation so
+        far; the answer's ``response_metadata["agentguard"]`` says why the run ended. Route to
+        it with :meth:`route`'s ``"finish"``; then go to ``END``."""
+        own = _model_id(model)
+
+        def prepare(state: Any) -> tuple[Task, Any, list[BaseMessage], Any, dict[str, Any]]:
+            task = self._task()
+            messages = list(state[self.messages_key])
+            call = task.start_model_call(own, messages=messages, max_tokens=None, finish=True)
+            chat = self.models.get(call.model, model)
+            kwargs: dict[str, Any] = {}
+            if call.model not in self.models and call.model != own:
+                kwargs["model"] = call.model
+            if call.max_tokens is not None:
+                kwargs["max_tokens"] = call.max_tokens
+            runnable: Any = chat
+            if tools:
+                runnable = chat.bind_tools(list(tools), tool_choice="none")
+            return task, call, messages, runnable, kwargs
+
+        def done(task: Task, call: Any, ai: BaseMessage) -> dict[str, Any]:
+            name = ai.response_metadata.get("model_name")
+            call.end(
+                _usage_or_raw(ai),
+                output_text=ai.text,
+                model=name if isinstance(name, str) else None,
+            )
+            return {self.messages_key: [self._final(task, ai)], **self._record(task)}
+
+        def final(state: Any) -> dict[str, Any]:
+            try:
+                task, call, messages, runnable, kwargs = prepare(state)
+            except BudgetExceeded as exc:
+                return self._end(exc)
+            try:
+                with metered_here():
+                    ai = runnable.invoke(messages, **kwargs)
+            except BaseException as exc:
+                call.fail(exc)
+                raise
+            return done(task, call, ai)
+
+        async def afinal(state: Any) -> dict[str, Any]:
+            try:
+                task, call, messages, runnable, kwargs = prepare(state)
+            except BudgetExceeded as exc:
+                return self._end(exc)
+            try:
+                with metered_here():
+                    ai = await runnable.ainvoke(messages, **kwargs)
+            except BaseException as exc:
+                call.fail(exc)
+                raise
+            return done(task, call, ai)
+
+        return RunnableLambda(final, afunc=afinal, name="agentguard_finish")
+
+    def _end(self, exc: BudgetExceeded) -> dict[str, Any]:
+        task = self._task()
+        if self._exit(task) == "error":
+            raise exc
+        return {**self._stopped(exc, task), **self._record(task)}
+
+    def _final(self, task: Task, ai: BaseMessage) -> AIMessage:
+        """The final answer: no tool calls, a note saying the budget ended the run."""
+        rec = next((d for d in reversed(task.decisions) if d.action == "finish"), None)
+        reason, limit = "the graph routed to its finishing node", None
+        if rec is not None:
+            reason, limit = rec.reason, rec.limit
+        elif task in self._reasons:
+            reason, limit = self._reasons[task]
+        meta = {
+            **ai.response_metadata,
+            "agentguard": {
+                "ended_by": "finish",
+                "limit": limit,
+                "reason": reason,
+                "task_id": task.id,
+            },
+        }
+        msg = ai if isinstance(ai, AIMessage) else AIMessage(content=ai.content, id=ai.id)
+        update: dict[str, Any] = {
+            "tool_calls": [],
+            "invalid_tool_calls": [],
+            "response_metadata": meta,
+        }
+        if self.finish_message is not None:
+            update["content"] = _note(msg, self.finish_message.format(reason=reason, limit=limit))
+        return msg.model_copy(update=update)
+
+    def branch(
+        self,
+        fn: _NodeFn | Runnable[Any, Any],
+        *,
+        policy: Policy | None = None,
+        name: str | None = None,
+    ) -> _NodeFn:
+        """Run a node — a ``Send`` branch, or a compiled subgraph — under a *child* task of
+        the run's task: its spend rolls up into the parent's budgets (reservations hit every
+        enclosing line at once, so parallel branches cannot jointly overspend them), and
+        ``policy`` can give it tighter limits of its own. The branch's total spend is added
+        to the parent graph's :class:`~agentguard_langgraph.BudgetState` keys.
+
+        A budget stop inside the branch ends only the branch under ``exit_behavior="end"``
+        (its update then carries ``"branch:stop"`` in the decisions); under ``"error"`` it
+        propagates.
+        """
+        label = name or getattr(fn, "name", None) or getattr(fn, "__name__", "branch")
+        is_runnable = isinstance(fn, Runnable)
+        is_async = not is_runnable and inspect.iscoroutinefunction(fn)
+
+        def open_child() -> Any:
+            parent = self._task()
+            child_id = f"{parent.id}/{label}-{next(self._seq)}"
+            return self.guard.task(child_id, parent=parent, policy=policy)
+
+        def stopped_or_raise(exc: BudgetExceeded) -> BudgetExceeded:
+            if self._exit(self._task()) == "error":
+                raise exc
+            return exc
+
+        def close_out(child: Task, out: Any, stopped: BudgetExceeded | None) -> Any:
+            spent = child.spent  # the child's own and its children's, read from the store
+            update: dict[str, Any] = {
+                COST_KEY: spent.cost_usd,
+                TOKENS_KEY: spent.total_tokens,
+                MODEL_CALLS_KEY: spent.model_calls,
+                TOOL_CALLS_KEY: spent.tool_calls,
+                STEPS_KEY: spent.steps,
+                DECISIONS_KEY: [f"{d.kind}:{d.action}" for d in child.decisions]
+                + (["branch:stop"] if stopped is not None else []),
+            }
+            if stopped is not None:
+                return update
+            if is_runnable and isinstance(out, Mapping):
+                # a subgraph's output is its whole state; its own spend keys are replaced by
+                # the child task's total
+                out = {k: v for k, v in out.items() if not k.startswith("agentguard_")}
+            return _merge(out, update)
+
+        if is_runnable:
+            runnable = cast("Runnable[Any, Any]", fn)
+
+            def sub(state: Any, config: RunnableConfig) -> Any:
+                child, out, stopped = None, None, None
+                try:
+                    with open_child() as child:
+                        out = runnable.invoke(state, config)
+                except BudgetExceeded as exc:
+                    stopped = stopped_or_raise(exc)
+                assert child is not None
+                return close_out(child, out, stopped)
+
+            async def asub(state: Any, config: RunnableConfig) -> Any:
+                child, out, stopped = None, None, None
+                try:
+                    async with open_child() as child:
+                        out = await runnable.ainvoke(state, config)
+                except BudgetExceeded as exc:
+                    stopped = stopped_or_raise(exc)
+                assert child is not None
+                return close_out(child, out, stopped)
+
+            return cast("_NodeFn", RunnableLambda(sub, afunc=asub, name=label))
+
+        if is_async:
+            afn = cast("Callable[..., Awaitable[Any]]", fn)
+
+            @functools.wraps(afn)
+            async def abranch(*args: Any, **kwargs: Any) -> Any:
+                child, out, stopped = None, None, None
+                try:
+                    async with open_child() as child:
+                        out = await afn(*args, **kwargs)
+                except BudgetExceeded as exc:
+                    stopped = stopped_or_raise(exc)
+                assert child is not None
+                return close_out(child, out, stopped)
+
+            return abranch
+
+        sfn = cast("Callable[..., Any]", fn)
+
+        @functools.wraps(sfn)
+        def sbranch(*args: Any, **kwargs: Any) -> Any:
+            child, out, stopped = None, None, None
+            try:
+                with open_child() as child:
+                    out = sfn(*args, **kwargs)
+            except BudgetExceeded as exc:
+                stopped = stopped_or_raise(exc)
+            assert child is not None
+            return close_out(child, out, stopped)
+
+        return sbranch

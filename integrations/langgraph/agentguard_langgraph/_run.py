@@ -1,0 +1,134 @@
+"""``GuardedGraph``: a compiled graph run under a :class:`GraphGuard`, one task per run."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
+
+from agentguard import BudgetLine, current_task
+from agentguard_langgraph._state import (
+    COST_KEY,
+    MODEL_CALLS_KEY,
+    STEPS_KEY,
+    TOKENS_KEY,
+    TOOL_CALLS_KEY,
+)
+
+if TYPE_CHECKING:
+    from langchain_core.runnables import RunnableConfig
+
+    from agentguard import Task
+    from agentguard_langgraph._gate import GraphGuard
+
+__all__ = ["GuardedGraph"]
+
+
+def _thread_id(config: RunnableConfig | None) -> str | None:
+    configurable = (config or {}).get("configurable") or {}
+    tid = configurable.get("thread_id")
+    return str(tid) if tid is not None else None
+
+
+class GuardedGraph:
+    """A compiled graph whose runs each charge one task (see :meth:`GraphGuard.bind`).
+
+    ``invoke``, ``ainvoke``, ``stream`` and ``astream`` take the compiled graph's arguments;
+    every other attribute (``get_state``, ``update_state``, ``get_graph``...) is the graph's.
+    ``last_task`` is the task of the latest run.
+    """
+
+    def __init__(self, gg: GraphGuard, graph: Any) -> None:
+        self.gg = gg
+        self.graph = graph
+        self.last_task: Task | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.graph, name)
+
+    # -- opening a run's task -------------------------------------------------------------------
+
+    def _scope(self, config: RunnableConfig | None) -> Any:
+        gg = self.gg
+        tid = _thread_id(config)
+        task_id = gg.task_id(config) if callable(gg.task_id) else gg.task_id
+        tags = dict(gg.tags)
+        if tid is not None:
+            tags.setdefault("thread_id", tid)
+        cur = current_task()
+        parent: Task | Literal[False] = cur if cur is not None and cur.guard is gg.guard else False
+        open_scope: Callable[..., Any] = gg.guard.task  # tags are plain **kwargs
+        return open_scope(task_id, parent=parent, **tags)
+
+    def _seed(self, task: Task, values: Mapping[str, Any] | None) -> None:
+        """``budget="thread"``: the task starts from what the thread's state says it spent."""
+        self.last_task = task
+        if self.gg.budget != "thread" or not values:
+            return
+        amounts: dict[str, Decimal | int] = {}
+        for key, counter in (
+            (COST_KEY, "cost_usd"),
+            (TOKENS_KEY, "tokens"),
+            (MODEL_CALLS_KEY, "model_calls"),
+            (TOOL_CALLS_KEY, "tool_calls"),
+            (STEPS_KEY, "steps"),
+        ):
+            value = values.get(key)
+            if value:
+                amounts[counter] = value
+        if amounts:
+            # only the task's own line: enclosing budgets (team, org) were charged when the
+            # thread spent it
+            self.gg.guard.store.charge([BudgetLine(f"task:{task.id}")], amounts, check=False)
+            _ = task.spent  # re-read the balances
+
+    def _values(self, config: RunnableConfig | None) -> Mapping[str, Any] | None:
+        if self.gg.budget != "thread" or _thread_id(config) is None:
+            return None
+        if getattr(self.graph, "checkpointer", None) is None:
+            return None
+        return dict(self.graph.get_state(config).values)
+
+    async def _avalues(self, config: RunnableConfig | None) -> Mapping[str, Any] | None:
+        if self.gg.budget != "thread" or _thread_id(config) is None:
+            return None
+        if getattr(self.graph, "checkpointer", None) is None:
+            return None
+        return dict((await self.graph.aget_state(config)).values)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        """``graph.invoke`` under a task of its own."""
+        values = self._values(config)
+        with self._scope(config) as task:
+            self._seed(task, values)
+            return self.graph.invoke(input, config, **kwargs)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        """``graph.ainvoke`` under a task of its own."""
+        values = await self._avalues(config)
+        async with self._scope(config) as task:
+            self._seed(task, values)
+            return await self.graph.ainvoke(input, config, **kwargs)
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        """``graph.stream`` under a task of its own (closed when the stream ends)."""
+        values = self._values(config)
+        with self._scope(config) as task:
+            self._seed(task, values)
+            with contextlib.closing(self.graph.stream(input, config, **kwargs)) as it:
+                yield from it
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """``graph.astream`` under a task of its own (closed when the stream ends)."""
+        values = await self._avalues(config)
+        async with self._scope(config) as task:
+            self._seed(task, values)
+            async for chunk in self.graph.astream(input, config, **kwargs):
+                yield chunk

@@ -1,0 +1,165 @@
+"""A hand-written ReAct StateGraph whose scripted model calls tools forever, kept inside its
+budget by a GraphGuard: step caps, money ceilings, downgrades, sync and async."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from langchain_core.messages import AIMessage
+from lg_support import Scripted, react_graph, user
+
+import agentguard as ag
+from agentguard_langgraph import GraphGuard
+
+
+def kinds(task: ag.Task) -> list[str]:
+    return [f"{d.kind}:{d.action}" for d in task.decisions if d.kind != "soft_limit"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_step_cap_routes_to_the_finishing_node(mode: str) -> None:
+    sink = ag.MemorySink()
+    guard = ag.Guard(ag.Policy(max_steps=4, on_limit="finish"), traces=sink)
+    gg = GraphGuard(guard)
+    model = Scripted(model_name="gpt-4o")
+    graph = gg.bind(react_graph(gg, model))
+    if mode == "sync":
+        out = graph.invoke(user())  # default recursion_limit: only the guard stops the loop
+    else:
+        out = await graph.ainvoke(user())
+    task = graph.last_task
+    assert task is not None
+    final = out["messages"][-1]
+    assert isinstance(final, AIMessage)
+    assert final.tool_calls == []
+    assert final.response_metadata["agentguard"]["limit"] == "max_steps"
+    assert "budget ended the run" in final.text
+    # 3 tool-calling steps, then the 4th (last allowed) step is the final answer
+    assert task.status == "finished"
+    assert task.steps == 4
+    assert task.model_calls == 4
+    assert task.tool_calls == 3
+    assert model.seen[-1]["tool_choice"] == "none"
+    assert model.seen[-1]["max_tokens"] == 256  # finish_output_tokens
+    # the spend is in the state, exactly
+    assert out["agentguard_cost_usd"] == task.cost_usd
+    assert out["agentguard_model_calls"] == 4
+    assert out["agentguard_tool_calls"] == 3
+    assert out["agentguard_steps"] == 4
+    assert out["agentguard_tokens"] == task.usage.total_tokens
+    # the trace: 4 steps, 4 model spans, 3 tool spans under one task
+    spans = [s for s in sink.spans if s.task_id == task.id]
+    assert sum(s.kind == "step" for s in spans) == 4
+    assert sum(s.kind == "model" for s in spans) == 4
+    assert sum(s.kind == "tool" for s in spans) == 3
+    assert sink.tasks[-1].status == "finished"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_money_ceiling_downgrades_then_finishes_in_the_agent_node(mode: str) -> None:
+    guard = ag.Guard(
+        ag.Policy(
+            max_cost_usd="0.02",
+            on_limit="finish",
+            downgrade=[ag.Downgrade(at=0.5, to="gpt-4o-mini")],
+        ),
+        traces="memory",
+    )
+    mini = Scripted(model_name="gpt-4o-mini")
+    gg = GraphGuard(guard, models={"gpt-4o-mini": mini})
+    big = Scripted(model_name="gpt-4o", reply_tokens=400)
+    graph = gg.bind(react_graph(gg, big))
+    out = graph.invoke(user()) if mode == "sync" else await graph.ainvoke(user())
+    task = graph.last_task
+    assert task is not None
+    assert task.cost_usd is not None
+    assert task.cost_usd <= Decimal("0.02")
+    assert kinds(task) == ["model:downgrade", "model:finish"]
+    assert out["agentguard_decisions"] == ["model:downgrade", "model:finish"]
+    assert out["agentguard_cost_usd"] == task.cost_usd
+    final = out["messages"][-1]
+    assert final.tool_calls == []
+    assert final.response_metadata["agentguard_final"] is True
+    # the remaining steps ran on the cheaper model, never back up
+    assert {s["model"] for s in mini.seen} == {"gpt-4o-mini"}
+    assert len(mini.seen) >= 2
+    assert task.status == "finished"
+
+
+def test_hard_stop_raises_out_of_invoke() -> None:
+    guard = ag.Guard(ag.Policy(max_steps=3), traces=False)  # on_limit="raise"
+    gg = GraphGuard(guard)
+    graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o")))
+    with pytest.raises(ag.BudgetExceeded, match="max_steps"):
+        graph.invoke(user())
+    assert graph.last_task is not None
+    assert graph.last_task.status == "stopped"
+    # the third step is taken, and its model call is refused: the cap is reached
+    assert graph.last_task.steps == 3
+    assert graph.last_task.model_calls == 2
+
+
+def test_hard_stop_ends_the_run_with_exit_behavior_end() -> None:
+    guard = ag.Guard(ag.Policy(max_steps=2), traces=False)
+    gg = GraphGuard(guard, exit_behavior="end")
+    graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o")))
+    out = graph.invoke(user())
+    # the agent node's refused call ends the run with a message saying why
+    last = out["messages"][-1]
+    assert last.type == "ai"
+    assert last.tool_calls == []
+    assert last.response_metadata["agentguard"]["ended_by"] == "stop"
+    assert last.response_metadata["agentguard"]["limit"] == "max_steps"
+    assert graph.last_task is not None
+    assert graph.last_task.decisions[-1].action == "stop"
+    assert graph.last_task.status == "ok"
+
+
+def test_tool_cap_blocks_the_tool_and_the_next_call_is_final() -> None:
+    guard = ag.Guard(ag.Policy(max_tool_calls=2, max_steps=20, on_limit="finish"), traces=False)
+    gg = GraphGuard(guard)
+    # three parallel tool calls in one answer: two run, the third is blocked
+    graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o", parallel_tool_calls=3)))
+    out = graph.invoke(user())
+    task = graph.last_task
+    assert task is not None
+    assert task.tool_calls == 2
+    blocked = [m for m in out["messages"] if m.type == "tool" and m.status == "error"]
+    assert len(blocked) == 1
+    assert "blocked by the budget" in blocked[0].text
+    assert out["messages"][-1].tool_calls == []
+    assert kinds(task) == ["tool:block", "model:finish"]
+
+
+def test_graph_without_a_task_says_how_to_run_it() -> None:
+    gg = GraphGuard(ag.Guard(traces=False))
+    graph = react_graph(gg, Scripted(model_name="gpt-4o"))
+    with pytest.raises(RuntimeError, match=r"gg\.bind"):
+        graph.invoke(user())
+
+
+def test_callers_task_is_the_parent_of_the_run() -> None:
+    guard = ag.Guard(ag.Policy(max_cost_usd="0.01", on_limit="finish"), traces=False)
+    gg = GraphGuard(guard)
+    graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o", reply_tokens=200)))
+    with guard.task(
+        "request-1", policy=ag.Policy(max_cost_usd="0.004", on_limit="finish")
+    ) as outer:
+        graph.invoke(user())
+        graph.invoke(user())
+    run = graph.last_task
+    assert run is not None
+    assert run.parent is outer
+    assert outer.spent.cost_usd <= Decimal("0.004")
+
+
+def test_unmapped_rung_is_refused_before_any_spend() -> None:
+    guard = ag.Guard(
+        ag.Policy(max_cost_usd="1", downgrade=[ag.Downgrade(at=0.5, to="gpt-4o-mini")]),
+        traces=False,
+    )
+    with pytest.raises(ag.PolicyError, match=r"downgrade\[0\]\.to"):
+        GraphGuard(guard).chat_model(Scripted(model_name="gpt-4o"))
+    with pytest.raises(ag.PolicyError, match="bind_tools"):
+        GraphGuard(guard, models={"gpt-4o-mini": object()})  # type: ignore[dict-item]
