@@ -54,6 +54,7 @@ class Spent:
     retries: int = 0
     steps: int = 0
     finished: bool = False  # a graceful-finish call has already been granted
+    blocked: str | None = None  # the cap that blocked a tool call since the last model call
 
     @property
     def total_tokens(self) -> int:
@@ -448,6 +449,10 @@ def _count_limit(
     t = policy.max_tool_calls
     if t is not None and policy.on_limit == "finish" and spent.tool_calls >= t:
         return ("max_tool_calls", t, spent.tool_calls, f"all {t} tool calls used", True)
+    if spent.blocked is not None and policy.on_limit == "finish":
+        # a model that keeps asking for a capped tool would loop forever: answer now
+        cap = policy.tool_limits.get(spent.blocked.removeprefix("tool_limits."), 0)
+        return (spent.blocked, cap, cap + 1, f"a tool call was blocked by {spent.blocked}", True)
     s = policy.max_steps
     if s is not None and spent.steps >= s:
         return ("max_steps", s, spent.steps, f"{spent.steps} of {s} steps used", True)

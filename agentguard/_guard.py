@@ -444,6 +444,7 @@ class Task:
         self._open: dict[str, ModelCall] = {}
         self.current_step_id: str | None = None
         self._downgraded_to: str | None = None
+        self._blocked: str | None = None
         self._rate_maps: dict[str, dict[str, ModelRates | None]] = {}
         self._has_cost_limit = self.policy.has_cost_limit
         self._needs_fraction = bool(self.policy.downgrade or self.policy.soft_limits)
@@ -523,7 +524,7 @@ class Task:
     def _spent(self, *, tools: bool = False) -> Spent:
         b = self._balances.get(self._key)
         if b is None:
-            return Spent(finished=self.finished)
+            return Spent(finished=self.finished, blocked=self._blocked)
         com, res = b.committed, b.reserved
         by_name: dict[str, int] = {}
         if tools:
@@ -542,6 +543,7 @@ class Task:
             g0("retries", 0) + g1("retries", 0),  # type: ignore[arg-type]
             g0("steps", 0) + g1("steps", 0),  # type: ignore[arg-type]
             self.finished,
+            self._blocked,
         )
 
     def _headroom(self) -> Headroom:
@@ -838,6 +840,7 @@ class Task:
             if d.action == "stop":
                 raise self._stop(d, "tool", span)
             self._record("tool", "block", d.reason, span, limit=d.limit)
+            self._blocked = d.limit or "max_tool_calls"  # the next model call is the final one
         else:
             if d.action == "warn":
                 self._record("tool", "warn", d.reason, span, limit=d.limit)

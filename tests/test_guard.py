@@ -512,3 +512,15 @@ def test_open_task_and_close_without_a_with_block() -> None:
     assert parent.status == "ok"
     assert [r.task_id for r in g.sink.tasks] == ["run-1.sub", "run-1"]  # type: ignore[attr-defined]
     assert call.done
+
+
+def test_a_blocked_tool_makes_the_next_model_call_the_final_answer() -> None:
+    """A model that keeps asking for a capped tool would loop forever on error messages."""
+    g = guard(tool_limits={"search": 1}, on_limit="finish")
+    with g.task() as task:
+        assert task.start_tool_call("search").allowed
+        assert task.start_model_call("gpt-4o-mini", input_tokens=9).decision.action == "allow"
+        assert task.start_tool_call("search").decision.action == "block"
+        final = task.start_model_call("gpt-4o-mini", input_tokens=9)
+        assert final.decision.action == "finish"
+        assert final.decision.limit == "tool_limits.search"
