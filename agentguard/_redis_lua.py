@@ -1,104 +1,184 @@
 """The Lua scripts of :class:`~agentguard.RedisStore`: one per operation, all keys in one slot.
 
-Numbers: Lua numbers are doubles, exact only below 2**53. Every counter is therefore kept as a
-pair of hash fields, ``hi`` and ``lo`` with ``0 <= lo < 10**12``; the value is
-``hi * 10**12 + lo`` units. Money (``cost_usd``) is counted in units of 10**-18 USD, so ``hi`` is
-micro-dollars (exact up to $9 billion per key) and ``lo`` the remainder; integer counters
-(tokens, calls) only ever use ``hi``. Numbers go back to Redis through ``%.0f``, never
-``tostring`` (which keeps 14 digits).
+Numbers: Lua numbers are doubles, exact only below 2**53. Every amount is therefore kept and
+passed as a decimal string of *units* — 10**-18 USD for money (``cost_usd``), 1 for integer
+counters (tokens, calls) — and split into ``hi * 10**12 + lo`` with ``0 <= lo < 10**12`` for
+arithmetic (``split`` / ``join``): exact up to 9 * 10**27 units ($9 billion per key). Numbers
+go back to Redis through ``%.0f``, never ``tostring`` (which keeps 14 digits).
 
-Budget hash fields: ``c<counter>`` / ``C<counter>`` committed hi / lo, ``r<counter>`` /
-``R<counter>`` reserved hi / lo. Reservation record (hash): ``s`` state (``h`` held,
-``x`` reclaimed after its lease, ``r`` released, ``d`` committed), ``d`` lease deadline (ms),
-``k`` the budget keys (JSON), ``a<counter>`` / ``A<counter>`` the held amount.
+Budget hash fields: ``c<counter>`` committed and ``r<counter>`` reserved, each a units string
+(``"0"`` once it drops back to zero: rewriting a field is cheaper than deleting it, and the
+reply leaves zeros out).
+
+Reservation record (one string): ``h`` followed by the JSON ``[deadline_ms, [budget keys],
+[counter, units, ...]]`` while held; after it, a one-letter tombstone for ``dedupe_ttl``:
+``x`` reclaimed after its lease, ``r`` released, ``d`` committed.
+
+Cost model: each script reads every budget hash it touches once (``HGETALL``), works on Lua
+tables, and writes each changed hash back once (one multi-field ``HSET``). The reply is one
+bulk string, JSON: ``[status, a, b, c, d, balance...]`` (commit: ``[status, late,
+balance...]``) where each balance is two flat lists ``[field, units, ...]``: the hash as the
+script read it, then the fields it wrote (the client lays the second over the first and drops
+zeros; an empty list comes back as ``{}``: cjson cannot tell an empty array from an empty
+object). Building nothing else for the reply keeps server time — the shared resource — low.
 """
 
 from __future__ import annotations
 
 PRELUDE = r"""
 local B = 1000000000000
-local function f(n) return string.format('%.0f', n) end
-local function num(v) return tonumber(v) or 0 end
+local fmt, sub, byte = string.format, string.sub, string.byte
+local function f(n) return fmt('%.0f', n) end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function hadd(key, p, c, hi, lo)
-  local fh, fl = p .. c, string.upper(p) .. c
-  local v = redis.call('HMGET', key, fh, fl)
-  local h, l = num(v[1]) + hi, num(v[2]) + lo
-  if l >= B then h, l = h + 1, l - B elseif l < 0 then h, l = h - 1, l + B end
-  if h < 0 or (h == 0 and l == 0) then
-    redis.call('HDEL', key, fh, fl)
-  elseif l == 0 then
-    redis.call('HSET', key, fh, f(h))
-    if v[2] then redis.call('HDEL', key, fl) end
-  else
-    redis.call('HSET', key, fh, f(h), fl, f(l))
+-- a units string as (hi, lo), 0 <= lo < B; and back (a negative total is kept as 0)
+local function split(s)
+  if not s then return 0, 0 end
+  local n = #s
+  if byte(s, 1) == 45 then
+    local h, l = split(sub(s, 2))
+    h, l = -h, -l
+    if l < 0 then h, l = h - 1, l + B end
+    return h, l
   end
+  if n <= 12 then return 0, tonumber(s) end
+  return tonumber(sub(s, 1, n - 12)), tonumber(sub(s, n - 11))
 end
-local function free(rec)
-  local r = redis.call('HGETALL', rec)
-  local h = {}
-  for i = 1, #r, 2 do h[r[i]] = r[i + 1] end
-  if h.s ~= 'h' then return false end
-  for _, key in ipairs(cjson.decode(h.k)) do
-    for fld, v in pairs(h) do
-      if string.sub(fld, 1, 1) == 'a' then
-        local c = string.sub(fld, 2)
-        hadd(key, 'r', c, -tonumber(v), -num(h['A' .. c]))
+local function join(h, l)
+  if h < 0 then return '0' end
+  if h == 0 then return f(l) end
+  return f(h) .. fmt('%012.0f', l)
+end
+-- budget documents: read once, changed in Lua, written back once by flush()
+-- (S: decoded, R: as read, D: as written)
+local S, R, D, dirty, order = {}, {}, {}, {}, {}
+local function load(key)
+  local t = S[key]
+  if t then return t end
+  local v = redis.call('GET', key)
+  if v then
+    t = cjson.decode(v)
+    R[key] = v
+  else
+    t = {c = {}, r = {}}
+  end
+  S[key] = t
+  order[#order + 1] = key
+  return t
+end
+-- add (hi, lo) units to counter c on side p (t.c committed, t.r reserved); w is
+-- hi * B + lo when that is exact (|w| < 2**53), else nil
+local EXACT = 9007199254740992
+local function add(key, p, c, hi, lo, w)
+  local t = load(key)[p]
+  local old = t[c]
+  local v
+  if w and (not old or #old < 16) then
+    local n = (tonumber(old) or 0) + w
+    if n < EXACT then v = n > 0 and f(n) or '0' end
+  end
+  if not v then
+    local h, l = split(old)
+    h, l = h + hi, l + lo
+    if l >= B then h, l = h + 1, l - B elseif l < 0 then h, l = h - 1, l + B end
+    v = join(h, l)
+  end
+  if v == '0' then v = nil end
+  if v ~= old then t[c] = v; dirty[key] = true end
+end
+local function whole(h, l)
+  local w = h * B + l
+  if w < EXACT and w > -EXACT then return w end
+  return nil
+end
+local function flush()
+  for _, key in ipairs(order) do
+    if dirty[key] then
+      local t = S[key]
+      if next(t.c) == nil and next(t.r) == nil then
+        redis.call('DEL', key)
+        D[key] = '{}'
+      else
+        local doc = cjson.encode(t)
+        redis.call('SET', key, doc, 'KEEPTTL')
+        D[key] = doc
       end
     end
   end
-  return true
 end
-local function settle(rec, state, tomb)
-  redis.call('DEL', rec)
-  redis.call('HSET', rec, 's', state)
-  redis.call('PEXPIRE', rec, tomb)
+-- the reply: the head list, then each budget document as JSON text, spliced in as is
+local function reply(head, first)
+  local parts = {}
+  for i = first, #KEYS do
+    local key = KEYS[i]
+    load(key)
+    parts[#parts + 1] = D[key] or R[key] or '{}'
+  end
+  if #parts == 0 then return cjson.encode(head) end
+  if #head == 0 then return '[' .. table.concat(parts, ',') .. ']' end
+  local h = cjson.encode(head)
+  return sub(h, 1, -2) .. ',' .. table.concat(parts, ',') .. ']'
+end
+-- a held record ('h' .. JSON): free its reserved amounts; false if not held
+local function free(v)
+  if not v or byte(v, 1) ~= 104 then return false end
+  local h = cjson.decode(sub(v, 2))
+  local a = h[3]
+  for j = 1, #a, 2 do
+    local hi, lo = split(a[j + 1])
+    local c, w = a[j], whole(-hi, -lo)
+    for _, key in ipairs(h[2]) do add(key, 'r', c, -hi, -lo, w) end
+  end
+  return h
 end
 local function reclaim(leases, now, tomb)
   local ids = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
   for _, rec in ipairs(ids) do
-    if free(rec) then settle(rec, 'x', tomb) end
+    if free(redis.call('GET', rec)) then redis.call('SET', rec, 'x', 'PX', tomb) end
     redis.call('ZREM', leases, rec)
   end
 end
-local function balances(first)
-  local out = {}
-  for i = first, #KEYS do out[#out + 1] = redis.call('HGETALL', KEYS[i]) end
-  return out
-end
--- amounts: ARGV[i] = n, then n triples (counter, hi, lo); returns C, H, L, index, next i
+-- amounts: ARGV[i] = n, then n pairs (counter, units); returns C, H, L, index, next i
 local function amounts(i)
   local n = tonumber(ARGV[i])
   local C, H, L, idx = {}, {}, {}, {}
   for j = 1, n do
-    local b = i + 3 * (j - 1)
-    C[j], H[j], L[j] = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    local b = i + 2 * j - 1
+    C[j] = ARGV[b]
+    H[j], L[j] = split(ARGV[b + 1])
     idx[C[j]] = j
   end
-  return C, H, L, idx, i + 1 + 3 * n
+  return C, H, L, idx, i + 1 + 2 * n
 end
--- limits of each line from ARGV[i]: nlimits, triples, expire-at (ms, '0' = none).
--- Returns nil and the expiries when every limit holds, else the refusal.
+-- limits of each line from ARGV[i]: nlimits, pairs (counter, units), expire-at (ms, '0' =
+-- none). Returns the expiries when every limit holds, else nil and the refusal.
 local function check(first, i, H, L, idx, enforce)
   local exp = {}
   for li = first, #KEYS do
     local nl = tonumber(ARGV[i]); i = i + 1
-    for _ = 1, nl do
-      local c, lh, ll = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]); i = i + 3
-      local k = idx[c]
-      if k and enforce then
-        local v = redis.call('HMGET', KEYS[li], 'c' .. c, 'C' .. c, 'r' .. c, 'R' .. c)
-        local uh, ul = num(v[1]) + num(v[3]), num(v[2]) + num(v[4])
-        if ul >= B then uh, ul = uh + 1, ul - B end
-        local nh, nl2 = uh + H[k], ul + L[k]
-        if nl2 >= B then nh, nl2 = nh + 1, nl2 - B end
-        if nh > lh or (nh == lh and nl2 > ll) then
-          return nil, {0, li - first + 1, c, f(uh), f(ul)}
+    if nl > 0 and enforce then
+      local t = load(KEYS[li])
+      for _ = 1, nl do
+        local c = ARGV[i]
+        local k = idx[c]
+        if k then
+          local lh, ll = split(ARGV[i + 1])
+          local ch, cl = split(t.c[c])
+          local rh, rl = split(t.r[c])
+          local uh, ul = ch + rh, cl + rl
+          if ul >= B then uh, ul = uh + 1, ul - B end
+          local nh, nl2 = uh + H[k], ul + L[k]
+          if nl2 >= B then nh, nl2 = nh + 1, nl2 - B end
+          if nh > lh or (nh == lh and nl2 > ll) then
+            return nil, {0, li - first + 1, c, join(uh, ul), ''}
+          end
         end
+        i = i + 2
       end
+    else
+      i = i + 2 * nl
     end
     exp[li] = ARGV[i]; i = i + 1
   end
@@ -115,56 +195,63 @@ RESERVE = (
     PRELUDE
     + r"""
 local leases, rec = KEYS[1], KEYS[2]
-local tomb = ARGV[3]
 local now = now_ms()
-reclaim(leases, now, tomb)
-local st = redis.call('HGET', rec, 's')
+reclaim(leases, now, ARGV[3])
+local st = redis.call('GET', rec)
 if st then
-  if st == 'h' and ARGV[2] == '1' then return {1, 0, '', '0', '0', balances(3)} end
-  return {-1}
+  flush()
+  if byte(st, 1) == 104 and ARGV[2] == '1' then return reply({1, 0, '', '', ''}, 3) end
+  return '[-1]'
 end
 local C, H, L, idx, i = amounts(4)
 local exp, denied = check(3, i, H, L, idx, true)
-if denied then denied[6] = balances(3); return denied end
-local keys = {}
-for li = 3, #KEYS do
-  keys[#keys + 1] = KEYS[li]
-  for k = 1, #C do hadd(KEYS[li], 'r', C[k], H[k], L[k]) end
-  expire(KEYS[li], exp[li])
+if denied then flush(); return reply(denied, 3) end
+local keys, held = {}, {}
+for k = 1, #C do
+  held[#held + 1] = C[k]; held[#held + 1] = ARGV[4 + 2 * k]
 end
+for li = 3, #KEYS do keys[#keys + 1] = KEYS[li] end
+for k = 1, #C do
+  local c, hi, lo = C[k], H[k], L[k]
+  local w = whole(hi, lo)
+  for li = 3, #KEYS do add(KEYS[li], 'r', c, hi, lo, w) end
+end
+flush()
+for li = 3, #KEYS do expire(KEYS[li], exp[li]) end
 local deadline = now + tonumber(ARGV[1])
-redis.call('HSET', rec, 's', 'h', 'd', f(deadline), 'k', cjson.encode(keys))
-for k = 1, #C do redis.call('HSET', rec, 'a' .. C[k], f(H[k]), 'A' .. C[k], f(L[k])) end
+redis.call('SET', rec, 'h' .. cjson.encode({f(deadline), keys, held}))
 redis.call('ZADD', leases, deadline, rec)
-return {1, 0, '', '0', '0', balances(3)}
+return reply({1, 0, '', '', ''}, 3)
 """
 )
 
 # KEYS: leases, record, stats, budget keys...
-# ARGV: tomb_ms, amounts..., then one expire-at per line
+# ARGV: tomb_ms, amounts (n, then counter / units pairs), then one expire-at per line
 COMMIT = (
     PRELUDE
     + r"""
 local leases, rec, stats = KEYS[1], KEYS[2], KEYS[3]
-local st = redis.call('HGET', rec, 's')
-if st == 'd' then return {2, 0, balances(4)} end
+local st = redis.call('GET', rec)
+if st == 'd' then return reply({2, 0}, 4) end
 local late = 0
-if st == 'h' then
-  local deadline = tonumber(redis.call('HGET', rec, 'd'))
-  free(rec)
-  if deadline < now_ms() then late = 1 end
+if st and byte(st, 1) == 104 then
+  local h = free(st)
+  if tonumber(h[1]) < now_ms() then late = 1 end
+  redis.call('ZREM', leases, rec)
 elseif st == 'x' then
   late = 1
 end
 local C, H, L, idx, i = amounts(2)
-for li = 4, #KEYS do
-  for k = 1, #C do hadd(KEYS[li], 'c', C[k], H[k], L[k]) end
-  expire(KEYS[li], ARGV[i]); i = i + 1
+for k = 1, #C do
+  local c, hi, lo = C[k], H[k], L[k]
+  local w = whole(hi, lo)
+  for li = 4, #KEYS do add(KEYS[li], 'c', c, hi, lo, w) end
 end
-settle(rec, 'd', ARGV[1])
-redis.call('ZREM', leases, rec)
+flush()
+for li = 4, #KEYS do expire(KEYS[li], ARGV[i]); i = i + 1 end
+redis.call('SET', rec, 'd', 'PX', ARGV[1])
 if late == 1 then redis.call('HINCRBY', stats, 'late_commits', 1) end
-return {1, late, balances(4)}
+return reply({1, late}, 4)
 """
 )
 
@@ -173,11 +260,12 @@ RELEASE = (
     PRELUDE
     + r"""
 local leases, rec = KEYS[1], KEYS[2]
-if free(rec) then
-  settle(rec, 'r', ARGV[1])
+if free(redis.call('GET', rec)) then
+  flush()
+  redis.call('SET', rec, 'r', 'PX', ARGV[1])
   redis.call('ZREM', leases, rec)
 end
-return 1
+return '[1]'
 """
 )
 
@@ -186,16 +274,19 @@ CHARGE = (
     PRELUDE
     + r"""
 local marker = KEYS[1]
-if redis.call('EXISTS', marker) == 1 then return {2, 0, '', '0', '0', balances(2)} end
+if redis.call('EXISTS', marker) == 1 then return reply({2, 0, '', '', ''}, 2) end
 local C, H, L, idx, i = amounts(3)
 local exp, denied = check(2, i, H, L, idx, ARGV[1] == '1')
-if denied then denied[6] = balances(2); return denied end
-for li = 2, #KEYS do
-  for k = 1, #C do hadd(KEYS[li], 'c', C[k], H[k], L[k]) end
-  expire(KEYS[li], exp[li])
+if denied then return reply(denied, 2) end
+for k = 1, #C do
+  local c, hi, lo = C[k], H[k], L[k]
+  local w = whole(hi, lo)
+  for li = 2, #KEYS do add(KEYS[li], 'c', c, hi, lo, w) end
 end
+flush()
+for li = 2, #KEYS do expire(KEYS[li], exp[li]) end
 redis.call('SET', marker, '1', 'PX', ARGV[2])
-return {1, 0, '', '0', '0', balances(2)}
+return reply({1, 0, '', '', ''}, 2)
 """
 )
 
@@ -204,7 +295,8 @@ SNAPSHOT = (
     PRELUDE
     + r"""
 reclaim(KEYS[1], now_ms(), ARGV[1])
-return balances(2)
+flush()
+return reply({}, 2)
 """
 )
 

@@ -18,12 +18,20 @@ Layout, the Lua contract, failure modes and sizing are in ``docs/redis.md``; in 
 
 All I/O lives in two small drivers (``_drive`` and ``_adrive``); each operation is one
 generator that yields the script calls it needs, so the sync and async APIs share one body.
+
+The sync path on a plain ``redis.Redis`` (and on each master of a ``RedisCluster``) skips
+redis-py's per-command machinery, which costs more than the round trip itself: the store keeps
+the connections it takes from the client's pool, packs each ``EVALSHA`` itself and reads one
+bulk-string reply (JSON) that ``json.loads`` decodes in C. Anything unusual — a redirection, a
+connection error, another client type — goes through the client's own ``evalsha``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -43,7 +51,12 @@ try:
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
     from redis.backoff import NoBackoff
     from redis.cluster import ClusterNode, RedisCluster
-    from redis.exceptions import NoScriptError
+    from redis.exceptions import (
+        AskError,
+        ClusterDownError,
+        NoScriptError,
+        TryAgainError,
+    )
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
     raise ImportError('RedisStore needs redis-py: pip install "agentguard[redis]"') from exc
@@ -53,7 +66,6 @@ __all__ = ["RedisStore"]
 log = logging.getLogger("agentguard.redis")
 
 MONEY = "cost_usd"
-_B = 10**12  # lo part range
 _SCALE = Decimal(10) ** 18  # money units per USD
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
@@ -70,15 +82,16 @@ OnStoreError = Literal["fail_closed", "fail_open"]
 # -- numbers ----------------------------------------------------------------------------------
 
 
-def _units(counter: str, value: Amount, rounding: str) -> tuple[int, int]:
-    """``value`` as (hi, lo) units: 10**-18 USD for money, 1 for integer counters."""
+def _units(counter: str, value: Amount, rounding: str) -> str:
+    """``value`` in units, as the scripts take it: 10**-18 USD for money, 1 for integer
+    counters."""
     if counter == MONEY:
         n = int((Decimal(value) * _SCALE).to_integral_value(rounding))
     elif isinstance(value, int):
         n = value
     else:
         n = int(Decimal(value).to_integral_value(rounding))
-    return divmod(n, _B)
+    return str(n)
 
 
 def _amount(counter: str, n: int) -> Amount:
@@ -93,29 +106,53 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _balance(flat: Sequence[Any]) -> Balance:
-    """A budget hash (HGETALL as a flat list) as a ``Balance``."""
-    parts: dict[str, list[int]] = {}
-    for i in range(0, len(flat), 2):
-        name, value = _s(flat[i]), int(flat[i + 1])
-        kind, counter = name[0], name[1:]
-        slot = parts.setdefault(kind.lower() + counter, [0, 0])
-        slot[0 if kind.islower() else 1] = value
-    committed: dict[str, Amount] = {}
-    reserved: dict[str, Amount] = {}
-    for name, (hi, lo) in parts.items():
-        target = committed if name[0] == "c" else reserved
-        target[name[1:]] = _amount(name[1:], hi * _B + lo)
-    return Balance(committed, reserved)
+def _side(units: Mapping[str, str] | None) -> dict[str, Amount]:
+    if not units:
+        return {}
+    out: dict[str, Amount] = {c: int(v) for c, v in units.items()}
+    n = out.get(MONEY)
+    if n is not None:
+        out[MONEY] = _amount(MONEY, n)  # type: ignore[arg-type]
+    return out
+
+
+def _balance(doc: Mapping[str, Any]) -> Balance:
+    """A budget document as the scripts keep and return it — ``{"c": {counter: units},
+    "r": {counter: units}}``, committed and reserved, zeros left out — as a ``Balance``."""
+    return Balance(_side(doc.get("c")), _side(doc.get("r")))
+
+
+def _balances(keys: Sequence[str], docs: Sequence[Any]) -> dict[str, Balance]:
+    """The balances a script returns: one document per key, in order."""
+    if len(docs) != len(keys):
+        raise ValueError(f"{len(docs)} balances for {len(keys)} keys")
+    return {k: _balance(doc) for k, doc in zip(keys, docs, strict=True)}
+
+
+def _pack(args: Sequence[str]) -> bytes:
+    """One command in the Redis protocol (RESP), utf-8."""
+    body = "".join([f"${len(a)}\r\n{a}\r\n" for a in args])
+    if body.isascii():  # lengths in characters are lengths in bytes
+        return f"*{len(args)}\r\n{body}".encode()
+    parts = [a.encode() for a in args]
+    out = [b"*%d\r\n" % len(parts)]
+    out += [b"$%d\r\n%b\r\n" % (len(p), p) for p in parts]
+    return b"".join(out)
+
+
+def _loads(reply: Any) -> Any:
+    return json.loads(reply)
 
 
 def _encode_amounts(amounts: Mapping[str, Amount], rounding: str) -> list[str]:
     out: list[str] = []
     for counter, value in amounts.items():
         if value:
-            hi, lo = _units(counter, value, rounding)
-            out += (counter, str(hi), str(lo))
-    return [str(len(out) // 3), *out]
+            if type(value) is int and counter != MONEY:
+                out += (counter, str(value))
+            else:
+                out += (counter, _units(counter, value, rounding))
+    return [str(len(out) // 2), *out]
 
 
 # -- requests and the pure part ----------------------------------------------------------------
@@ -127,6 +164,45 @@ class _Req:
     keys: list[str]
     args: list[str]
     retry_arg: int | None = None  # index of the arg set to "1" when the call is retried
+
+    def packed(self, sha: str) -> list[bytes]:
+        keys = self.keys
+        # send_packed_command takes a list of chunks
+        return [_pack(["EVALSHA", sha, str(len(keys)), *keys, *self.args])]
+
+
+class _Conns:
+    """Connections taken once from a redis-py pool and kept for this store's own calls.
+
+    Taking one is a ``list.pop`` (atomic under the GIL), so a call pays for neither the
+    pool's lock and liveness poll nor redis-py's command pipeline. A connection goes back
+    after every call, also after an error (redis-py disconnects it on I/O errors and it
+    reconnects on the next send). ``close`` hands them all back to the pool.
+    """
+
+    __slots__ = ("free", "pid", "pool")
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.free: list[Any] = []
+        self.pid = os.getpid()
+
+    def take(self) -> tuple[Any, bool]:
+        """A connection, and whether it was used before (it may have gone stale)."""
+        if self.pid != os.getpid():  # forked: the parent's sockets are not ours
+            self.free, self.pid = [], os.getpid()
+        try:
+            return self.free.pop(), True
+        except IndexError:
+            return self.pool.get_connection(), False
+
+    def close(self) -> None:
+        free, self.free = self.free, []
+        for conn in free:
+            try:
+                self.pool.release(conn)
+            except Exception:  # pragma: no cover - a pool that is already gone
+                conn.disconnect()
 
 
 class _Unavailable(Exception):  # noqa: N818 - internal signal, not an error for users
@@ -209,13 +285,23 @@ class RedisStore:
         self.retry_backoff = retry_backoff
         self.reconnect_interval = reconnect_interval
         self._lease_ms = str(int(lease_ttl * 1000))
-        self._tomb_ms = str(int(dedupe_ttl * 1000))
+        self._tomb_ms = str(max(1, int(dedupe_ttl * 1000)))
         self._grace = window_grace
         p = "{" + namespace + "}:"
         self._p = p
         self._leases = p + "leases"
         self._stats = p + "stats"
         self._shas = {name: _sha1(src) for name, src in _SCRIPTS.items()}
+        self._units: dict[tuple[str, Amount], str] = {}  # limits, encoded
+        # the sync fast path: kept connections of a plain Redis, or of the cluster master
+        # that holds this store's slot (found again after any redirection or error)
+        self._single: _Conns | None = None
+        self._cluster: _Conns | None = None
+        self._slot: int | None = None
+        if isinstance(client, RedisCluster):
+            self._slot = int(client.keyslot(self._leases))  # type: ignore[no-untyped-call]
+        elif _fast_pool(client):
+            self._single = _Conns(client.connection_pool)
         # fail_open state
         self._lock = threading.Lock()
         self._reconciling = threading.Lock()
@@ -288,6 +374,10 @@ class RedisStore:
 
     def close(self) -> None:
         """Close the sync client's connections."""
+        for conns in (self._single, self._cluster):
+            if conns is not None:
+                conns.close()
+        self._cluster = None
         self.client.close()
 
     # -- keys and requests (pure) ---------------------------------------------------------------
@@ -305,12 +395,17 @@ class RedisStore:
 
     def _lines_args(self, lines: Sequence[BudgetLine]) -> list[str]:
         out: list[str] = []
+        cache = self._units
         for line in lines:
             limits = line.limits
             out.append(str(len(limits)))
             for counter, limit in limits.items():
-                hi, lo = _units(counter, limit, ROUND_FLOOR)
-                out += (counter, str(hi), str(lo))
+                enc = cache.get((counter, limit))
+                if enc is None:
+                    if len(cache) > 4096:
+                        cache.clear()
+                    enc = cache[(counter, limit)] = _units(counter, limit, ROUND_FLOOR)
+                out += (counter, enc)
             out.append(self._expiry(line))
         return out
 
@@ -359,21 +454,22 @@ class RedisStore:
         ]
         return _Req("charge", keys, args)
 
-    def _result(self, reply: Any, lines: Sequence[BudgetLine]) -> ReserveResult:
-        status = int(reply[0])
+    def _result(self, raw: Any, lines: Sequence[BudgetLine]) -> ReserveResult:
+        reply = _loads(raw)
+        status = reply[0]
         if status == -1:
             raise ValueError("reservation id is already held (or was used before)")
-        balances = self._remember(lines, reply[5])
+        balances = self._remember(lines, reply[5:])
         if status == 0:
-            line = lines[int(reply[1]) - 1]
-            counter = _s(reply[2])
-            used = _amount(counter, int(reply[3]) * _B + int(reply[4]))
+            line = lines[reply[1] - 1]
+            counter = reply[2]
+            used = _amount(counter, int(reply[3]))
             limit = line.limits[counter]
             return ReserveResult(False, Denied(line.key, counter, limit, used, 0), balances)
         return ReserveResult(True, None, balances)
 
     def _remember(self, lines: Sequence[BudgetLine], flats: Sequence[Any]) -> dict[str, Balance]:
-        out = {ln.key: _balance(flat) for ln, flat in zip(lines, flats, strict=True)}
+        out = _balances([ln.key for ln in lines], flats)
         self._seen.update(out)
         return out
 
@@ -383,7 +479,8 @@ class RedisStore:
         self, rid: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
     ) -> Generator[_Req, Any, ReserveResult]:
         try:
-            yield from self._reconcile()
+            if self._journal.ops or self._journal.retry_at:
+                yield from self._reconcile()
             result = self._result((yield self._reserve_req(rid, lines, amounts)), lines)
         except _Unavailable as exc:
             self._unavailable(exc)
@@ -403,7 +500,8 @@ class RedisStore:
         self, rid: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
     ) -> Generator[_Req, Any, Mapping[str, Balance]]:
         try:
-            yield from self._reconcile()
+            if self._journal.ops or self._journal.retry_at:
+                yield from self._reconcile()
             reply = yield self._commit_req(rid, lines, actual)
         except _Unavailable as exc:
             self._unavailable(exc)
@@ -414,13 +512,15 @@ class RedisStore:
                 self._journal.ops.append(("commit", rid, list(lines), dict(actual)))
                 return self._merged([ln.key for ln in lines])
         self._forget_local(rid)
-        if int(reply[1]):
+        reply = _loads(reply)
+        if reply[1]:
             self._late(rid)
-        return self._remember(lines, reply[2])
+        return self._remember(lines, reply[2:])
 
     def _op_release(self, rid: str) -> Generator[_Req, Any, None]:
         try:
-            yield from self._reconcile()
+            if self._journal.ops or self._journal.retry_at:
+                yield from self._reconcile()
             yield self._release_req(rid)
         except _Unavailable as exc:
             self._unavailable(exc)
@@ -438,7 +538,8 @@ class RedisStore:
     ) -> Generator[_Req, Any, ReserveResult]:
         op = uuid.uuid4().hex
         try:
-            yield from self._reconcile()
+            if self._journal.ops or self._journal.retry_at:
+                yield from self._reconcile()
             result = self._result((yield self._charge_req(op, lines, amounts, check)), lines)
         except _Unavailable as exc:
             self._unavailable(exc)
@@ -454,14 +555,16 @@ class RedisStore:
 
     def _op_snapshot(self, keys: Sequence[str]) -> Generator[_Req, Any, Mapping[str, Balance]]:
         try:
-            yield from self._reconcile()
+            if self._journal.ops or self._journal.retry_at:
+                yield from self._reconcile()
             req = _Req("snapshot", [self._leases, *[self._bkey(k) for k in keys]], [self._tomb_ms])
             flats = yield req
         except _Unavailable as exc:
             self._unavailable(exc)
             with self._lock:
                 return self._merged(keys)
-        out = {k: _balance(flat) for k, flat in zip(keys, flats, strict=True)}
+        reply = _loads(flats)
+        out = _balances(keys, reply if reply else [])
         self._seen.update(out)
         return out
 
@@ -583,6 +686,20 @@ class RedisStore:
             if attempt and req.retry_arg is not None:
                 req.args[req.retry_arg] = "1"
             try:
+                conns = self._single
+                if conns is None and self._slot is not None and not attempt:
+                    conns = self._cluster or self._cluster_conns()
+                if conns is not None:
+                    try:
+                        return self._send(conns, req)
+                    except (AskError, TryAgainError, ClusterDownError):
+                        if conns is self._single:
+                            raise
+                        self._drop_cluster()  # the cluster client follows the redirection
+                    except _UNAVAILABLE:
+                        if conns is not self._single:
+                            self._drop_cluster()
+                        raise
                 try:
                     return client.evalsha(sha, len(req.keys), *req.keys, *req.args)
                 except NoScriptError:
@@ -596,6 +713,62 @@ class RedisStore:
                 raise StoreError(f"the Redis budget store answered {exc!r}") from exc
         assert last is not None
         raise _Unavailable(last)
+
+    def _send(self, conns: _Conns, req: _Req) -> Any:
+        """One ``EVALSHA`` on a kept connection: send the packed command, read one reply.
+
+        A connection kept idle may have been closed by the server (a restart, its
+        ``timeout``): that shows as a connection error on a reused connection, and the call
+        is sent once more on a fresh one, as a retry (a reserve retry is recognised, the
+        other scripts are idempotent).
+        """
+        sha = self._shas[req.script]
+        packed = req.packed(sha)
+        conn, reused = conns.take()
+        try:
+            while True:
+                try:
+                    conn.send_packed_command(packed, check_health=False)
+                    return conn.read_response()
+                except NoScriptError:
+                    conn.send_command("SCRIPT", "LOAD", _SCRIPTS[req.script], check_health=False)
+                    conn.read_response()
+                    conn.send_packed_command(packed, check_health=False)
+                    return conn.read_response()
+                except redis.exceptions.ConnectionError:
+                    if not reused:
+                        raise
+                    reused = False
+                    conn.disconnect()
+                    if req.retry_arg is not None:
+                        req.args[req.retry_arg] = "1"
+                        packed = req.packed(sha)
+        except BaseException as exc:
+            if not isinstance(exc, redis.exceptions.ResponseError):
+                conn.disconnect()  # an interrupted exchange leaves nothing behind
+            raise
+        finally:
+            conns.free.append(conn)
+
+    def _cluster_conns(self) -> _Conns | None:
+        """Kept connections to the master of this store's slot, as the client last saw it."""
+        assert self._slot is not None
+        try:
+            node = self.client.nodes_manager.get_node_from_slot(self._slot)
+            pool = self.client.get_redis_connection(node).connection_pool
+        except Exception:  # no slot map yet, a node down: the cluster client copes
+            return None
+        if not _fast_pool_type(pool):
+            return None
+        with self._lock:
+            if self._cluster is None or self._cluster.pool is not pool:
+                self._cluster = _Conns(pool)
+            return self._cluster
+
+    def _drop_cluster(self) -> None:
+        conns, self._cluster = self._cluster, None
+        if conns is not None:
+            conns.close()
 
     async def _acall(self, req: _Req) -> Any:
         if self._afactory is None:
@@ -737,6 +910,25 @@ class RedisStore:
         """Store-wide counters kept in Redis (``late_commits``)."""
         raw = self.client.hgetall(self._stats)
         return {_s(k): int(v) for k, v in raw.items()}
+
+
+def _fast_pool_type(pool: Any) -> bool:
+    """A plain pool of utf-8 connections (not blocking, sentinel or cached)."""
+    kwargs = getattr(pool, "connection_kwargs", {})
+    return (
+        type(pool) is redis.ConnectionPool
+        and kwargs.get("encoding", "utf-8").lower().replace("-", "") == "utf8"
+        and getattr(pool, "cache", None) is None
+    )
+
+
+def _fast_pool(client: Any) -> bool:
+    """A plain ``redis.Redis`` whose pool the store may take connections from."""
+    return (
+        isinstance(client, redis.Redis)
+        and getattr(client, "connection", None) is None
+        and _fast_pool_type(getattr(client, "connection_pool", None))
+    )
 
 
 def _sha1(src: str) -> str:

@@ -2,6 +2,13 @@
 3-master cluster, as ratios to a bare PING and a bare EVALSHA of a trivial script measured in the
 same run; then throughput with 1, 2, 4 and 8 client processes.
 
+Baselines: ``ping`` is redis-py's ``client.ping()``; ``ping (raw)`` is one PING on a connection
+the store keeps (its own transport, without redis-py's per-command machinery); ``evalsha`` is
+``store.trivial()``, a trivial script through the store's transport. A reserve + commit pair is
+two scripts, so its throughput is at most half of EVALSHA's even with free scripts: the
+``per script`` column (2 x pairs/s / EVALSHA) is the one that can approach 1. ``server µs`` is
+the server's own time per script (``INFO commandstats``), what the one shared thread spends.
+
 Usage: ``.venv/bin/python benchmarks/bench_redis.py [--quick]``. Starts its own servers (see
 ``tests/redis_servers.py``); reports medians, asserts nothing.
 """
@@ -56,6 +63,49 @@ def _ops(store: RedisStore, tag: str) -> dict[str, object]:
     return {"ping": store.client.ping, "evalsha": store.trivial, "reserve+commit": pair}
 
 
+def _raw_ping(store: RedisStore) -> object:
+    """PING on a connection the store keeps: the transport floor of every store call."""
+    conns = store._single or store._cluster_conns()
+    assert conns is not None
+    conn, _ = conns.take()
+    packed = [b"*1\r\n$4\r\nPING\r\n"]
+
+    def ping() -> None:
+        conn.send_packed_command(packed, check_health=False)
+        conn.read_response()
+
+    return ping
+
+
+def _server_us(store: RedisStore, cluster: bool, n: int) -> dict[str, float]:
+    """Server time per script (µs), from INFO commandstats of the node holding the slot."""
+    node = store._single or store._cluster_conns()
+    assert node is not None
+    conn, _ = node.take()
+
+    def cmd(*args: str) -> object:
+        conn.send_command(*args)
+        return conn.read_response()
+
+    out = {}
+    tag = uuid.uuid4().hex[:6]
+    for name, fn in (
+        ("reserve", lambda i: store.reserve(f"s{tag}-{i}", LINES, AMOUNTS)),
+        ("commit", lambda i: store.commit(f"s{tag}-{i}", LINES, ACTUAL)),
+        ("charge", lambda i: store.charge(LINES, {"steps": 1})),
+        ("snapshot", lambda i: store.snapshot([ln.key for ln in LINES])),
+    ):
+        cmd("CONFIG", "RESETSTAT")
+        for i in range(n):
+            fn(i)
+        stats = cmd("INFO", "commandstats")
+        text = stats.decode() if isinstance(stats, bytes) else str(stats)
+        line = next(x for x in text.splitlines() if x.startswith("cmdstat_evalsha:"))
+        out[name] = float(line.split("usec_per_call=")[1].split(",")[0])
+    node.free.append(conn)
+    return out
+
+
 def _latency(fn: object, n: int) -> float:
     call = fn  # type: ignore[assignment]
     for _ in range(50):
@@ -96,18 +146,25 @@ def main() -> None:
         store = _store(url, cluster, f"bench-{uuid.uuid4().hex[:8]}")
         ops = _ops(store, "lat")
         lat = {op: _latency(fn, n) for op, fn in ops.items()}
+        raw = _latency(_raw_ping(store), n)
         print(f"\n{name}: median latency per operation (µs), one client")
+        print(f"  {'ping (raw)':<16} {raw:8.1f}   {raw / lat['ping']:5.2f}x PING")
         for op, us in lat.items():
-            print(f"  {op:<16} {us:8.1f}   {us / lat['ping']:5.2f}x PING")
+            print(f"  {op:<16} {us:8.1f}   {us / lat['ping']:5.2f}x PING   {us / raw:5.2f}x raw")
         print(f"  reserve+commit / EVALSHA(trivial): {lat['reserve+commit'] / lat['evalsha']:.2f}x")
+        server = _server_us(store, cluster, max(200, n // 5))
+        print("  server µs per script: " + ", ".join(f"{k} {v:.1f}" for k, v in server.items()))
         print(f"\n{name}: throughput (ops/s; reserve+commit counts one pair as one op)")
-        print(f"  {'procs':>5} {'PING':>10} {'EVALSHA':>10} {'res+commit':>11} {'rc/EVALSHA':>11}")
+        print(
+            f"  {'procs':>5} {'PING':>10} {'EVALSHA':>10} {'res+commit':>11} {'rc/EVALSHA':>11}"
+            f" {'per script':>11}"
+        )
         for procs in (1, 2, 4, 8):
             tp = {op: _throughput(url, cluster, op, procs, seconds) for op in ops}
             ratio = tp["reserve+commit"] / tp["evalsha"]
             print(
                 f"  {procs:>5} {tp['ping']:>10.0f} {tp['evalsha']:>10.0f} "
-                f"{tp['reserve+commit']:>11.0f} {ratio:>11.2f}"
+                f"{tp['reserve+commit']:>11.0f} {ratio:>11.2f} {2 * ratio:>11.2f}"
             )
 
 

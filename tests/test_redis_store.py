@@ -285,3 +285,94 @@ def test_eight_processes_of_sixteen_threads_never_overspend(kind: str) -> None:
     assert team.committed["cost_usd"] <= limit
     assert team.reserved.get("cost_usd", 0) == 0
     assert team.committed["model_calls"] == len(ran)
+
+
+def test_counters_stay_exact_across_the_double_boundary(url: str) -> None:
+    """Scripts add small amounts as one double and large ones as (hi, lo) pairs: sums that
+    cross 2**53 units, borrows across 10**12 and releases back to zero stay exact."""
+    store = RedisStore.from_url(url, namespace=_ns())
+    line = BudgetLine("org:x", {"tokens": 2**60})
+    near = 2**53 - 3
+    assert store.charge([line], {"tokens": near}).ok
+    assert store.charge([line], {"tokens": 7}).ok  # 2**53 + 4: past the exact doubles
+    assert store.charge([line], {"tokens": 10**12 - 1}).ok
+    assert store.reserve("r1", [line], {"tokens": 2**59}).ok
+    assert not store.reserve("r2", [line], {"tokens": 2**59}).ok  # exactly one unit too many
+    bal = store.snapshot(["org:x"])["org:x"]
+    assert bal.committed["tokens"] == 2**53 + 4 + 10**12 - 1
+    assert bal.reserved["tokens"] == 2**59
+    store.release("r1")
+    assert store.charge([line], {"tokens": -(2**53)}, check=False).ok
+    bal = store.snapshot(["org:x"])["org:x"]
+    assert bal.committed["tokens"] == 4 + 10**12 - 1
+    assert "tokens" not in bal.reserved  # back to zero: left out, as before
+    money = BudgetLine("org:m", {"cost_usd": D("100000")})
+    for amount in ("0.009007199254740993", "12345.678901234567890123", "0.000000000000000001"):
+        assert store.charge([money], {"cost_usd": D(amount)}).ok
+    total = D("0.009007199254740993") + D("12345.678901234567890123") + D("1E-18")
+    assert store.snapshot(["org:m"])["org:m"].committed["cost_usd"] == total
+
+
+def test_kept_connection_survives_a_server_restart(own_server: redis_servers.Server) -> None:
+    """The store keeps its connections; one the server closed is replaced on the next call
+    without using up a retry (retries=0 here), and the call counts once."""
+    store = RedisStore.from_url(own_server.url, namespace=_ns(), retries=0, timeout=0.5)
+    assert store.reserve("r1", [LINE], {"cost_usd": D("0.3")}).ok
+    own_server.kill()
+    own_server.start()
+    bal = store.commit("r1", [LINE], {"cost_usd": D("0.25")})
+    assert bal["team:cx"].committed["cost_usd"] == D("0.25")
+    assert "cost_usd" not in bal["team:cx"].reserved
+    own_server.kill()
+    own_server.start()
+    assert store.reserve("r2", [LINE], {"cost_usd": D("0.75")}).ok  # a retried reserve: once
+    assert store.snapshot(["team:cx"])["team:cx"].reserved["cost_usd"] == D("0.75")
+
+
+def test_scripts_are_reloaded_after_script_flush(url: str) -> None:
+    store = RedisStore.from_url(url, namespace=_ns())
+    assert store.reserve("r1", [LINE], {"cost_usd": D("0.5")}).ok
+    store.client.script_flush()
+    store.commit("r1", [LINE], {"cost_usd": D("0.5")})
+    assert store.snapshot(["team:cx"])["team:cx"].committed["cost_usd"] == D("0.5")
+
+
+@pytest.mark.parametrize("variant", ["decode_responses", "blocking_pool"])
+def test_other_client_setups_use_the_generic_path(url: str, variant: str) -> None:
+    """A client the fast path does not take (decoded replies still decode; a blocking pool goes
+    through redis-py) gives the same results."""
+    if variant == "decode_responses":
+        client = redis.Redis.from_url(url, decode_responses=True)
+    else:
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=4)
+        client = redis.Redis(connection_pool=pool)
+    store = RedisStore(client, namespace=_ns())
+    assert (store._single is None) == (variant == "blocking_pool")
+    lines = [BudgetLine("task:a", {"cost_usd": D("1")}), BudgetLine("org:x")]
+    assert store.reserve("r1", lines, {"cost_usd": D("0.6"), "tokens": 10}).ok
+    res = store.reserve("r2", lines, {"cost_usd": D("0.6")})
+    assert not res.ok and res.denied is not None and res.denied.used == D("0.6")
+    bal = store.commit("r1", lines, {"cost_usd": D("0.5"), "tokens": 8})
+    assert bal["org:x"].committed == {"cost_usd": D("0.5"), "tokens": 8}
+    assert bal["org:x"].reserved == {}
+    store.close()
+
+
+def test_cluster_store_follows_a_moved_slot() -> None:
+    """The store talks straight to the master of its slot; pointed at the wrong master (as
+    after a resharding) it follows the MOVED redirection through the cluster client."""
+    from agentguard._redis_store import _Conns
+
+    server = redis_servers.require("cluster")
+    store = RedisStore.from_cluster(server.url, namespace=_ns())
+    assert store.reserve("r1", [LINE], {"cost_usd": D("0.4")}).ok
+    assert store._cluster is not None
+    right = store._cluster.pool
+    pools = [
+        store.client.get_redis_connection(n).connection_pool for n in store.client.get_primaries()
+    ]
+    store._cluster = _Conns(next(p for p in pools if p is not right))
+    bal = store.commit("r1", [LINE], {"cost_usd": D("0.3")})
+    assert bal["team:cx"].committed["cost_usd"] == D("0.3")
+    assert store.snapshot(["team:cx"])["team:cx"].committed["cost_usd"] == D("0.3")
+    assert store._cluster is not None and store._cluster.pool is right
