@@ -238,7 +238,7 @@ class ScriptedChatModel(BaseChatModel):
             tool_calls=tool_calls,
             usage_metadata=usage if self.report_usage else None,
             response_metadata={"model_name": model, "finish_reason": finish},
-            id=f"scripted-{n}",
+            id=f"scripted-{self._uid}-{n}",
         )
 
     # -- BaseChatModel -------------------------------------------------------------------------
