@@ -68,10 +68,10 @@ local function load(key)
   order[#order + 1] = key
   return t
 end
--- add (hi, lo) units to counter c on side p (t.c committed, t.r reserved); w is
--- hi * B + lo when that is exact (|w| < 2**53), else nil
+-- add units u to counter c on side p (t.c committed, t.r reserved); w is u as a number when
+-- that is exact (fewer than 16 characters), else nil
 local EXACT = 9007199254740992
-local function add(key, p, c, hi, lo, w)
+local function add(key, p, c, u, w)
   local t = load(key)[p]
   local old = t[c]
   local v
@@ -81,6 +81,7 @@ local function add(key, p, c, hi, lo, w)
   end
   if not v then
     local h, l = split(old)
+    local hi, lo = split(u)
     h, l = h + hi, l + lo
     if l >= B then h, l = h + 1, l - B elseif l < 0 then h, l = h - 1, l + B end
     v = join(h, l)
@@ -88,9 +89,8 @@ local function add(key, p, c, hi, lo, w)
   if v == '0' then v = nil end
   if v ~= old then t[c] = v; dirty[key] = true end
 end
-local function whole(h, l)
-  local w = h * B + l
-  if w < EXACT and w > -EXACT then return w end
+local function exact(u)
+  if #u < 16 then return tonumber(u) end
   return nil
 end
 local function flush()
@@ -127,9 +127,9 @@ local function free(v)
   local h = cjson.decode(sub(v, 2))
   local a = h[3]
   for j = 1, #a, 2 do
-    local hi, lo = split(a[j + 1])
-    local c, w = a[j], whole(-hi, -lo)
-    for _, key in ipairs(h[2]) do add(key, 'r', c, -hi, -lo, w) end
+    local c, u, w = a[j], '-' .. a[j + 1], exact(a[j + 1])
+    if w then w = -w end
+    for _, key in ipairs(h[2]) do add(key, 'r', c, u, w) end
   end
   return h
 end
@@ -140,21 +140,21 @@ local function reclaim(leases, now, tomb)
     redis.call('ZREM', leases, rec)
   end
 end
--- amounts: ARGV[i] = n, then n pairs (counter, units); returns C, H, L, index, next i
+-- amounts: ARGV[i] = n, then n pairs (counter, units); returns the counters, the units,
+-- the units as exact numbers (nil when too long), the index by counter, the next i
 local function amounts(i)
   local n = tonumber(ARGV[i])
-  local C, H, L, idx = {}, {}, {}, {}
+  local C, U, W, idx = {}, {}, {}, {}
   for j = 1, n do
     local b = i + 2 * j - 1
-    C[j] = ARGV[b]
-    H[j], L[j] = split(ARGV[b + 1])
-    idx[C[j]] = j
+    local c, u = ARGV[b], ARGV[b + 1]
+    C[j], U[j], W[j], idx[c] = c, u, exact(u), j
   end
-  return C, H, L, idx, i + 1 + 2 * n
+  return C, U, W, idx, i + 1 + 2 * n
 end
 -- limits of each line from ARGV[i]: nlimits, pairs (counter, units), expire-at (ms, '0' =
 -- none). Returns the expiries when every limit holds, else nil and the refusal.
-local function check(first, i, H, L, idx, enforce)
+local function check(first, i, U, W, idx, enforce)
   local exp = {}
   for li = first, #KEYS do
     local nl = tonumber(ARGV[i]); i = i + 1
@@ -164,15 +164,31 @@ local function check(first, i, H, L, idx, enforce)
         local c = ARGV[i]
         local k = idx[c]
         if k then
-          local lh, ll = split(ARGV[i + 1])
-          local ch, cl = split(t.c[c])
-          local rh, rl = split(t.r[c])
-          local uh, ul = ch + rh, cl + rl
-          if ul >= B then uh, ul = uh + 1, ul - B end
-          local nh, nl2 = uh + H[k], ul + L[k]
-          if nl2 >= B then nh, nl2 = nh + 1, nl2 - B end
-          if nh > lh or (nh == lh and nl2 > ll) then
-            return nil, {0, li - first + 1, c, join(uh, ul), ''}
+          local lim, cu, ru, w = ARGV[i + 1], t.c[c], t.r[c], W[k]
+          local fits = false
+          -- exact doubles: used + amount below 2**53, the limit short (exact) or long (>= 1e16)
+          if w and (not cu or #cu < 16) and (not ru or #ru < 16) then
+            local n = (tonumber(cu) or 0) + (tonumber(ru) or 0) + w
+            if n < EXACT and n > -EXACT then
+              if #lim < 16 then
+                fits = n <= tonumber(lim)
+              elseif #lim > 16 and byte(lim, 1) ~= 45 then
+                fits = true
+              end
+            end
+          end
+          if not fits then
+            local lh, ll = split(lim)
+            local ch, cl = split(cu)
+            local rh, rl = split(ru)
+            local ah, al = split(U[k])
+            local uh, ul = ch + rh, cl + rl
+            if ul >= B then uh, ul = uh + 1, ul - B end
+            local nh, nl2 = uh + ah, ul + al
+            if nl2 >= B then nh, nl2 = nh + 1, nl2 - B end
+            if nh > lh or (nh == lh and nl2 > ll) then
+              return nil, {0, li - first + 1, c, join(uh, ul), ''}
+            end
           end
         end
         i = i + 2
@@ -203,8 +219,8 @@ if st then
   if byte(st, 1) == 104 and ARGV[2] == '1' then return reply({1, 0, '', '', ''}, 3) end
   return '[-1]'
 end
-local C, H, L, idx, i = amounts(4)
-local exp, denied = check(3, i, H, L, idx, true)
+local C, U, W, idx, i = amounts(4)
+local exp, denied = check(3, i, U, W, idx, true)
 if denied then flush(); return reply(denied, 3) end
 local keys, held = {}, {}
 for k = 1, #C do
@@ -212,9 +228,8 @@ for k = 1, #C do
 end
 for li = 3, #KEYS do keys[#keys + 1] = KEYS[li] end
 for k = 1, #C do
-  local c, hi, lo = C[k], H[k], L[k]
-  local w = whole(hi, lo)
-  for li = 3, #KEYS do add(KEYS[li], 'r', c, hi, lo, w) end
+  local c, u, w = C[k], U[k], W[k]
+  for li = 3, #KEYS do add(KEYS[li], 'r', c, u, w) end
 end
 flush()
 for li = 3, #KEYS do expire(KEYS[li], exp[li]) end
@@ -241,11 +256,10 @@ if st and byte(st, 1) == 104 then
 elseif st == 'x' then
   late = 1
 end
-local C, H, L, idx, i = amounts(2)
+local C, U, W, idx, i = amounts(2)
 for k = 1, #C do
-  local c, hi, lo = C[k], H[k], L[k]
-  local w = whole(hi, lo)
-  for li = 4, #KEYS do add(KEYS[li], 'c', c, hi, lo, w) end
+  local c, u, w = C[k], U[k], W[k]
+  for li = 4, #KEYS do add(KEYS[li], 'c', c, u, w) end
 end
 flush()
 for li = 4, #KEYS do expire(KEYS[li], ARGV[i]); i = i + 1 end
@@ -275,13 +289,12 @@ CHARGE = (
     + r"""
 local marker = KEYS[1]
 if redis.call('EXISTS', marker) == 1 then return reply({2, 0, '', '', ''}, 2) end
-local C, H, L, idx, i = amounts(3)
-local exp, denied = check(2, i, H, L, idx, ARGV[1] == '1')
+local C, U, W, idx, i = amounts(3)
+local exp, denied = check(2, i, U, W, idx, ARGV[1] == '1')
 if denied then return reply(denied, 2) end
 for k = 1, #C do
-  local c, hi, lo = C[k], H[k], L[k]
-  local w = whole(hi, lo)
-  for li = 2, #KEYS do add(KEYS[li], 'c', c, hi, lo, w) end
+  local c, u, w = C[k], U[k], W[k]
+  for li = 2, #KEYS do add(KEYS[li], 'c', c, u, w) end
 end
 flush()
 for li = 2, #KEYS do expire(KEYS[li], exp[li]) end
