@@ -298,6 +298,7 @@ class RedisStore:
         self._single: _Conns | None = None
         self._cluster: _Conns | None = None
         self._slot: int | None = None
+        self._cluster_generic = False  # after a fast-path failure: one call via the client
         if isinstance(client, RedisCluster):
             self._slot = int(client.keyslot(self._leases))  # type: ignore[no-untyped-call]
         elif _fast_pool(client):
@@ -687,7 +688,8 @@ class RedisStore:
                 req.args[req.retry_arg] = "1"
             try:
                 conns = self._single
-                if conns is None and self._slot is not None and not attempt:
+                cluster_fast = not attempt and not self._cluster_generic
+                if conns is None and self._slot is not None and cluster_fast:
                     conns = self._cluster or self._cluster_conns()
                 if conns is not None:
                     try:
@@ -698,13 +700,18 @@ class RedisStore:
                         self._drop_cluster()  # the cluster client follows the redirection
                     except _UNAVAILABLE:
                         if conns is not self._single:
+                            # the next call goes through the cluster client, which refreshes
+                            # its slot map on errors (a failover); then the master is looked up
                             self._drop_cluster()
+                            self._cluster_generic = True
                         raise
                 try:
-                    return client.evalsha(sha, len(req.keys), *req.keys, *req.args)
+                    reply = client.evalsha(sha, len(req.keys), *req.keys, *req.args)
                 except NoScriptError:
                     client.script_load(_SCRIPTS[req.script])
-                    return client.evalsha(sha, len(req.keys), *req.keys, *req.args)
+                    reply = client.evalsha(sha, len(req.keys), *req.keys, *req.args)
+                self._cluster_generic = False
+                return reply
             except _UNAVAILABLE as exc:
                 last = exc
                 if attempt < self.retries:

@@ -376,3 +376,25 @@ def test_cluster_store_follows_a_moved_slot() -> None:
     assert bal["team:cx"].committed["cost_usd"] == D("0.3")
     assert store.snapshot(["team:cx"])["team:cx"].committed["cost_usd"] == D("0.3")
     assert store._cluster is not None and store._cluster.pool is right
+
+
+def test_cluster_store_recovers_when_its_master_is_unreachable() -> None:
+    """A connection error on the store's own path to the slot's master (a failover) sends the
+    next call through the cluster client, which refreshes its slot map; even with retries=0 a
+    store that lost one call carries on with the next."""
+    from agentguard._redis_store import _Conns
+
+    server = redis_servers.require("cluster")
+    store = RedisStore.from_cluster(server.url, namespace=_ns(), retries=0, timeout=0.5)
+    assert store.reserve("r1", [LINE], {"cost_usd": D("0.4")}).ok
+    right = store._cluster.pool if store._cluster is not None else None
+    dead = redis.ConnectionPool(
+        host="127.0.0.1", port=redis_servers.free_port(), socket_timeout=0.5
+    )
+    store._cluster = _Conns(dead)
+    with pytest.raises(ag.StoreError):
+        store.commit("r1", [LINE], {"cost_usd": D("0.3")})
+    bal = store.commit("r1", [LINE], {"cost_usd": D("0.3")})  # through the cluster client
+    assert bal["team:cx"].committed["cost_usd"] == D("0.3")
+    assert store.snapshot(["team:cx"])["team:cx"].committed["cost_usd"] == D("0.3")
+    assert store._cluster is not None and store._cluster.pool is right  # fast path again
