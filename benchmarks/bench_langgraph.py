@@ -1,0 +1,196 @@
+"""Per-iteration overhead of ``GraphGuard`` in a hand-written LangGraph ReAct graph.
+
+Run: ``.venv/bin/python benchmarks/bench_langgraph.py`` (``--json`` for machine output).
+
+A ReAct iteration is one model call and the tool call it asks for. The model is
+:class:`ScriptedChatModel` (no latency: it answers as fast as LangGraph can call it) and the
+tool returns at once, so the figures are LangGraph's own cost per iteration plus agentguard's —
+the worst case for the ratio; with a real provider (hundreds of milliseconds per call) the
+added microseconds vanish. Each run makes ``--steps`` tool-calling answers and a final text
+answer; the reported figure is the median over runs of (run time / model calls).
+
+Variants, each against the same graph without the guard (``bare``: plain model, plain
+``ToolNode``, plain edges ``START -> agent``, ``tools -> agent``):
+
+* ``guarded``: ``gg.bind(graph)`` opens and closes a task per run; ``gg.route`` decides in the
+  conditional edges before every step, ``gg.node`` wraps the agent node (spend into
+  ``BudgetState``), ``gg.chat_model`` gates the model, ``gg.tool_node`` the tools — traces off;
+* ``guarded + SQLite traces``: the same, spans written to SQLite (batched writes on the sink's
+  background thread);
+* the same under ``ainvoke``.
+
+Issue 4's goal is ≤ 1.05× per ReAct iteration against the bare graph. It is not met. Measured
+on a 2-core machine shared with other work (load ~3), 150 runs, 5 iterations each:
+
+=================================  ==========  ===========  =================
+variant                            sync µs     async µs     ratio sync/async
+=================================  ==========  ===========  =================
+bare graph                         2,128       2,562        —
+guarded                            2,827       3,471        1.33× / 1.36×
+guarded + SQLite traces            2,737       3,319        1.29× / 1.30×
+=================================  ==========  ===========  =================
+
+i.e. +0.6–0.9 ms per iteration (one step decision, one model decision and reservation, one
+tool decision, the spend record into six state keys); a second run of 60 rounds gave 1.31× /
+1.35×. Against a real provider call (≥ 300 ms) that is < 0.3%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from langchain_core.runnables import RunnableLambda
+from langchain_core.tools import tool
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode, tools_condition
+
+import agentguard as ag
+from agentguard_langchain.testing import ScriptedChatModel
+from agentguard_langgraph import BudgetState, GraphGuard
+
+ASK: Any = {"messages": [{"role": "user", "content": "Where is my parcel for order 1182?"}]}
+
+
+@tool
+def lookup(query: str) -> str:
+    """Look an order up by its number."""
+    return "order 1182: paid, shipped 3 days late"
+
+
+class State(MessagesState, BudgetState):
+    pass
+
+
+def policy() -> ag.Policy:
+    return ag.Policy(
+        max_cost_usd="1000",
+        max_steps=1000,
+        max_output_tokens=400,
+        downgrade=[ag.Downgrade(at=0.6, to="gpt-4o-mini")],
+        on_limit="finish",
+    )
+
+
+def scripted(steps: int) -> ScriptedChatModel:
+    return ScriptedChatModel(model_name="gpt-4o", tool_calls=steps, reply_tokens=20)
+
+
+def bare(steps: int) -> tuple[Any, ScriptedChatModel]:
+    model = scripted(steps)
+    llm = model.bind_tools([lookup])
+
+    def agent(state: State) -> dict[str, Any]:
+        return {"messages": [llm.invoke(state["messages"])]}
+
+    async def aagent(state: State) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(state["messages"])]}
+
+    b = StateGraph(State)
+    b.add_node("agent", RunnableLambda(agent, afunc=aagent))
+    b.add_node("tools", ToolNode([lookup]))
+    b.add_edge(START, "agent")
+    b.add_conditional_edges("agent", tools_condition)
+    b.add_edge("tools", "agent")
+    return b.compile(), model
+
+
+def guarded(steps: int, guard: ag.Guard) -> tuple[Any, ScriptedChatModel]:
+    model = scripted(steps)
+    gg = GraphGuard(guard, models={"gpt-4o-mini": ScriptedChatModel(model_name="gpt-4o-mini")})
+    llm = gg.chat_model(model).bind_tools([lookup])
+
+    def agent(state: State) -> dict[str, Any]:
+        return {"messages": [llm.invoke(state["messages"])]}
+
+    async def aagent(state: State) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(state["messages"])]}
+
+    paths = gg.path_map(continue_to="agent", finish_to="finish")
+    b = StateGraph(State)
+    b.add_node("agent", RunnableLambda(gg.node(agent), afunc=gg.node(aagent)))
+    b.add_node("tools", gg.tool_node([lookup]))
+    b.add_node("finish", gg.finish_node(model, tools=[lookup]))
+    b.add_conditional_edges(START, gg.route, paths)
+    b.add_conditional_edges("agent", tools_condition)
+    b.add_conditional_edges("tools", gg.route, paths)
+    b.add_edge("finish", END)
+    return gg.bind(b.compile()), model
+
+
+def timed(invoke: Callable[[], None], model: ScriptedChatModel) -> float:
+    """One run: its time divided by the model calls it made (µs)."""
+    model._calls = 0  # the script (tool calls for the first N answers) restarts per run
+    t = time.perf_counter()
+    invoke()
+    dt = time.perf_counter() - t
+    n = model.calls
+    model.seen.clear()
+    return dt / n * 1e6
+
+
+def bench(steps: int, runs: int) -> dict[str, float]:
+    """Median µs per ReAct iteration of each variant; variants take turns, run by run, so
+    drift in the machine's load hits them all alike."""
+    tmp = Path(tempfile.mkdtemp(prefix="agentguard-bench-"))
+    base, base_model = bare(steps)
+    g_off = ag.Guard(policy(), traces=False)
+    off, off_model = guarded(steps, g_off)
+    g_sql = ag.Guard(policy(), traces=tmp / "bench.db")
+    sql, sql_model = guarded(steps, g_sql)
+    loop = asyncio.new_event_loop()
+
+    def arun(make: Callable[[], Any]) -> Callable[[], None]:
+        return lambda: loop.run_until_complete(make())
+
+    variants: dict[str, tuple[Callable[[], None], ScriptedChatModel]] = {
+        "sync: bare graph": (lambda: base.invoke(ASK), base_model),
+        "sync: guarded": (lambda: off.invoke(ASK), off_model),
+        "sync: guarded + SQLite traces": (lambda: sql.invoke(ASK), sql_model),
+        "async: bare graph": (arun(lambda: base.ainvoke(ASK)), base_model),
+        "async: guarded": (arun(lambda: off.ainvoke(ASK)), off_model),
+        "async: guarded + SQLite traces": (arun(lambda: sql.ainvoke(ASK)), sql_model),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(runs + 5):  # the first five rounds warm up
+        for name, (invoke, model) in variants.items():
+            us = timed(invoke, model)
+            if i >= 5:
+                samples[name].append(us)
+    loop.close()
+    g_sql.close()
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--steps", type=int, default=5, help="tool-calling steps per run")
+    parser.add_argument("-n", "--runs", type=int, default=100, help="timed runs per variant")
+    args = parser.parse_args()
+    results = bench(args.steps, args.runs)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(
+        f"ReAct iteration with / without GraphGuard (median of {args.runs} runs, "
+        f"{args.steps} tool-calling iterations + a final answer each; µs per model call)"
+    )
+    for mode in ("sync", "async"):
+        base = results[f"{mode}: bare graph"]
+        for name, us in results.items():
+            if not name.startswith(mode):
+                continue
+            extra = "" if us == base else f"  x{us / base:.2f}  (+{us - base:,.0f} µs)"
+            print(f"  {name:<34} {us:>9,.0f} µs{extra}")
+
+
+if __name__ == "__main__":
+    main()
