@@ -29,6 +29,7 @@ connection error, another client type — goes through the client's own ``evalsh
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -180,12 +181,18 @@ class _Conns:
     reconnects on the next send). ``close`` hands them all back to the pool.
     """
 
-    __slots__ = ("free", "pid", "pool")
+    __slots__ = ("free", "get", "pid", "pool")
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         self.free: list[Any] = []
         self.pid = os.getpid()
+        # redis-py < 5.3 wants a command name, later versions warn when given one
+        param = inspect.signature(pool.get_connection).parameters.get("command_name")
+        named = param is not None and param.default is inspect.Parameter.empty
+        self.get: Callable[[], Any] = (
+            (lambda: pool.get_connection("EVALSHA")) if named else pool.get_connection
+        )
 
     def take(self) -> tuple[Any, bool]:
         """A connection, and whether it was used before (it may have gone stale)."""
@@ -194,7 +201,7 @@ class _Conns:
         try:
             return self.free.pop(), True
         except IndexError:
-            return self.pool.get_connection(), False
+            return self.get(), False
 
     def close(self) -> None:
         free, self.free = self.free, []

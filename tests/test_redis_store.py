@@ -398,3 +398,22 @@ def test_cluster_store_recovers_when_its_master_is_unreachable() -> None:
     assert bal["team:cx"].committed["cost_usd"] == D("0.3")
     assert store.snapshot(["team:cx"])["team:cx"].committed["cost_usd"] == D("0.3")
     assert store._cluster is not None and store._cluster.pool is right  # fast path again
+
+
+def test_kept_connections_come_from_old_and_new_pool_signatures() -> None:
+    """redis-py < 5.3 wants a command name for get_connection; later versions warn on one."""
+    from agentguard._redis_store import _Conns
+
+    class OldPool:
+        def get_connection(self, command_name: str, *keys: str) -> tuple[str, str | None]:
+            return ("old", command_name)
+
+    class NewPool:
+        def get_connection(self, command_name: str | None = None) -> tuple[str, str | None]:
+            return ("new", command_name)
+
+    assert _Conns(OldPool()).take() == (("old", "EVALSHA"), False)
+    assert _Conns(NewPool()).take() == (("new", None), False)
+    conns = _Conns(NewPool())
+    conns.free.append("kept")
+    assert conns.take() == ("kept", True)
