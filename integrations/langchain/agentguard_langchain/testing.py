@@ -27,7 +27,6 @@ import itertools
 import json
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -47,6 +46,8 @@ from pydantic import ConfigDict, Field, PrivateAttr
 from agentguard import counter_for
 
 __all__ = ["ScriptedChatModel", "count_input_tokens"]
+
+_INSTANCES = itertools.count(1)
 
 _DEFAULT_REPLY = (
     "I looked at the order history, the carrier's tracking events and the refund policy. "
@@ -114,8 +115,9 @@ class ScriptedChatModel(BaseChatModel):
     _calls: int = PrivateAttr(default=0)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _reply_iter: Any = PrivateAttr(default=None)
-    # tool-call ids unique across instances: a downgraded agent talks to several models
-    _uid: str = PrivateAttr(default_factory=lambda: uuid.uuid4().hex[:6])
+    # ids unique across instances (a downgraded agent talks to several models) and of a fixed
+    # shape, so a tool call's token count (and so every reservation) is deterministic
+    _uid: str = PrivateAttr(default_factory=lambda: f"{next(_INSTANCES) % 1_000_000:06d}")
     seen: list[dict[str, Any]] = Field(default_factory=list, exclude=True)
 
     @property
