@@ -295,21 +295,32 @@ def decide_model_call(
                 why += f"; output capped at {out} tokens by the remaining budget"
             return _allow(model, request.model, out, reserve, why)
 
-    # 3. nothing fits
+    # 3. nothing fits. ``actual`` is what the budget would reach with the smallest useful call
+    # (spent + that call's worst case), so the message reads as an excess over the limit.
+    smallest = [
+        r.worst_case_cost(request.input_tokens, need)
+        for r in (rates.get(m) for m in candidates)
+        if r is not None
+    ]
+    needed = min(smallest) if smallest else _ZERO
+    used = None if remaining is None else (headroom.limit_usd or _ZERO) - remaining
     if finish_call:
         return Decision(
             "stop",
             reason="not even the graceful final call fits the remaining budget",
             limit="max_cost_usd" if remaining is not None else "max_total_tokens",
             limit_value=headroom.limit_usd,
-            actual=None if remaining is None else (headroom.limit_usd or _ZERO) - remaining,
+            actual=None if used is None else used + needed,
             budget=headroom.budget,
         )
     limit_value: Decimal | int | None
     if remaining is not None:
         limit_name, limit_value = "max_cost_usd", headroom.limit_usd
-        actual: Decimal | int | None = (headroom.limit_usd or _ZERO) - remaining
-        reason = f"${remaining} left on {headroom.budget} cannot pay for the next call"
+        actual: Decimal | int | None = (used or _ZERO) + needed
+        reason = (
+            f"${remaining} left on {headroom.budget} cannot pay for the next call "
+            f"(at least ${needed})"
+        )
         budget = headroom.budget
     else:
         limit_name, limit_value = "max_total_tokens", policy.max_total_tokens

@@ -244,3 +244,13 @@ def test_a_proceeding_decision_never_reserves_more_than_is_left(
     else:
         assert d.action == "stop"
         assert d.limit == "max_cost_usd"
+
+
+def test_a_refusal_reports_spend_plus_the_smallest_call_as_the_excess() -> None:
+    d = decide_model_call(
+        policy(max_cost_usd="1"), Spent(), room("0.00006"), CallRequest("small", 100), RATES
+    )
+    assert d.action == "stop"
+    # spent $0.99994 + the smallest useful call (100 in at $0.5/M + 16 out at $1/M = $0.000066)
+    assert d.actual == D("0.99994") + D("0.000066")
+    assert d.actual > D("1")
