@@ -366,17 +366,23 @@ class RedisStore:
         if url is None and not nodes:
             raise ValueError("from_cluster needs a url or nodes=[(host, port), ...]")
 
+        # No retries inside the cluster clients: a resent reserve would find its own
+        # reservation and be refused as a reused id. The store retries itself, flagging the
+        # resend so the script recognises it (see _call / _acall).
         def make(sync: bool) -> Any:
             if sync:
+                sopts = {**opts, "retry": Retry(NoBackoff(), 0)}
                 if url is not None:
-                    return RedisCluster.from_url(url, **opts)
+                    return RedisCluster.from_url(url, **sopts)
                 startup = [ClusterNode(h, p) for h, p in nodes]  # type: ignore[no-untyped-call]
-                return RedisCluster(startup_nodes=startup, **opts)
+                return RedisCluster(startup_nodes=startup, **sopts)
             from redis.asyncio.cluster import ClusterNode as AsyncNode
+            from redis.asyncio.retry import Retry as AsyncRetry
 
+            aopts = {**opts, "retry": AsyncRetry(NoBackoff(), 0)}
             if url is not None:
-                return AsyncRedisCluster.from_url(url, **opts)
-            return AsyncRedisCluster(startup_nodes=[AsyncNode(h, p) for h, p in nodes], **opts)
+                return AsyncRedisCluster.from_url(url, **aopts)
+            return AsyncRedisCluster(startup_nodes=[AsyncNode(h, p) for h, p in nodes], **aopts)
 
         return cls(make(True), async_client=lambda: make(False), **kwargs)
 
