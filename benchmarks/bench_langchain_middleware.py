@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _agent_loop import Variant, interleaved_medians, print_ratios
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware
 from langchain_core.tools import tool
@@ -98,17 +97,6 @@ def agent(steps: int, middleware: list[Any]) -> tuple[Any, ScriptedChatModel]:
     return create_agent(model=model, tools=[lookup], middleware=middleware), model
 
 
-def timed(invoke: Callable[[], None], model: ScriptedChatModel) -> float:
-    """One run: its time divided by the model calls it made (µs)."""
-    model._calls = 0  # the script (tool calls for the first N answers) restarts per run
-    t = time.perf_counter()
-    invoke()
-    dt = time.perf_counter() - t
-    n = model.calls
-    model.seen.clear()
-    return dt / n * 1e6
-
-
 def bench(steps: int, runs: int) -> dict[str, float]:
     """Median µs per model call of each variant; variants take turns, run by run, so drift in
     the machine's load hits them all alike."""
@@ -134,7 +122,7 @@ def bench(steps: int, runs: int) -> dict[str, float]:
     def arun(make: Callable[[], Any]) -> Callable[[], None]:
         return lambda: loop.run_until_complete(make())
 
-    variants: dict[str, tuple[Callable[[], None], ScriptedChatModel]] = {
+    variants: dict[str, Variant] = {
         "sync: no middleware": (lambda: base.invoke(ASK), base_model),
         "sync: no-op middleware, same hooks": (lambda: noop.invoke(ASK), noop_model),
         "sync: middleware": (lambda: per_run.invoke(ASK), per_run_model),
@@ -146,15 +134,10 @@ def bench(steps: int, runs: int) -> dict[str, float]:
         "async: middleware, caller's task": (arun(a_with_task), in_task_model),
         "async: middleware + SQLite traces": (arun(lambda: sql.ainvoke(ASK)), sql_model),
     }
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for i in range(runs + 5):  # the first five rounds warm up
-        for name, (invoke, model) in variants.items():
-            us = timed(invoke, model)
-            if i >= 5:
-                samples[name].append(us)
+    medians = interleaved_medians(variants, runs)
     loop.close()
     g_sql.close()
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return medians
 
 
 def main() -> None:
@@ -171,13 +154,7 @@ def main() -> None:
         f"agent step with / without AgentGuardMiddleware (median of {args.runs} runs, "
         f"{args.steps} tool-calling steps + a final answer each; µs per model call)"
     )
-    for mode in ("sync", "async"):
-        base = results[f"{mode}: no middleware"]
-        for name, us in results.items():
-            if not name.startswith(mode):
-                continue
-            extra = "" if us == base else f"  x{us / base:.2f}  (+{us - base:,.0f} µs)"
-            print(f"  {name:<38} {us:>9,.0f} µs{extra}")
+    print_ratios(results, "no middleware", 38)
 
 
 if __name__ == "__main__":

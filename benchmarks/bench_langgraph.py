@@ -40,13 +40,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _agent_loop import Variant, interleaved_medians, print_ratios
 from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
@@ -125,17 +124,6 @@ def guarded(steps: int, guard: ag.Guard) -> tuple[Any, ScriptedChatModel]:
     return gg.bind(b.compile()), model
 
 
-def timed(invoke: Callable[[], None], model: ScriptedChatModel) -> float:
-    """One run: its time divided by the model calls it made (µs)."""
-    model._calls = 0  # the script (tool calls for the first N answers) restarts per run
-    t = time.perf_counter()
-    invoke()
-    dt = time.perf_counter() - t
-    n = model.calls
-    model.seen.clear()
-    return dt / n * 1e6
-
-
 def bench(steps: int, runs: int) -> dict[str, float]:
     """Median µs per ReAct iteration of each variant; variants take turns, run by run, so
     drift in the machine's load hits them all alike."""
@@ -150,7 +138,7 @@ def bench(steps: int, runs: int) -> dict[str, float]:
     def arun(make: Callable[[], Any]) -> Callable[[], None]:
         return lambda: loop.run_until_complete(make())
 
-    variants: dict[str, tuple[Callable[[], None], ScriptedChatModel]] = {
+    variants: dict[str, Variant] = {
         "sync: bare graph": (lambda: base.invoke(ASK), base_model),
         "sync: guarded": (lambda: off.invoke(ASK), off_model),
         "sync: guarded + SQLite traces": (lambda: sql.invoke(ASK), sql_model),
@@ -158,15 +146,10 @@ def bench(steps: int, runs: int) -> dict[str, float]:
         "async: guarded": (arun(lambda: off.ainvoke(ASK)), off_model),
         "async: guarded + SQLite traces": (arun(lambda: sql.ainvoke(ASK)), sql_model),
     }
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for i in range(runs + 5):  # the first five rounds warm up
-        for name, (invoke, model) in variants.items():
-            us = timed(invoke, model)
-            if i >= 5:
-                samples[name].append(us)
+    medians = interleaved_medians(variants, runs)
     loop.close()
     g_sql.close()
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return medians
 
 
 def main() -> None:
@@ -183,13 +166,7 @@ def main() -> None:
         f"ReAct iteration with / without GraphGuard (median of {args.runs} runs, "
         f"{args.steps} tool-calling iterations + a final answer each; µs per model call)"
     )
-    for mode in ("sync", "async"):
-        base = results[f"{mode}: bare graph"]
-        for name, us in results.items():
-            if not name.startswith(mode):
-                continue
-            extra = "" if us == base else f"  x{us / base:.2f}  (+{us - base:,.0f} µs)"
-            print(f"  {name:<34} {us:>9,.0f} µs{extra}")
+    print_ratios(results, "bare graph", 34)
 
 
 if __name__ == "__main__":

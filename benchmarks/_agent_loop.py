@@ -1,0 +1,48 @@
+"""Shared timing for the agent-loop benchmarks (middleware, LangGraph): variants take turns
+run by run, so drift in the machine's load hits them all alike; each run's time is divided by
+the model calls it made."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+from agentguard_langchain.testing import ScriptedChatModel
+
+Variant = tuple[Callable[[], None], ScriptedChatModel]
+
+
+def timed(invoke: Callable[[], None], model: ScriptedChatModel) -> float:
+    """One run: its time divided by the model calls it made (µs)."""
+    model._calls = 0  # the script (tool calls for the first N answers) restarts per run
+    t = time.perf_counter()
+    invoke()
+    dt = time.perf_counter() - t
+    n = model.calls
+    model.seen.clear()
+    return dt / n * 1e6
+
+
+def interleaved_medians(
+    variants: Mapping[str, Variant], runs: int, warmup: int = 5
+) -> dict[str, float]:
+    """Median µs per model call of each variant over ``runs`` timed rounds (after warm-up)."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(runs + warmup):
+        for name, (invoke, model) in variants.items():
+            us = timed(invoke, model)
+            if i >= warmup:
+                samples[name].append(us)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def print_ratios(results: Mapping[str, float], baseline: str, width: int) -> None:
+    """Per mode (sync / async), each variant's median and its ratio to the mode's baseline."""
+    for mode in ("sync", "async"):
+        base = results[f"{mode}: {baseline}"]
+        for name, us in results.items():
+            if not name.startswith(mode):
+                continue
+            extra = "" if us == base else f"  x{us / base:.2f}  (+{us - base:,.0f} µs)"
+            print(f"  {name:<{width}} {us:>9,.0f} µs{extra}")
