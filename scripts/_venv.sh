@@ -8,4 +8,5 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" \
-  -e "integrations/langchain[agents,test]" -e "integrations/langgraph[test]"
+  -e "integrations/langchain[agents,test]" -e "integrations/langgraph[test]" \
+  -e "integrations/llamaindex[test]"

@@ -152,11 +152,21 @@ def test_encoding_choice_by_model() -> None:
     assert all(encoding_for_model(m)[0] is None for m in other)
 
 
-def test_o200k_models_fall_back_to_cl100k_approximation() -> None:
-    # o200k_base is not bundled by any installed package here
+def test_o200k_models_fall_back_to_cl100k_approximation(monkeypatch: pytest.MonkeyPatch) -> None:
+    # without llama-index-core (the only package here that ships o200k_base)
+    _fake_find_spec(monkeypatch, llama_index=None)
     assert _tokens._load("o200k_base") is None
     c = counter_for("gpt-4o")
     assert (c.name, c.exact, c.margin) == ("tiktoken:cl100k_base (approximation)", False, 0.15)
+    assert c.count("hello world") == 2
+
+
+def test_o200k_models_are_exact_with_llama_index_core_installed() -> None:
+    loaded = _tokens._load("o200k_base")
+    assert loaded is not None
+    assert loaded[1] == "llama-index-core"
+    c = counter_for("gpt-4o")
+    assert (c.name, c.exact, c.margin) == ("tiktoken:o200k_base", True, 0.0)
     assert c.count("hello world") == 2
 
 
@@ -211,6 +221,7 @@ def test_tiktoken_cache_dir_is_used_when_the_file_is_there(
 def test_empty_tiktoken_cache_dir_is_never_filled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _fake_find_spec(monkeypatch, llama_index=None)  # gpt-4o falls back to cl100k
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     c = counter_for("gpt-4o")
     assert isinstance(c, TiktokenCounter)
@@ -302,6 +313,7 @@ def test_concurrent_first_use_loads_once(monkeypatch: pytest.MonkeyPatch) -> Non
         time.sleep(0.05)
         return real(name)
 
+    _fake_find_spec(monkeypatch, llama_index=None)  # o200k missing: falls back to cl100k
     monkeypatch.setattr(_tokens, "_load_uncached", slow_load)
     barrier = threading.Barrier(16)
     got: list[TokenCounter] = []
