@@ -5,6 +5,8 @@ Subcommands (each takes ``--db PATH``, default ``$AGENTGUARD_DB`` or ``agentguar
 
 * ``agentguard report [--since 24h|7d|ISO] [--feature F] [--team T] [--top N] [--limit N]`` —
   per-task table, the most expensive tasks, totals by feature, team and model;
+  ``--html FILE [--waterfalls N]`` writes the same as one self-contained HTML page with a spend
+  chart, the decisions and what they saved, and span waterfalls (:mod:`agentguard._html`);
 * ``agentguard trace TASK_ID`` — one task's span tree with timing, tokens, cost and decisions;
 * ``agentguard prices MODEL [--provider P]`` — the per-million-token rates agentguard uses.
 
@@ -17,6 +19,7 @@ Money is printed exactly (``$0.001234``, never rounded to ``$0.00``); an unknown
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -186,6 +189,8 @@ def _reader(args: argparse.Namespace) -> Any:
 def _cmd_report(args: argparse.Namespace, out: IO[str]) -> int:
     sym = _Symbols(out)
     since: float | None = args.since
+    if args.html is not None:
+        return _write_html(args, out)
     with _reader(args) as reader:
         filters = {"since": since, "feature": args.feature, "team": args.team}
         tasks: list[TaskRecord] = reader.tasks(**filters)
@@ -308,6 +313,36 @@ def _cmd_report(args: argparse.Namespace, out: IO[str]) -> int:
             "lrrrrrr",
         )
     _emit(out, "\n".join(lines) + "\n")
+    return 0
+
+
+def _write_html(args: argparse.Namespace, out: IO[str]) -> int:
+    from agentguard._html import render_report
+
+    with _reader(args) as reader:
+        page = render_report(
+            reader,
+            since=args.since,
+            feature=args.feature,
+            team=args.team,
+            top=args.top,
+            waterfalls=args.waterfalls,
+        )
+    path = str(args.html)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _CLIError(f"--html {path!r}: cannot write the report: {e.strerror or e}") from None
+    size = len(page.encode("utf-8"))
+    if args.json:
+        _emit(out, _to_json({"html": path, "bytes": size}) + "\n")
+    else:
+        _emit(out, f"wrote {path} ({size / 1024:,.0f} KB)\n")
     return 0
 
 
@@ -579,6 +614,18 @@ def _parser() -> argparse.ArgumentParser:
         default=50,
         metavar="N",
         help="latest N tasks in the task table (default 50)",
+    )
+    report.add_argument(
+        "--html",
+        metavar="FILE",
+        help="write a self-contained HTML report (charts, top tasks, waterfalls) to FILE",
+    )
+    report.add_argument(
+        "--waterfalls",
+        type=_positive,
+        default=20,
+        metavar="N",
+        help="with --html: span waterfalls for the N most expensive tasks (default 20)",
     )
     report.set_defaults(func=_cmd_report)
 
