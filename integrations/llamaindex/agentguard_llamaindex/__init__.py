@@ -12,9 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "TokenBudgetPostprocessor": "_postprocess",
+}
 
 __all__ = [
+    "TokenBudgetPostprocessor",
     "__version__",
 ]
 
@@ -29,4 +32,4 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    pass
+    from agentguard_llamaindex._postprocess import TokenBudgetPostprocessor
