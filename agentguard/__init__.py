@@ -71,6 +71,7 @@ _EXPORTS: dict[str, str] = {
     "MemorySink": "_sinks",
     "MultiSink": "_sinks",
     "NullSink": "_sinks",
+    "OTelSink": "_otel",
 }
 
 __all__ = [
@@ -95,6 +96,7 @@ __all__ = [
     "ModelRates",
     "MultiSink",
     "NullSink",
+    "OTelSink",
     "Policy",
     "PolicyError",
     "PriceBook",
@@ -156,6 +158,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         UnknownModelError,
     )
     from agentguard._guard import DecisionRecord, Guard, ModelCall, Task, ToolCall, current_task
+    from agentguard._otel import OTelSink
     from agentguard._policy import Budget, Downgrade, Policy
     from agentguard._pricing import ModelRates, PriceBook, PriceOverride
     from agentguard._redis_store import RedisStore

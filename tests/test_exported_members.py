@@ -11,7 +11,7 @@ EXPECTED = {
     "AgentGuardError", "Balance", "Budget", "BudgetExceeded", "BudgetLine", "BudgetStore",
     "CallRequest", "Chunk", "Decision", "DecisionRecord", "Downgrade", "Guard", "Headroom",
     "InvalidUsage", "JSONLSink", "MemorySink", "MemoryStore", "ModelCall", "ModelRates",
-    "MultiSink", "NullSink", "Policy", "PolicyError", "PriceBook", "PriceOverride",
+    "MultiSink", "NullSink", "OTelSink", "Policy", "PolicyError", "PriceBook", "PriceOverride",
     "RedisStore",
     "SQLiteSink", "Span", "Spent", "StoreError", "Task", "TaskRecord", "TokenCounter",
     "ToolCall", "TraceSink", "TrimResult", "UnknownModelError", "Usage", "__version__",
@@ -43,7 +43,7 @@ def test_import_is_light() -> None:
     code = (
         "import sys, agentguard\n"
         "heavy = ['pydantic', 'structlog', 'genai_prices', 'tiktoken', 'sqlite3', 'langchain',"
-        " 'langchain_core', 'langgraph', 'llama_index', 'redis']\n"
+        " 'langchain_core', 'langgraph', 'llama_index', 'redis', 'opentelemetry']\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
