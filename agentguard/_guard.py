@@ -194,6 +194,8 @@ class Guard:
         self._ids = itertools.count(1)
         self.trace_errors = 0
         self._prefix = uuid.uuid4().hex[:10]
+        # callables (event, fields) told of soft-limit crossings (e.g. agentguard.Alerts.attach)
+        self.listeners: list[Any] = []
         self._check_ladder(policy)
 
     def _check_ladder(self, policy: Policy) -> None:
@@ -590,14 +592,19 @@ class Task:
         self._soft_seen.add(key)
         reason = f"{int(fraction * 100)}% of the budget on {key[0]} spent ({now_fraction:.0%})"
         self._record("soft_limit", "soft_limit", reason, None)
-        _logger().warning(
-            "agentguard.soft_limit",
-            task_id=self.id,
-            budget=key[0],
-            threshold=fraction,
-            spent_fraction=round(now_fraction, 4),
+        fields = {
+            "task_id": self.id,
+            "budget": key[0],
+            "threshold": fraction,
+            "spent_fraction": round(now_fraction, 4),
             **self.tags,
-        )
+        }
+        _logger().warning("agentguard.soft_limit", **fields)
+        for listener in self.guard.listeners:  # a failing listener never breaks the run
+            try:
+                listener("agentguard.soft_limit", fields)
+            except Exception as exc:
+                _logger().error("agentguard.listener_error", error=f"{type(exc).__name__}: {exc}")
 
     def _record(
         self,
