@@ -11,7 +11,8 @@ Budget hash fields: ``c<counter>`` committed and ``r<counter>`` reserved, each a
 reply leaves zeros out).
 
 Reservation record (one string): ``h`` followed by the JSON ``[deadline_ms, [budget keys],
-[counter, units, ...]]`` while held; after it, a one-letter tombstone for ``dedupe_ttl``:
+[counter, units, ...]]`` while held (the lease's live deadline is its score in the leases
+sorted set, moved by ``RENEW``; the one in the record is the first); after it, a one-letter tombstone for ``dedupe_ttl``:
 ``x`` reclaimed after its lease, ``r`` released, ``d`` committed.
 
 Cost model: each script reads every budget hash it touches once (``HGETALL``), works on Lua
@@ -250,8 +251,10 @@ local st = redis.call('GET', rec)
 if st == 'd' then return reply({2, 0}, 4) end
 local late = 0
 if st and byte(st, 1) == 104 then
-  local h = free(st)
-  if tonumber(h[1]) < now_ms() then late = 1 end
+  free(st)
+  -- the lease's deadline is its score (renewals move it), not the one in the record
+  local dl = redis.call('ZSCORE', leases, rec)
+  if dl and tonumber(dl) < now_ms() then late = 1 end
   redis.call('ZREM', leases, rec)
 elseif st == 'x' then
   late = 1
@@ -282,6 +285,18 @@ end
 return '[1]'
 """
 )
+
+# KEYS: leases, records...  ARGV: lease_ms. Moves the deadline of each lease still held (a
+# reclaimed one is no longer in the sorted set: XX leaves it out) to now + lease_ms.
+RENEW = r"""
+local t = redis.call('TIME')
+local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+local n = 0
+for i = 2, #KEYS do
+  n = n + redis.call('ZADD', KEYS[1], 'XX', 'CH', deadline, KEYS[i])
+end
+return n
+"""
 
 # KEYS: op marker, budget keys...  ARGV: check, tomb_ms, amounts..., lines...
 CHARGE = (

@@ -232,6 +232,7 @@ _SCRIPTS = {
     "release": lua.RELEASE,
     "charge": lua.CHARGE,
     "snapshot": lua.SNAPSHOT,
+    "renew": lua.RENEW,
     "trivial": lua.TRIVIAL,
 }
 
@@ -246,6 +247,9 @@ class RedisStore:
         namespace: the hash tag of every key (``{namespace}:...``); stores with different
             namespaces are independent and may live on different cluster shards.
         lease_ttl: seconds a reservation is held before it is reclaimed (a worker died).
+        renew_leases: while this process holds a reservation, a background thread extends its
+            lease every ``lease_ttl / 3`` seconds, so a call that runs longer than ``lease_ttl``
+            keeps it; when the process dies the renewals stop and the lease runs out.
         on_store_error: ``"fail_closed"`` (raise ``StoreError``) or ``"fail_open"`` (account
             locally, reconcile into Redis when it is back).
         retries: extra attempts of an operation after a connection error or timeout.
@@ -267,6 +271,7 @@ class RedisStore:
         async_client: Callable[[], Any] | None = None,
         namespace: str = "agentguard",
         lease_ttl: float = 900.0,
+        renew_leases: bool = True,
         on_store_error: OnStoreError = "fail_closed",
         retries: int = 2,
         retry_backoff: float = 0.05,
@@ -287,7 +292,10 @@ class RedisStore:
         )
         self.namespace = namespace
         self.on_store_error: OnStoreError = on_store_error
+        if not lease_ttl > 0:
+            raise ValueError(f"lease_ttl={lease_ttl!r}: must be a positive number of seconds")
         self.lease_ttl = lease_ttl
+        self.renew_leases = renew_leases
         self.retries = retries
         self.retry_backoff = retry_backoff
         self.reconnect_interval = reconnect_interval
@@ -322,6 +330,13 @@ class RedisStore:
         self._held: dict[str, tuple[list[str], dict[str, Amount]]] = {}
         self.late_commits = 0
         """Commits (in this process) whose lease had already expired: recorded, and flagged."""
+        # lease renewal: reservations this process holds in Redis (rid -> record key)
+        self._leased: dict[str, str] = {}
+        self._renewer: threading.Thread | None = None
+        self._renewer_pid = 0
+        self._stop_renewing = threading.Event()
+        self.lease_renewals = 0
+        """Lease renewals sent by this process (each one ``EVALSHA`` for all its leases)."""
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -387,7 +402,8 @@ class RedisStore:
         return cls(make(True), async_client=lambda: make(False), **kwargs)
 
     def close(self) -> None:
-        """Close the sync client's connections."""
+        """Stop renewing leases and close the sync client's connections."""
+        self._stop_renewing.set()
         for conns in (self._single, self._cluster):
             if conns is not None:
                 conns.close()
@@ -506,8 +522,14 @@ class RedisStore:
         if result.denied is not None:
             d = result.denied
             result.denied = Denied(d.key, d.counter, d.limit, d.used, amounts[d.counter])
-        elif self.on_store_error == "fail_open":
-            self._held[rid] = ([ln.key for ln in lines], {c: a for c, a in amounts.items() if a})
+        else:
+            if self.renew_leases:
+                self._lease(rid)
+            if self.on_store_error == "fail_open":
+                self._held[rid] = (
+                    [ln.key for ln in lines],
+                    {c: a for c, a in amounts.items() if a},
+                )
         return result
 
     def _op_commit(
@@ -519,6 +541,7 @@ class RedisStore:
             reply = yield self._commit_req(rid, lines, actual)
         except _Unavailable as exc:
             self._unavailable(exc)
+            self._leased.pop(rid, None)
             with self._lock:
                 self._unhold(rid)
                 self._local.commit(rid, lines, actual)
@@ -538,6 +561,7 @@ class RedisStore:
             yield self._release_req(rid)
         except _Unavailable as exc:
             self._unavailable(exc)
+            self._leased.pop(rid, None)
             with self._lock:
                 self._unhold(rid)
                 self._local.release(rid)
@@ -639,6 +663,7 @@ class RedisStore:
                 self._seen[key] = Balance(seen.committed, res)
 
     def _forget_local(self, rid: str) -> None:
+        self._leased.pop(rid, None)
         if self._held:
             self._held.pop(rid, None)
         if self._local_rids and rid in self._local_rids:
@@ -690,6 +715,39 @@ class RedisStore:
             rid,
             self.lease_ttl,
         )
+
+    # -- lease renewal --------------------------------------------------------------------------
+
+    def _lease(self, rid: str) -> None:
+        """Renew ``rid``'s lease until it is committed or released (or the process dies)."""
+        if self._renewer_pid != os.getpid():  # first lease, or a forked child
+            with self._lock:
+                if self._renewer_pid != os.getpid():
+                    self._leased = {}  # a parent's leases are the parent's to renew
+                    self._stop_renewing = threading.Event()
+                    self._renewer = threading.Thread(
+                        target=_renew_loop,
+                        args=(weakref.ref(self), self._stop_renewing, self.lease_ttl / 3),
+                        name="agentguard-lease-renewal",
+                        daemon=True,
+                    )
+                    self._renewer.start()
+                    self._renewer_pid = os.getpid()
+        self._leased[rid] = self._rkey(rid)
+
+    def renew(self) -> int:
+        """Extend the lease of every reservation this process holds now; the renewal thread
+        calls it every ``lease_ttl / 3`` seconds. Returns how many leases were extended (a
+        lease already reclaimed is not revived)."""
+        records = list(self._leased.values())
+        n = 0
+        for i in range(0, len(records), 512):
+            reply = self._call(
+                _Req("renew", [self._leases, *records[i : i + 512]], [self._lease_ms])
+            )
+            n += int(reply)
+        self.lease_renewals += 1
+        return n
 
     # -- drivers --------------------------------------------------------------------------------
 
@@ -930,6 +988,22 @@ class RedisStore:
         """Store-wide counters kept in Redis (``late_commits``)."""
         raw = self.client.hgetall(self._stats)
         return {_s(k): int(v) for k, v in raw.items()}
+
+
+def _renew_loop(
+    ref: weakref.ReferenceType[RedisStore], stop: threading.Event, every: float
+) -> None:
+    """The renewal thread: holds the store weakly, ends when it is closed or collected."""
+    while not stop.wait(every):
+        store = ref()
+        if store is None:
+            return
+        if store._leased:
+            try:
+                store.renew()
+            except Exception as exc:  # Redis down: the next tick tries again
+                log.warning("lease renewal failed (%r); retrying in %.3gs", exc, every)
+        del store
 
 
 def _fast_pool_type(pool: Any) -> bool:

@@ -91,7 +91,8 @@ def test_reused_reservation_id_is_refused(url: str) -> None:
 
 def test_lease_of_a_dead_worker_is_reclaimed_and_late_commit_is_recorded(url: str) -> None:
     ns = _ns()
-    dead = RedisStore.from_url(url, namespace=ns, lease_ttl=0.2)
+    # renew_leases=False: a worker whose renewals stopped (frozen, or dead as far as Redis knows)
+    dead = RedisStore.from_url(url, namespace=ns, lease_ttl=0.2, renew_leases=False)
     alive = RedisStore.from_url(url, namespace=ns, lease_ttl=0.2)
     assert dead.reserve("r-dead", [LINE], {"cost_usd": D("0.8")}).ok
     assert not alive.reserve("r1", [LINE], {"cost_usd": D("0.8")}).ok
@@ -104,6 +105,66 @@ def test_lease_of_a_dead_worker_is_reclaimed_and_late_commit_is_recorded(url: st
     assert bal["team:cx"].reserved["cost_usd"] == D("0.8")
     assert dead.late_commits == 1
     assert dead.stats()["late_commits"] == 1
+
+
+def test_a_call_longer_than_the_lease_keeps_its_reservation(url: str) -> None:
+    """The store renews the leases it holds every lease_ttl / 3: a model call running for
+    several lease_ttl is never reclaimed under it, while other workers keep reclaiming."""
+    ns = _ns()
+    store = RedisStore.from_url(url, namespace=ns, lease_ttl=0.3)
+    other = RedisStore.from_url(url, namespace=ns, lease_ttl=0.3)
+    policy = ag.Policy(budgets=[ag.Budget(scope="team", max_cost_usd=D("0.001"))])
+    guard = ag.Guard(policy, store=store, traces=False)
+    with guard.task("long", team="cx") as task:
+        call = task.start_model_call("gpt-4o-mini", input_tokens=2000, max_tokens=400)
+        held = call.amounts["cost_usd"]
+        deadline = time.monotonic() + 1.2  # four lease_ttl
+        while time.monotonic() < deadline:
+            bal = other.snapshot(["team:cx"])["team:cx"]  # reclaims expired leases
+            assert bal.reserved["cost_usd"] == held
+            time.sleep(0.05)
+        call.end({"prompt_tokens": 2000, "completion_tokens": 300})
+    assert store.lease_renewals >= 3
+    assert store.late_commits == 0 and store.stats().get("late_commits", 0) == 0
+    bal = other.snapshot(["team:cx"])["team:cx"]
+    assert bal.committed["cost_usd"] == task.cost_usd
+    assert "cost_usd" not in bal.reserved
+    assert not store._leased  # nothing left to renew
+    store.close()
+
+
+def test_a_killed_workers_lease_runs_out_once_renewals_stop(url: str) -> None:
+    """A real worker process holds a reservation and renews it while alive; SIGKILLed, its
+    renewals stop and the lease is reclaimed after lease_ttl."""
+    ns = _ns()
+    code = (
+        "import sys, time\n"
+        "from decimal import Decimal\n"
+        "from agentguard._redis_store import RedisStore\n"
+        "from agentguard._store import BudgetLine\n"
+        "s = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2], lease_ttl=0.3)\n"
+        "line = BudgetLine('team:cx', {'cost_usd': Decimal('1')})\n"
+        "assert s.reserve('r-worker', [line], {'cost_usd': Decimal('0.8')}).ok\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, url, ns], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        other = RedisStore.from_url(url, namespace=ns, lease_ttl=0.3)
+        time.sleep(0.9)  # three lease_ttl: the living worker keeps its lease
+        assert other.snapshot(["team:cx"])["team:cx"].reserved["cost_usd"] == D("0.8")
+        assert not other.reserve("r1", [LINE], {"cost_usd": D("0.5")}).ok
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    time.sleep(0.45)
+    assert other.snapshot(["team:cx"])["team:cx"].reserved.get("cost_usd", 0) == 0
+    assert other.reserve("r2", [LINE], {"cost_usd": D("0.9")}).ok
 
 
 def test_windowed_key_expires_after_its_window(url: str) -> None:
