@@ -72,10 +72,16 @@ _EXPORTS: dict[str, str] = {
     "MultiSink": "_sinks",
     "NullSink": "_sinks",
     "OTelSink": "_otel",
+    "Alert": "_alerts",
+    "Alerts": "_alerts",
+    "RateRule": "_alerts",
+    "Webhook": "_alerts",
 }
 
 __all__ = [
     "AgentGuardError",
+    "Alert",
+    "Alerts",
     "Balance",
     "Budget",
     "BudgetExceeded",
@@ -101,6 +107,7 @@ __all__ = [
     "PolicyError",
     "PriceBook",
     "PriceOverride",
+    "RateRule",
     "RedisStore",
     "SQLiteSink",
     "Span",
@@ -114,6 +121,7 @@ __all__ = [
     "TrimResult",
     "UnknownModelError",
     "Usage",
+    "Webhook",
     "__version__",
     "counter_for",
     "current_task",
@@ -139,6 +147,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from agentguard._alerts import Alert, Alerts, RateRule, Webhook
     from agentguard._decide import (
         CallRequest,
         Decision,

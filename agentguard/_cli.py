@@ -198,7 +198,7 @@ def _cmd_report(args: argparse.Namespace, out: IO[str]) -> int:
     shown = tasks[: args.limit] if args.limit is not None else tasks
     ranked = sorted(
         tasks, key=lambda t: (t.cost_usd is None, -(t.cost_usd or Decimal(0)), t.task_id)
-    )[: args.top]
+    )[: args.top or 5]
 
     if args.json:
         doc = {
@@ -325,7 +325,7 @@ def _write_html(args: argparse.Namespace, out: IO[str]) -> int:
             since=args.since,
             feature=args.feature,
             team=args.team,
-            top=args.top,
+            top=args.top or 10,
             waterfalls=args.waterfalls,
         )
     path = str(args.html)
@@ -606,7 +606,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--feature", metavar="F", help="only tasks tagged feature=F")
     report.add_argument("--team", metavar="T", help="only tasks tagged team=T")
     report.add_argument(
-        "--top", type=_positive, default=5, metavar="N", help="top N tasks by cost (default 5)"
+        "--top",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="top N tasks by cost (default 5; 10 with --html)",
     )
     report.add_argument(
         "--limit",
@@ -637,6 +641,9 @@ def _parser() -> argparse.ArgumentParser:
     prices.add_argument("model", metavar="MODEL")
     prices.add_argument("--provider", metavar="P", help="provider id, e.g. openai, anthropic")
     prices.set_defaults(func=_cmd_prices)
+    from agentguard._cli_review import register  # alerts, forecast, efficiency, replay
+
+    register(sub, common)
     return parser
 
 

@@ -8,13 +8,13 @@ import sys
 import agentguard
 
 EXPECTED = {
-    "AgentGuardError", "Balance", "Budget", "BudgetExceeded", "BudgetLine", "BudgetStore",
+    "AgentGuardError", "Alert", "Alerts", "Balance", "Budget", "BudgetExceeded", "BudgetLine", "BudgetStore",
     "CallRequest", "Chunk", "Decision", "DecisionRecord", "Downgrade", "Guard", "Headroom",
     "InvalidUsage", "JSONLSink", "MemorySink", "MemoryStore", "ModelCall", "ModelRates",
     "MultiSink", "NullSink", "OTelSink", "Policy", "PolicyError", "PriceBook", "PriceOverride",
-    "RedisStore",
+    "RateRule", "RedisStore",
     "SQLiteSink", "Span", "Spent", "StoreError", "Task", "TaskRecord", "TokenCounter",
-    "ToolCall", "TraceSink", "TrimResult", "UnknownModelError", "Usage", "__version__",
+    "ToolCall", "TraceSink", "TrimResult", "UnknownModelError", "Usage", "Webhook", "__version__",
     "counter_for", "current_task", "decide_model_call", "decide_retry", "decide_step",
     "decide_tool_call", "trim_chunks",
 }  # fmt: skip
