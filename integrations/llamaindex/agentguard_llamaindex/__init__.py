@@ -13,12 +13,28 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    "AgentGuardEventHandler": "_handler",
+    "AgentGuardSpanHandler": "_handler",
+    "BudgetRateLimiter": "_handler",
+    "Instrumentation": "_handler",
+    "instrument": "_handler",
+    "BudgetedLLM": "_llm",
+    "GuardedTool": "_agent",
+    "guard_agent": "_agent",
     "TokenBudgetPostprocessor": "_postprocess",
 }
 
 __all__ = [
+    "AgentGuardEventHandler",
+    "AgentGuardSpanHandler",
+    "BudgetRateLimiter",
+    "BudgetedLLM",
+    "GuardedTool",
+    "Instrumentation",
     "TokenBudgetPostprocessor",
     "__version__",
+    "guard_agent",
+    "instrument",
 ]
 
 
@@ -32,4 +48,13 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from agentguard_llamaindex._agent import GuardedTool, guard_agent
+    from agentguard_llamaindex._handler import (
+        AgentGuardEventHandler,
+        AgentGuardSpanHandler,
+        BudgetRateLimiter,
+        Instrumentation,
+        instrument,
+    )
+    from agentguard_llamaindex._llm import BudgetedLLM
     from agentguard_llamaindex._postprocess import TokenBudgetPostprocessor

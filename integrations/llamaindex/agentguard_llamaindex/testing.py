@@ -1,0 +1,313 @@
+"""Test helpers: a provider-like scripted LLM for LlamaIndex.
+
+:class:`ScriptedLLM` is a real ``FunctionCallingLLM`` (it emits LlamaIndex's LLM events and
+spans like any provider LLM) that answers from a script, and behaves like a provider where it
+matters to a budget:
+
+* it reports OpenAI-shaped ``usage`` in ``raw`` — prompt tokens counted from what it was sent
+  (messages and tool schemas, with agentguard's tokenizer for its model), completion tokens =
+  words written — on every answer, and on the last chunk of a stream;
+* it honours ``max_tokens`` (the answer is cut, like ``finish_reason="length"``);
+* with tools (and ``tool_choice`` not ``"none"``) it calls a tool for the first
+  ``tool_rounds`` answers — ``-1``: forever, the runaway agent a cap must end;
+* in ReAct mode (``react=True``) it writes ``Thought / Action / Action Input`` text for the
+  first ``tool_rounds`` answers instead; a message containing ``stop_when`` makes it answer.
+
+Example:
+    >>> llm = ScriptedLLM(replies=["It is sunny today."])
+    >>> r = llm.complete("Weather?", max_tokens=2)
+    >>> r.text, r.raw["usage"]["completion_tokens"], llm.seen[-1]["max_tokens"]
+    ('It is', 2, 2)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+import time
+from collections.abc import AsyncGenerator, Generator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+    ToolCallBlock,
+)
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+from pydantic import Field, PrivateAttr
+
+from agentguard import counter_for
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
+
+__all__ = ["ScriptedLLM"]
+
+_IDS = itertools.count(1)
+
+
+class ScriptedLLM(FunctionCallingLLM):
+    """A scripted, provider-like function-calling LLM (see the module docstring).
+
+    Args:
+        model: the model id it reports (and is priced as).
+        replies: text answers, used in turn; the last one repeats.
+        tool_rounds: how many answers call a tool when tools are offered (``-1``: forever).
+        tool_name: the tool to call (default: the first one offered).
+        tool_args: the arguments of each tool call.
+        react: write ReAct ``Action`` text instead of structured tool calls.
+        stop_when: a text that, found in the last message, makes it answer instead.
+        delay: seconds each call takes (to keep concurrent calls in flight together).
+        max_tokens: a constructor output cap.
+
+    Attributes:
+        seen: per call, ``{"messages": n, "tools": [names], "max_tokens": cap,
+            "tool_choice": ..., "model": ...}``.
+    """
+
+    model: str = "gpt-4o-mini"
+    replies: list[str] = Field(default_factory=lambda: ["Done."])
+    tool_rounds: int = 0
+    tool_name: str | None = None
+    tool_args: dict[str, Any] = Field(default_factory=dict)
+    react: bool = False
+    stop_when: str | None = None
+    delay: float = 0.0
+    max_tokens: int | None = None
+
+    _seen: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _answers: int = PrivateAttr(default=0)
+    _tool_answers: int = PrivateAttr(default=0)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "ScriptedLLM"
+
+    @property
+    def seen(self) -> list[dict[str, Any]]:
+        return self._seen
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            model_name=self.model,
+            is_chat_model=True,
+            is_function_calling_model=True,
+            num_output=self.max_tokens or -1,
+        )
+
+    # -- the script -------------------------------------------------------------------------
+
+    def _answer(
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+    ) -> tuple[ChatMessage, dict[str, int]]:
+        tools: list[dict[str, Any]] = kwargs.get("tools") or []
+        choice = kwargs.get("tool_choice")
+        cap = kwargs.get("max_tokens", self.max_tokens)
+        if isinstance(self.max_tokens, int) and isinstance(cap, int):
+            cap = min(cap, self.max_tokens)
+        with self._lock:
+            self._seen.append(
+                {
+                    "messages": len(messages),
+                    "tools": [t["function"]["name"] for t in tools],
+                    "max_tokens": cap,
+                    "tool_choice": choice,
+                    "model": kwargs.get("model", self.model),
+                }
+            )
+            last = messages[-1].content or "" if messages else ""
+            stop = self.stop_when is not None and self.stop_when in last
+            rounds_left = self.tool_rounds < 0 or self._tool_answers < self.tool_rounds
+            use_tool = not stop and rounds_left and choice != "none"
+            structured = use_tool and bool(tools) and not self.react
+            react = use_tool and self.react
+            if structured or react:
+                self._tool_answers += 1
+            reply = self.replies[min(self._answers, len(self.replies) - 1)]
+            if not (structured or react):
+                self._answers += 1
+        if self.delay:
+            time.sleep(self.delay)
+        prompt = counter_for(self.model).count_messages(messages, tools or None)
+        name = self.tool_name or (tools[0]["function"]["name"] if tools else "search")
+        args = json.dumps(self.tool_args)
+        if structured:
+            call_id = f"call_{next(_IDS):06d}"
+            message = ChatMessage(
+                role=MessageRole.ASSISTANT,
+                blocks=[ToolCallBlock(tool_call_id=call_id, tool_name=name, tool_kwargs=args)],
+            )
+            out = 3 + len(args.split())
+            return message, {"prompt_tokens": prompt, "completion_tokens": out}
+        if react:
+            reply = f"Thought: I need to use a tool.\nAction: {name}\nAction Input: {args}"
+        words = reply.split()
+        if isinstance(cap, int) and len(words) > cap:
+            words = words[:cap]
+        text = " ".join(words)
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(words)}
+        return ChatMessage(role=MessageRole.ASSISTANT, content=text), usage
+
+    def _response(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
+        message, usage = self._answer(messages, kwargs)
+        return ChatResponse(
+            message=message,
+            raw={"model": kwargs.get("model", self.model), "usage": usage},
+        )
+
+    def _chunks(
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+    ) -> list[ChatResponse]:
+        message, usage = self._answer(messages, kwargs)
+        if message.content is None or not message.content:
+            return [ChatResponse(message=message, raw={"usage": usage})]
+        out: list[ChatResponse] = []
+        text = ""
+        words = message.content.split(" ")
+        for i, word in enumerate(words):
+            delta = word if i == 0 else " " + word
+            text += delta
+            last = i == len(words) - 1
+            out.append(
+                ChatResponse(
+                    message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
+                    delta=delta,
+                    raw={"usage": usage} if last else {},
+                )
+            )
+        return out
+
+    # -- chat -------------------------------------------------------------------------------
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._response(messages, kwargs)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        if self.delay:
+            await asyncio.sleep(0)
+        return self._response(messages, kwargs)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        chunks = self._chunks(messages, kwargs)
+
+        def gen() -> Generator[ChatResponse, None, None]:
+            yield from chunks
+
+        return gen()
+
+    @llm_chat_callback()
+    async def astream_chat(
+        self, messages: Sequence[ChatMessage], **kwargs: Any
+    ) -> ChatResponseAsyncGen:
+        chunks = self._chunks(messages, kwargs)
+
+        async def gen() -> AsyncGenerator[ChatResponse, None]:
+            for c in chunks:
+                yield c
+
+        return gen()
+
+    # -- completion ---------------------------------------------------------------------------
+
+    def _completion(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponse:
+        r = self._response([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
+        return CompletionResponse(text=r.message.content or "", raw=r.raw)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return self._completion(prompt, kwargs)
+
+    @llm_completion_callback()
+    async def acomplete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponse:
+        return self._completion(prompt, kwargs)
+
+    def _completion_chunks(self, prompt: str, kwargs: dict[str, Any]) -> list[CompletionResponse]:
+        chunks = self._chunks([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
+        return [
+            CompletionResponse(text=c.message.content or "", delta=c.delta, raw=c.raw)
+            for c in chunks
+        ]
+
+    @llm_completion_callback()
+    def stream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseGen:
+        chunks = self._completion_chunks(prompt, kwargs)
+
+        def gen() -> Generator[CompletionResponse, None, None]:
+            yield from chunks
+
+        return gen()
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        chunks = self._completion_chunks(prompt, kwargs)
+
+        async def gen() -> AsyncGenerator[CompletionResponse, None]:
+            for c in chunks:
+                yield c
+
+        return gen()
+
+    # -- tools --------------------------------------------------------------------------------
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        messages = list(chat_history or [])
+        if user_msg:
+            messages.append(
+                ChatMessage(role=MessageRole.USER, content=user_msg)
+                if isinstance(user_msg, str)
+                else user_msg
+            )
+        return {
+            "messages": messages,
+            "tools": [t.metadata.to_openai_tool() for t in tools],
+            "tool_choice": kwargs.pop("tool_choice", "required" if tool_required else "auto"),
+            **kwargs,
+        }
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+        if not calls and error_on_no_tool_call:
+            raise ValueError("the answer has no tool call")
+        return [
+            ToolSelection(
+                tool_id=c.tool_call_id or "",
+                tool_name=c.tool_name,
+                tool_kwargs=json.loads(c.tool_kwargs)
+                if isinstance(c.tool_kwargs, str)
+                else dict(c.tool_kwargs),
+            )
+            for c in calls
+        ]
