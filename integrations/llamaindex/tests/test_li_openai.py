@@ -72,12 +72,12 @@ async def ask(mode: str, llm: Any, text: str) -> str:
     if mode == "achat":
         return str((await llm.achat(messages)).message.content)
     if mode == "stream":
-        return str([r for r in llm.stream_chat(messages)][-1].message.content)
+        return str(list(llm.stream_chat(messages))[-1].message.content)
     if mode == "astream":
         return str([r async for r in await llm.astream_chat(messages)][-1].message.content)
     if mode == "complete":
         return llm.complete(text).text  # type: ignore[no-any-return]
-    return str([r for r in llm.stream_complete(text)][-1].text)
+    return str(list(llm.stream_complete(text))[-1].text)
 
 
 MODES = ["chat", "achat", "stream", "astream", "complete", "stream_complete"]
