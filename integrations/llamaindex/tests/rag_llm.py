@@ -14,7 +14,7 @@ that behaves like a provider without a network:
   ``agentguard.testing.ScriptedModel`` does): ``start_model_call`` before, ``end(usage)`` after,
   so the task's spend is the price of exactly the tokens it was sent and wrote.
 
-Every prompt it received is kept in ``prompts``.
+Every call is kept in ``calls``: the prompt, the reply and the usage reported.
 """
 
 from __future__ import annotations
@@ -87,8 +87,7 @@ class ScriptedRagLLM(CustomLLM):
     context_window: int = 128_000
     max_tokens: int | None = None
 
-    _prompts: list[str] = PrivateAttr(default_factory=list)
-    _usage: dict[str, int] = PrivateAttr(default_factory=dict)
+    _calls: list[tuple[str, str, dict[str, int]]] = PrivateAttr(default_factory=list)
 
     @classmethod
     def class_name(cls) -> str:
@@ -104,14 +103,19 @@ class ScriptedRagLLM(CustomLLM):
         )
 
     @property
+    def calls(self) -> list[tuple[str, str, dict[str, int]]]:
+        """Every call, in order: (prompt, reply, usage reported in the OpenAI shape)."""
+        return self._calls
+
+    @property
     def prompts(self) -> list[str]:
         """Every prompt received, in order."""
-        return self._prompts
+        return [prompt for prompt, _, _ in self._calls]
 
     @property
     def last_usage(self) -> dict[str, int]:
-        """The usage reported for the last call (OpenAI shape)."""
-        return self._usage
+        """The usage reported for the last call."""
+        return self._calls[-1][2]
 
     def _reply(self, prompt: str, max_tokens: int | None) -> tuple[str, dict[str, int]]:
         text = rerank_reply(prompt) if _RERANK_MARK in prompt else answer_reply(prompt)
@@ -128,7 +132,6 @@ class ScriptedRagLLM(CustomLLM):
         }
 
     def _call(self, prompt: str) -> CompletionResponse:
-        self._prompts.append(prompt)
         task = ag.current_task()
         if task is None:
             text, usage = self._reply(prompt, self.max_tokens)
@@ -144,7 +147,7 @@ class ScriptedRagLLM(CustomLLM):
                 call.fail(exc)
                 raise
             call.end(usage, output_text=text)
-        self._usage = usage
+        self._calls.append((prompt, text, usage))
         return CompletionResponse(text=text, raw={"model": self.model, "usage": usage})
 
     @llm_completion_callback()
