@@ -526,6 +526,7 @@ def _waterfall(index: int, t: TaskRecord | None, task_id: str, spans: Sequence[S
         width = max(0.0, min(100.0 - left, (s_end - s.start) / total * 100))
         mark = "tick" if width < 0.4 else "span"
         width = max(width, 0.4)
+        left = min(left, 100.0 - width)
         u = s.usage
         est = bool(u is not None and u.estimated) or bool(s.attrs.get("estimated"))
         if s.cost_usd is not None:
