@@ -83,6 +83,162 @@ def _cmd_alerts(args: argparse.Namespace, out: IO[str]) -> int:
     return 0
 
 
+# -- forecast and efficiency -----------------------------------------------------------------
+
+
+def _records(args: argparse.Namespace, reader: Any) -> list[Any]:
+    records = list(reader.tasks(since=args.since))
+    if not records:
+        raise _CLIError(
+            "no tasks recorded"
+            + (" since then" if args.since is not None else "")
+            + " in "
+            + reader.path
+        )
+    return records
+
+
+def _duration(seconds: float) -> str:
+    """``1.6 s``, ``12.0 min``, ``5.2 h``, ``3.1 days``."""
+    for unit, size in (("days", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def _cmd_forecast(args: argparse.Namespace, out: IO[str]) -> int:
+    import time
+
+    from agentguard._forecast import forecast
+
+    by = None if args.by == "none" else args.by
+    with _reader(args) as reader:
+        records = _records(args, reader)
+        try:
+            rows = forecast(
+                records,
+                reader.spans,
+                period=args.period,
+                growth_pct=args.growth,
+                by=by,
+                since=args.since,
+                until=time.time() if args.since is not None else None,
+            )
+        except ValueError as e:
+            raise _CLIError(str(e)) from None
+    if args.json:
+        _emit(out, _to_json({"forecasts": [f.to_dict() for f in rows]}) + "\n")
+        return 0
+    total = rows[-1]
+    lines = [
+        f"Forecast per {args.period} from {total.requests} requests over "
+        f"{_duration(total.window_s)} of traces (prompt-growth contingency {args.growth}%)",
+    ]
+
+    def usd(v: Decimal | None) -> str:
+        return format_usd(v)
+
+    def per_m(v: Decimal | None) -> str:
+        return "unknown" if v is None else f"${(v * 1_000_000).quantize(Decimal('0.0001'))}"
+
+    table = []
+    for f in rows:
+        name = "TOTAL" if f.key is None and by is not None else (f.key or "(untagged)")
+        if f.key is None and by is None:
+            name = "all"
+        table.append(
+            [
+                name,
+                f"{f.requests_per_period:,}",
+                f"{f.input_tokens_per_request:,}",
+                f"{f.output_tokens_per_request:,}",
+                per_m(f.input_rate_usd),
+                per_m(f.output_rate_usd),
+                usd(f.input_usd),
+                usd(f.output_usd),
+                usd(f.contingency_usd),
+                usd(f.optimised_usd),
+                usd(f.unoptimised_usd) + ("*" if f.unestimated else ""),
+            ]
+        )
+    header = [
+        (by or "group").upper(), f"REQ/{args.period.upper()}", "IN TOK/REQ", "OUT TOK/REQ",
+        "IN $/MTOK", "OUT $/MTOK", "INPUT", "OUTPUT", "CONTINGENCY", "OPTIMISED",
+        "UNOPTIMISED",
+    ]  # fmt: skip
+    lines += _table(header, table, "lrrrrrrrrrr")
+    if any(f.other_usd for f in rows):
+        lines.append(f"OPTIMISED includes paid tools: {usd(total.other_usd)} per {args.period}")
+    saved = ", ".join(f"{k} {usd(v)}" for k, v in total.savings_usd.items())
+    lines.append(f"saved per {args.period} by the recorded decisions: {saved}")
+    if any(f.unestimated for f in rows):
+        lines.append(
+            "* a lever could not be estimated (see `agentguard efficiency`): left out of "
+            "UNOPTIMISED"
+        )
+    if total.unpriced_calls:
+        lines.append(f"{total.unpriced_calls} model calls could not be priced: left out")
+    _emit(out, "\n".join(lines) + "\n")
+    return 0
+
+
+def _cmd_efficiency(args: argparse.Namespace, out: IO[str]) -> int:
+    from agentguard._efficiency import LEVERS, efficiency
+    from agentguard._pricing import PriceBook
+
+    by = None if args.by == "none" else args.by
+    with _reader(args) as reader:
+        rows = efficiency(_records(args, reader), reader.spans, by=by, prices=PriceBook())
+    if args.json:
+        _emit(out, _to_json({"efficiency": [e.to_dict() for e in rows]}) + "\n")
+        return 0
+    table = []
+    for e in rows:
+        ratio = e.tokens.waste_ratio
+        name = "TOTAL" if e.key is None and by is not None else (e.key or "(untagged)")
+        if e.key is None and by is None:
+            name = "all"
+        table.append(
+            [
+                name,
+                str(e.tasks),
+                str(e.completed),
+                format_usd(e.cost_usd),
+                format_usd(None if e.cost_per_completed_usd is None else
+                           e.cost_per_completed_usd.quantize(Decimal("1e-8"))),
+                f"{e.tokens.useful:,}",
+                f"{e.tokens.context:,}",
+                f"{e.tokens.retry:,}",
+                f"{e.tokens.overhead:,}",
+                "-" if ratio is None else f"{ratio:.1%}",
+            ]
+        )  # fmt: skip
+    header = [
+        (by or "group").upper(), "TASKS", "DONE", "COST", "COST/DONE", "USEFUL TOK",
+        "CONTEXT TOK", "RETRY TOK", "OVERHEAD TOK", "WASTE",
+    ]  # fmt: skip
+    lines = ["Efficiency", *_table(header, table, "lrrrrrrrrr"), "", "Savings by lever"]
+    lever_rows = [
+        [
+            "TOTAL" if e.key is None and by is not None else (e.key or "all"),
+            *("n/a" if e.savings.get(lv) is None else format_usd(e.savings[lv]) for lv in LEVERS),
+            str(e.ended_by_limit),
+        ]
+        for e in rows
+    ]
+    lines += _table(
+        [(by or "group").upper(), *(lv.upper() for lv in LEVERS), "ENDED BY LIMIT"],
+        lever_rows,
+        "l" + "r" * (len(LEVERS) + 1),
+    )
+    lines.append(
+        "waste = context re-sent + retried/failed calls + tasks without an answer, over all "
+        "tokens; n/a = not estimable from the trace"
+    )
+    _emit(out, "\n".join(lines) + "\n")
+    return 0
+
+
 # -- registration ----------------------------------------------------------------------------
 
 
@@ -115,3 +271,36 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     alerts.add_argument("--webhook", metavar="URL", help="also POST each alert to this URL")
     alerts.set_defaults(func=_cmd_alerts)
+
+    fc = sub.add_parser(
+        "forecast",
+        parents=[common],
+        help="run-rate per feature: requests x tokens x blended rate, optimised vs not",
+    )
+    fc.add_argument(
+        "--period", choices=("hour", "day", "week", "month"), default="month", help="(month)"
+    )
+    fc.add_argument(
+        "--growth",
+        type=_decimal("--growth"),
+        default=Decimal(10),
+        metavar="PCT",
+        help="prompt-growth contingency, percent of the input run-rate (10)",
+    )
+    fc.add_argument("--by", default="feature", metavar="TAG", help="tag to group by, or none")
+    fc.add_argument(
+        "--since",
+        type=parse_since,
+        metavar="WHEN",
+        help="use tasks since then; the window runs to now (default: first to last task)",
+    )
+    fc.set_defaults(func=_cmd_forecast)
+
+    eff = sub.add_parser(
+        "efficiency",
+        parents=[common],
+        help="token waste ratio, cost per completed task, savings by lever",
+    )
+    eff.add_argument("--by", default="feature", metavar="TAG", help="tag to group by, or none")
+    eff.add_argument("--since", type=parse_since, metavar="WHEN", help="24h, 7d or an ISO date")
+    eff.set_defaults(func=_cmd_efficiency)
