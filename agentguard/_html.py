@@ -45,7 +45,8 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'
 #: Rows per task waterfall; a longer task shows its first spans and says how many are left out.
 MAX_SPANS_PER_TASK = 400
 
-#: Rows in the decisions list (the per-kind summary above it always counts every decision).
+#: Rows in the decisions list, one per task and kind (the per-kind summary above it always
+#: counts every decision).
 MAX_DECISION_ROWS = 200
 
 #: Longest captured prompt / completion text shown per span (opt-in content only).
@@ -229,7 +230,7 @@ def _chart(tasks: Sequence[TaskRecord]) -> str:
     w, h, pad_l, pad_b, pad_t = 960, 220, 8, 28, 24
     inner_w, inner_h = w - 2 * pad_l, h - pad_b - pad_t
     slot = inner_w / len(buckets)
-    bar_w = max(1.0, slot * 0.8)
+    bar_w = max(1.0, min(slot * 0.8, 48.0))
     bars: list[str] = []
     for i, b in enumerate(buckets):
         x = pad_l + i * slot + (slot - bar_w) / 2
@@ -354,35 +355,52 @@ def _groups(totals: dict[str, list[dict[str, Any]]]) -> str:
     return "".join(parts)
 
 
-def _decision_row(s: Span, label: str, task_start: float | None, with_task: bool) -> str:
-    served = s.model or ""
-    requested = s.attrs.get("requested_model")
+@dataclass(slots=True)
+class _Group:
+    """Decisions of one kind in one task with the same model change, listed as one row."""
+
+    label: str
+    spans: list[Span]
+    saved: Decimal | None = None
+    tokens_saved: int = 0
+
+
+def _group_decisions(labelled: Sequence[tuple[Span, str]]) -> list[_Group]:
+    groups: dict[tuple[str, str, str, str], _Group] = {}
+    for s, label in labelled:
+        key = (s.task_id, label, str(s.attrs.get("requested_model") or ""), s.model or "")
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = _Group(label, [])
+        g.spans.append(s)
+        v = _saved(s)
+        if v is not None:
+            g.saved = v if g.saved is None else g.saved + v
+        g.tokens_saved += int(s.attrs.get("tokens_saved") or 0)
+    return sorted(groups.values(), key=lambda g: (-(g.saved or Decimal(-1)), g.spans[0].start))
+
+
+def _decision_row(g: _Group) -> str:
+    first, last, n = g.spans[0], g.spans[-1], len(g.spans)
+    served = first.model or ""
+    requested = first.attrs.get("requested_model")
     model = _e(served)
     if requested and requested != served:
         model = f"{_e(requested)} → {_e(served)}"
-    saved = _saved(s)
-    tokens_saved = s.attrs.get("tokens_saved")
-    saved_txt = "" if saved is None else _usd(saved)
-    if tokens_saved:
-        saved_txt += f' <span class="muted">({int(tokens_saved):,} tokens)</span>'
+    saved_txt = "" if g.saved is None else _usd(g.saved)
+    if g.tokens_saved:
+        saved_txt += f' <span class="muted">({g.tokens_saved:,} tokens)</span>'
     if not saved_txt:
         saved_txt = '<span class="muted" title="no saving is recorded for this decision">—</span>'
-    when = f"+{(s.start - task_start) * 1000:,.1f} ms" if task_start is not None else _when(s.start)
-    task = f"<td class=nw>{_e(s.task_id)}</td>" if with_task else ""
+    reason = _e(first.reason or "")
+    if n > 1 and last.reason and last.reason != first.reason:
+        reason = f"first: {reason}<br>last: {_e(last.reason)}"
+    times = f"&nbsp;×{n}" if n > 1 else ""
     return (
-        f'<tr data-decision="{_e(label)}">{task}<td class=num>{when}</td>'
-        f'<td><span class="pill d-{_e(label)}">{_e(label)}</span></td><td class=nw>{model}</td>'
-        f"<td>{_e(s.reason or '')}</td><td class=num>{saved_txt}</td></tr>"
-    )
-
-
-def _decision_head(with_task: bool) -> str:
-    task = "<th scope=col>Task</th>" if with_task else ""
-    when = "When" if with_task else "At"
-    return (
-        f"<thead><tr>{task}<th scope=col class=num>{when}</th><th scope=col>Decision</th>"
-        "<th scope=col>Model</th><th scope=col>Reason</th><th scope=col class=num>Saved</th>"
-        "</tr></thead>"
+        f'<tr data-decision="{_e(g.label)}"><td class=nw>{_e(first.task_id)}</td>'
+        f"<td class=nw>{_e(_when(first.start))}</td>"
+        f'<td class=nw><span class="pill d-{_e(g.label)}">{_e(g.label)}{times}</span></td>'
+        f"<td class=nw>{model}</td><td>{reason}</td><td class=num>{saved_txt}</td></tr>"
     )
 
 
@@ -430,13 +448,12 @@ def _decisions(tasks: Sequence[TaskRecord], spans: Sequence[Span]) -> str:
         "<th scope=col class=num>Tasks</th><th scope=col class=num>Saved</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
-    listed = sorted(labelled, key=lambda p: (-(_saved(p[0]) or Decimal(-1)), p[0].start))
-    shown = listed[:MAX_DECISION_ROWS]
-    more = len(listed) - len(shown)
-    detail = "".join(_decision_row(s, label, None, True) for s, label in shown)
-    caption = "Decisions recorded on spans, largest saving first"
-    if more:
-        caption += f" (first {len(shown):,} of {len(listed):,})"
+    groups = _group_decisions(labelled)
+    shown = groups[:MAX_DECISION_ROWS]
+    detail = "".join(_decision_row(g) for g in shown)
+    caption = "Decisions recorded on spans, per task and kind, largest saving first"
+    if len(shown) < len(groups):
+        caption += f" (the first {len(shown):,} of {len(groups):,} rows)"
     soft = counts.get("soft_limit", 0)
     soft_note = (
         f'<p class="note">{soft:,} soft-limit crossing(s) are counted in the task records '
@@ -445,7 +462,9 @@ def _decisions(tasks: Sequence[TaskRecord], spans: Sequence[Span]) -> str:
         else ""
     )
     listing = (
-        f"<table><caption>{_e(caption)}</caption>{_decision_head(True)}"
+        f"<table><caption>{_e(caption)}</caption><thead><tr><th scope=col>Task</th>"
+        "<th scope=col>First</th><th scope=col>Decision</th><th scope=col>Model</th>"
+        "<th scope=col>Reason</th><th scope=col class=num>Saved</th></tr></thead>"
         f"<tbody>{detail}</tbody></table>"
         if shown
         else ""

@@ -246,6 +246,13 @@ def test_decisions_and_savings_match_the_spans(shown: Any, trace_db: Path) -> No
         assert saved > 0
         assert kinds[kind][2] == str(len(mine))
         assert kinds[kind][4] == format_usd(saved)
+    # the list has one row per task and kind: the hostile task's downgrades, summed
+    down = [s for s in spans if s.decision == "downgrade" and s.task_id == HOSTILE_TASK]
+    text = data["text"].replace("\xa0", " ")
+    start = text.index(f"{HOSTILE_TASK}\t", text.index("largest saving first"))
+    row = text[start : text.index("\n", text.index("\nlast: ", start) + 1)]
+    assert f"\tdowngrade ×{len(down)}\tgpt-4o → gpt-4o-mini\tfirst: " in row
+    assert row.endswith("\t" + format_usd(sum((s.attrs["saved_usd"] for s in down), Decimal(0))))
     finishes = [s for s in spans if s.decision == "finish"]
     assert kinds["finish"][2] == str(len(finishes)) and kinds["finish"][4] == "—"
     assert "soft_limit" in kinds
@@ -406,7 +413,7 @@ def test_thousands_of_tasks_stay_bounded(tmp_path: Path, browser: str) -> None:
     assert all(len(s["rows"]) == 7 for s in data["sections"])
     kinds = data["decisionKinds"]
     assert kinds["downgrade"][2] == f"{5 * n:,}" and kinds["downgrade"][3] == f"{n:,}"
-    assert f"first {MAX_DECISION_ROWS:,} of {5 * n:,}" in data["text"]
+    assert f"the first {MAX_DECISION_ROWS:,} of {n:,} rows" in data["text"]  # one per task
     assert 2 <= data["chart"]["bars"] <= 60
     total = sum((Decimal(i % 97 + 1) / Decimal(100000) for i in range(n)), Decimal(0))
     lines = _visible_lines(data)
