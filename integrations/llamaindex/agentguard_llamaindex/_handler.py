@@ -70,7 +70,9 @@ _USE_WRAPPER = (
     "agentguard_llamaindex.BudgetedLLM to carry this out"
 )
 _TOOL_METHODS = frozenset({"call", "acall"})
-_STEP_METHODS = frozenset({"run_agent_step"})
+# an agent iteration ends when its model output is parsed (after the call, before its tools):
+# like the LangGraph adapter's route, a step is counted after each model call
+_STEP_METHODS = frozenset({"parse_agent_output"})
 
 
 class _Root:
@@ -241,6 +243,8 @@ class _Meter:
 
     def _step(self, rec: _Rec, instance: Any) -> None:
         task, _ = self.task_of(rec)
+        if task.finished:  # the output parsed is the graceful final answer
+            return
         name = getattr(instance, "name", None)
         try:
             d = task.step(name if isinstance(name, str) and name else "agent_step")

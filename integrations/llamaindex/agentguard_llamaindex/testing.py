@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncGenerator, Generator, Sequence
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["ScriptedLLM"]
 
 _IDS = itertools.count(1)
+_WORDS = re.compile(r"\S+\s*")
 
 
 class ScriptedLLM(FunctionCallingLLM):
@@ -154,10 +156,10 @@ class ScriptedLLM(FunctionCallingLLM):
             return message, {"prompt_tokens": prompt, "completion_tokens": out}
         if react:
             reply = f"Thought: I need to use a tool.\nAction: {name}\nAction Input: {args}"
-        words = reply.split()
+        words = _WORDS.findall(reply)  # a word and the whitespace after it: one token
         if isinstance(cap, int) and len(words) > cap:
             words = words[:cap]
-        text = " ".join(words)
+        text = "".join(words).rstrip()
         usage = {"prompt_tokens": prompt, "completion_tokens": len(words)}
         return ChatMessage(role=MessageRole.ASSISTANT, content=text), usage
 
@@ -176,9 +178,8 @@ class ScriptedLLM(FunctionCallingLLM):
             return [ChatResponse(message=message, raw={"usage": usage})]
         out: list[ChatResponse] = []
         text = ""
-        words = message.content.split(" ")
-        for i, word in enumerate(words):
-            delta = word if i == 0 else " " + word
+        words = _WORDS.findall(message.content)
+        for i, delta in enumerate(words):
             text += delta
             last = i == len(words) - 1
             out.append(
