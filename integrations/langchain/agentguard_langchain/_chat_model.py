@@ -153,8 +153,33 @@ def _int_cap(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+_RUN_MANAGER: dict[Callable[..., Any], bool] = {}
+_CAP_ATTRS: dict[type, tuple[str, ...]] = {}
+
+
 def _accepts_run_manager(method: Callable[..., Any]) -> bool:
-    return "run_manager" in inspect.signature(method).parameters
+    fn = getattr(method, "__func__", method)
+    known = _RUN_MANAGER.get(fn) if inspect.isfunction(fn) else None
+    if known is None:  # inspect.signature costs ~20 µs: once per function
+        known = "run_manager" in inspect.signature(method).parameters
+        if inspect.isfunction(fn):
+            _RUN_MANAGER[fn] = known
+    return known
+
+
+def _cap_attrs(cls: type[BaseChatModel]) -> tuple[str, ...]:
+    """The output-cap attributes (``_CAP_FIELDS``) a chat model class can have: its fields,
+    class attributes and properties (any, if it allows extras) — the others are not looked
+    up, since a pydantic model raises (~3 µs) for each name it lacks."""
+    got = _CAP_ATTRS.get(cls)
+    if got is None:
+        loose = cls.model_config.get("extra") == "allow"
+        got = _CAP_ATTRS[cls] = tuple(
+            k
+            for k in _CAP_FIELDS
+            if loose or k in cls.model_fields or any(k in vars(c) for c in cls.__mro__)
+        )
+    return got
 
 
 def _binding_kwargs(bound: Runnable[Any, Any]) -> dict[str, Any]:
@@ -367,7 +392,10 @@ class BudgetedChatModel(BaseChatModel):
         caps = [c for k in _CAP_KEYS if (c := _int_cap(kwargs.get(k))) is not None]
         if self.max_tokens is not None:
             caps.append(self.max_tokens)
-        caps.extend(c for k in _CAP_FIELDS if (c := _int_cap(getattr(model, k, None))) is not None)
+        for k in _cap_attrs(type(model)):
+            c = _int_cap(getattr(model, k, None))
+            if c is not None:
+                caps.append(c)
         return min(caps) if caps else None
 
     def _cap_param(self, model: BaseChatModel) -> str:
@@ -405,7 +433,9 @@ class BudgetedChatModel(BaseChatModel):
     def _apply_cap(self, model: BaseChatModel, kw: dict[str, Any], cap: int | None) -> None:
         if cap is None:
             return
-        own = _int_cap(getattr(model, self._cap_param(model), None))
+        param = self._cap_param(model)
+        declared = param not in _CAP_FIELDS or param in _cap_attrs(type(model))
+        own = _int_cap(getattr(model, param, None)) if declared else None
         if own is not None:  # a rung's own constructor cap is never raised
             cap = min(cap, own)
         present = [k for k in _CAP_KEYS if k in kw]
