@@ -640,7 +640,7 @@ def _waterfalls(reader: SQLiteTraceReader, ranked: Sequence[TaskRecord], n: int)
 _CSS = """
 :root{--fg:#1c2333;--muted:#5b6577;--line:#dfe3ea;--bg:#f6f7f9;--card:#fff;--accent:#2f6fdf;
 --model:#2f6fdf;--tool:#d08a14;--retry:#c2413b;--retrieval:#2b9a74;--trim:#7b5cd6;
---step:#9aa3b2;--decision:#c2413b}
+--step:#9aa3b2;--decision:#1c2333}
 *{box-sizing:border-box}
 body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;
 color:var(--fg);background:var(--bg)}
