@@ -406,7 +406,7 @@ def test_thousands_of_tasks_stay_bounded(tmp_path: Path, browser: str) -> None:
     with redirect_stdout(io.StringIO()):
         assert main(["report", "--db", str(db), "--html", str(out), "--waterfalls", "15"]) == 0
     page = out.read_text(encoding="utf-8")
-    assert len(page.encode()) < 1_500_000
+    assert len(page.encode()) < 400_000  # ~150 KB: the page does not grow with the tasks
     data, _ = probe(browser, page, tmp_path)
     assert data["errors"] == []
     assert len(data["sections"]) == 15 and data["options"] == 16
