@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["bench_guard.py", "bench_pricing.py", "bench_trim.py", "bench_trace.py"]
+ORDER = [
+    "bench_guard.py",
+    "bench_pricing.py",
+    "bench_trim.py",
+    "bench_llamaindex_postprocess.py",
+    "bench_trace.py",
+]
 
 
 def main() -> int:

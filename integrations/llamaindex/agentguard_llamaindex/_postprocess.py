@@ -140,18 +140,23 @@ class TokenBudgetPostprocessor(BaseNodePostprocessor):
         """
         if not nodes:
             return []
-        for i, item in enumerate(nodes):
-            if not isinstance(item, NodeWithScore):
-                raise TypeError(f"nodes[{i}] must be a NodeWithScore, got {type(item)!r}")
         counter = counter_for(self.model)
         chunks: list[Chunk] = []
         header_tokens = 0
-        cache: dict[tuple[str, str], int] = {}
+        cache: dict[tuple[str, str], int] | None = (
+            None if self.metadata_mode == MetadataMode.NONE else {}
+        )
         for i, item in enumerate(nodes):
+            if not isinstance(item, NodeWithScore):
+                raise TypeError(f"nodes[{i}] must be a NodeWithScore, got {type(item)!r}")
             node = item.node
-            text = node.get_content(MetadataMode.NONE)
+            # TextNode.get_content(NONE) is its text; other node types render it themselves
+            text = node.text if isinstance(node, TextNode) else node.get_content(MetadataMode.NONE)
             chunks.append(Chunk(text, item.score, node.node_id, i))
-            header_tokens = max(header_tokens, self._header_tokens(node, text, counter, cache))
+            if cache is not None:
+                n = self._header_tokens(node, text, counter, cache)
+                if n > header_tokens:
+                    header_tokens = n
         options: dict[str, Any] = {
             "keep_order": self.keep_order,
             "dedupe": self.dedupe,
@@ -195,10 +200,9 @@ class TokenBudgetPostprocessor(BaseNodePostprocessor):
         self, node: BaseNode, text: str, counter: TokenCounter, cache: dict[tuple[str, str], int]
     ) -> int:
         """Tokens the LLM reads around the node's own text (its metadata header), plus one
-        for the seam should the text merge differently with its header; 0 with no header."""
+        for the seam should the text merge differently with its header; 0 with no header.
+        Not called under ``MetadataMode.NONE``."""
         mode = self.metadata_mode
-        if mode == MetadataMode.NONE:
-            return 0
         metadata = node.get_metadata_str(mode).strip()
         if not metadata:
             return 0
