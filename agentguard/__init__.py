@@ -76,6 +76,12 @@ _EXPORTS: dict[str, str] = {
     "Alerts": "_alerts",
     "RateRule": "_alerts",
     "Webhook": "_alerts",
+    "Forecast": "_forecast",
+    "forecast": "_forecast",
+    "Efficiency": "_efficiency",
+    "efficiency": "_efficiency",
+    "ReplayReport": "_replay",
+    "replay": "_replay",
 }
 
 __all__ = [
@@ -92,6 +98,8 @@ __all__ = [
     "Decision",
     "DecisionRecord",
     "Downgrade",
+    "Efficiency",
+    "Forecast",
     "Guard",
     "Headroom",
     "InvalidUsage",
@@ -109,6 +117,7 @@ __all__ = [
     "PriceOverride",
     "RateRule",
     "RedisStore",
+    "ReplayReport",
     "SQLiteSink",
     "Span",
     "Spent",
@@ -129,6 +138,9 @@ __all__ = [
     "decide_retry",
     "decide_step",
     "decide_tool_call",
+    "efficiency",
+    "forecast",
+    "replay",
     "trim_chunks",
 ]
 
@@ -158,6 +170,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         decide_step,
         decide_tool_call,
     )
+    from agentguard._efficiency import Efficiency, efficiency
     from agentguard._errors import (
         AgentGuardError,
         BudgetExceeded,
@@ -166,11 +179,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         StoreError,
         UnknownModelError,
     )
+    from agentguard._forecast import Forecast, forecast
     from agentguard._guard import DecisionRecord, Guard, ModelCall, Task, ToolCall, current_task
     from agentguard._otel import OTelSink
     from agentguard._policy import Budget, Downgrade, Policy
     from agentguard._pricing import ModelRates, PriceBook, PriceOverride
     from agentguard._redis_store import RedisStore
+    from agentguard._replay import ReplayReport, replay
     from agentguard._sinks import JSONLSink, MemorySink, MultiSink, NullSink, SQLiteSink
     from agentguard._store import Balance, BudgetLine, BudgetStore, MemoryStore
     from agentguard._tokens import TokenCounter, counter_for

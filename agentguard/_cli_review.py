@@ -239,6 +239,72 @@ def _cmd_efficiency(args: argparse.Namespace, out: IO[str]) -> int:
     return 0
 
 
+# -- replay ----------------------------------------------------------------------------------
+
+
+def _cmd_replay(args: argparse.Namespace, out: IO[str]) -> int:
+    from agentguard._errors import PolicyError
+    from agentguard._policy import Policy
+    from agentguard._replay import replay
+
+    try:
+        policy = Policy.from_file(args.policy)
+    except FileNotFoundError:
+        raise _CLIError(f"--policy {args.policy}: no such file") from None
+    except (PolicyError, ValueError, OSError) as e:
+        raise _CLIError(f"--policy {args.policy}: {e}") from None
+    with _reader(args) as reader:
+        records = [
+            r
+            for r in reader.tasks(since=args.since, feature=args.feature, team=args.team)
+            if r.parent_id is None
+        ]
+        if not records:
+            raise _CLIError(f"no tasks recorded to replay in {reader.path}")
+        records = sorted(records, key=lambda r: (r.start, r.task_id))[-args.limit :]
+        family: list[Any] = []
+        pending = list(records)
+        while pending:  # the chosen roots and all their sub-tasks
+            r = pending.pop()
+            family.append(r)
+            pending.extend(reader.children(r.task_id))
+        report = replay(family, reader.spans, policy)
+    if args.json:
+        _emit(out, _to_json(report.to_dict()) + "\n")
+        return 0
+    rows = []
+    for t in report.tasks:
+        status = t.status if t.status == t.recorded_status else f"{t.recorded_status}->{t.status}"
+        if t.limit_hit:
+            status += f" ({t.limit_hit})"
+        delta = t.delta_usd
+        rows.append(
+            [
+                t.task_id,
+                t.tags.get("feature", "-"),
+                format_usd(t.recorded_cost_usd),
+                format_usd(t.cost_usd),
+                "unknown" if delta is None else ("+" if delta > 0 else "") + format_usd(delta),
+                f"{t.recorded_model_calls}->{t.model_calls}",
+                status,
+                ", ".join(t.fired) or "-" if t.error is None else f"error: {t.error}",
+            ]
+        )
+    header = ["TASK", "FEATURE", "RECORDED", "REPLAYED", "DELTA", "CALLS", "STATUS", "FIRED"]
+    lines = [f"Replay under {args.policy} ({len(report.tasks)} tasks)"]
+    lines += _table(header, rows, "llrrrrll")
+    rec, new = report.recorded_cost_usd, report.cost_usd
+    lines.append(f"total: recorded {format_usd(rec)}, replayed {format_usd(new)}")
+    fired = report.fired_counts()
+    if fired:
+        lines.append(
+            "fired in: "
+            + ", ".join(f"{k} {v} task{'s' if v != 1 else ''}" for k, v in fired.items())
+        )
+    _emit(out, "\n".join(lines) + "\n")
+    return 0
+
+
 # -- registration ----------------------------------------------------------------------------
 
 
@@ -304,3 +370,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     eff.add_argument("--by", default="feature", metavar="TAG", help="tag to group by, or none")
     eff.add_argument("--since", type=parse_since, metavar="WHEN", help="24h, 7d or an ISO date")
     eff.set_defaults(func=_cmd_efficiency)
+
+    rp = sub.add_parser(
+        "replay",
+        parents=[common],
+        help="what recorded tasks would cost under another policy, and which limits fire",
+    )
+    rp.add_argument("--policy", required=True, metavar="FILE", help="policy file (TOML/YAML/JSON)")
+    rp.add_argument("--since", type=parse_since, metavar="WHEN", help="24h, 7d or an ISO date")
+    rp.add_argument("--feature", metavar="F", help="only tasks tagged feature=F")
+    rp.add_argument("--team", metavar="T", help="only tasks tagged team=T")
+    rp.add_argument("--limit", type=int, default=200, metavar="N", help="the latest N tasks (200)")
+    rp.set_defaults(func=_cmd_replay)

@@ -8,15 +8,15 @@ import sys
 import agentguard
 
 EXPECTED = {
-    "AgentGuardError", "Alert", "Alerts", "Balance", "Budget", "BudgetExceeded", "BudgetLine", "BudgetStore",
-    "CallRequest", "Chunk", "Decision", "DecisionRecord", "Downgrade", "Guard", "Headroom",
-    "InvalidUsage", "JSONLSink", "MemorySink", "MemoryStore", "ModelCall", "ModelRates",
-    "MultiSink", "NullSink", "OTelSink", "Policy", "PolicyError", "PriceBook", "PriceOverride",
-    "RateRule", "RedisStore",
-    "SQLiteSink", "Span", "Spent", "StoreError", "Task", "TaskRecord", "TokenCounter",
-    "ToolCall", "TraceSink", "TrimResult", "UnknownModelError", "Usage", "Webhook", "__version__",
-    "counter_for", "current_task", "decide_model_call", "decide_retry", "decide_step",
-    "decide_tool_call", "trim_chunks",
+    "AgentGuardError", "Alert", "Alerts", "Balance", "Budget", "BudgetExceeded", "BudgetLine",
+    "BudgetStore", "CallRequest", "Chunk", "Decision", "DecisionRecord", "Downgrade", "Efficiency",
+    "Forecast", "Guard", "Headroom", "InvalidUsage", "JSONLSink", "MemorySink", "MemoryStore",
+    "ModelCall", "ModelRates", "MultiSink", "NullSink", "OTelSink", "Policy", "PolicyError",
+    "PriceBook", "PriceOverride", "RateRule", "RedisStore", "ReplayReport", "SQLiteSink", "Span",
+    "Spent", "StoreError", "Task", "TaskRecord", "TokenCounter", "ToolCall", "TraceSink",
+    "TrimResult", "UnknownModelError", "Usage", "Webhook", "__version__", "counter_for",
+    "current_task", "decide_model_call", "decide_retry", "decide_step", "decide_tool_call",
+    "efficiency", "forecast", "replay", "trim_chunks",
 }  # fmt: skip
 
 
