@@ -29,7 +29,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncGenerator, Generator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -70,7 +70,10 @@ class ScriptedLLM(FunctionCallingLLM):
         tool_args: the arguments of each tool call.
         react: write ReAct ``Action`` text instead of structured tool calls.
         stop_when: a text that, found in the last message, makes it answer instead.
-        delay: seconds each call takes (to keep concurrent calls in flight together).
+        delay: seconds each call takes (to keep concurrent calls in flight together; async
+            calls sleep on the event loop).
+        usage_shape: how usage is reported: ``"openai"`` (``prompt_tokens``...),
+            ``"anthropic"`` (``input_tokens``...) or ``"bedrock"`` (``inputTokens``...).
         max_tokens: a constructor output cap.
 
     Attributes:
@@ -86,6 +89,7 @@ class ScriptedLLM(FunctionCallingLLM):
     react: bool = False
     stop_when: str | None = None
     delay: float = 0.0
+    usage_shape: Literal["openai", "anthropic", "bedrock"] = "openai"
     max_tokens: int | None = None
 
     _seen: list[dict[str, Any]] = PrivateAttr(default_factory=list)
@@ -112,8 +116,24 @@ class ScriptedLLM(FunctionCallingLLM):
 
     # -- the script -------------------------------------------------------------------------
 
+    def _shape(self, prompt: int, completion: int) -> dict[str, int]:
+        if self.usage_shape == "anthropic":
+            return {
+                "input_tokens": prompt,
+                "output_tokens": completion,
+                "cache_read_input_tokens": 0,
+                "cache_creation_input_tokens": 0,
+            }
+        if self.usage_shape == "bedrock":
+            return {
+                "inputTokens": prompt,
+                "outputTokens": completion,
+                "totalTokens": prompt + completion,
+            }
+        return {"prompt_tokens": prompt, "completion_tokens": completion}
+
     def _answer(
-        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], *, sleep: bool = True
     ) -> tuple[ChatMessage, dict[str, int]]:
         tools: list[dict[str, Any]] = kwargs.get("tools") or []
         choice = kwargs.get("tool_choice")
@@ -141,7 +161,7 @@ class ScriptedLLM(FunctionCallingLLM):
             reply = self.replies[min(self._answers, len(self.replies) - 1)]
             if not (structured or react):
                 self._answers += 1
-        if self.delay:
+        if self.delay and sleep:
             time.sleep(self.delay)
         prompt = counter_for(self.model).count_messages(messages, tools or None)
         name = self.tool_name or (tools[0]["function"]["name"] if tools else "search")
@@ -152,19 +172,21 @@ class ScriptedLLM(FunctionCallingLLM):
                 role=MessageRole.ASSISTANT,
                 blocks=[ToolCallBlock(tool_call_id=call_id, tool_name=name, tool_kwargs=args)],
             )
-            out = 3 + len(args.split())
-            return message, {"prompt_tokens": prompt, "completion_tokens": out}
+            return message, self._shape(prompt, 3 + len(args.split()))
         if react:
             reply = f"Thought: I need to use a tool.\nAction: {name}\nAction Input: {args}"
         words = _WORDS.findall(reply)  # a word and the whitespace after it: one token
         if isinstance(cap, int) and len(words) > cap:
             words = words[:cap]
         text = "".join(words).rstrip()
-        usage = {"prompt_tokens": prompt, "completion_tokens": len(words)}
-        return ChatMessage(role=MessageRole.ASSISTANT, content=text), usage
+        return ChatMessage(role=MessageRole.ASSISTANT, content=text), self._shape(
+            prompt, len(words)
+        )
 
-    def _response(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
-        message, usage = self._answer(messages, kwargs)
+    def _response(
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], *, sleep: bool = True
+    ) -> ChatResponse:
+        message, usage = self._answer(messages, kwargs, sleep=sleep)
         return ChatResponse(
             message=message,
             raw={"model": kwargs.get("model", self.model), "usage": usage},
@@ -200,8 +222,8 @@ class ScriptedLLM(FunctionCallingLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         if self.delay:
-            await asyncio.sleep(0)
-        return self._response(messages, kwargs)
+            await asyncio.sleep(self.delay)
+        return self._response(messages, kwargs, sleep=False)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:

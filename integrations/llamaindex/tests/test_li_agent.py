@@ -176,6 +176,7 @@ async def test_agent_workflow_ends_at_the_tool_cap() -> None:
         name="support", description="Answers order questions.", tools=[s.tool()], llm=llm
     )
     workflow = guard_agent(AgentWorkflow(agents=[worker]), g)
+    assert worker.tools is not None
     assert isinstance(worker.tools[0], GuardedTool)
     async with g.task("t") as task:
         result = await run(workflow)
