@@ -37,7 +37,7 @@ from agentguard._cli import format_usd
 from agentguard._sinks import SQLiteTraceReader, _span_from_row
 from agentguard._trace import DECISIONS, Span, TaskRecord
 
-__all__ = ["CSP", "MAX_DECISION_ROWS", "MAX_SPANS_PER_TASK", "render_report"]
+__all__ = ["CSP", "MAX_DECISION_ROWS", "MAX_GROUP_ROWS", "MAX_SPANS_PER_TASK", "render_report"]
 
 #: The page's Content-Security-Policy: inline styles, scripts and ``data:`` images only.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
@@ -48,6 +48,9 @@ MAX_SPANS_PER_TASK = 400
 #: Rows in the decisions list, one per task and kind (the per-kind summary above it always
 #: counts every decision).
 MAX_DECISION_ROWS = 200
+
+#: Rows per spend-by-feature / team / model table; the rest are summed in one more row.
+MAX_GROUP_ROWS = 25
 
 #: Longest captured prompt / completion text shown per span (opt-in content only).
 _MAX_CONTENT_CHARS = 2000
@@ -330,7 +333,7 @@ def _groups(totals: dict[str, list[dict[str, Any]]]) -> str:
             continue
         top = max((g["priced_usd"] for g in groups), default=Decimal(0))
         rows = []
-        for g in groups:
+        for g in groups[:MAX_GROUP_ROWS]:
             key = _e(g["key"]) if g["key"] is not None else '<span class="muted">(none)</span>'
             frac = float(g["priced_usd"] / top) if top > 0 else 0.0
             cost = (
@@ -343,6 +346,17 @@ def _groups(totals: dict[str, list[dict[str, Any]]]) -> str:
                 f"<td class=num>{g['model_calls']:,}</td><td class=num>{cost}"
                 f'<span class="hbar" aria-hidden="true"><span style="width:{frac * 100:.1f}%">'
                 "</span></span></td></tr>"
+            )
+        rest = groups[MAX_GROUP_ROWS:]
+        if rest:
+            unpriced = sum(g["unpriced"] for g in rest)
+            priced = sum((g["priced_usd"] for g in rest), Decimal(0))
+            # a task belongs to one feature / team, but may have called several models
+            tasks = f"{sum(g['tasks'] for g in rest):,}" if by != "model" else ""
+            rows.append(
+                f'<tr class="rest"><th scope=row>{len(rest):,} more</th><td class=num>{tasks}'
+                f"</td><td class=num>{sum(g['model_calls'] for g in rest):,}</td>"
+                f"<td class=num>{_total_cell(priced, unpriced)}</td></tr>"
             )
         calls = "Model calls" if by != "model" else "Calls"
         parts.append(

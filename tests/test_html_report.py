@@ -27,7 +27,7 @@ from chromium import BrowserNotFoundError, find_browser, probe, require_browser,
 
 import agentguard as ag
 from agentguard._cli import format_usd, main
-from agentguard._html import CSP, MAX_DECISION_ROWS, render_report
+from agentguard._html import CSP, MAX_DECISION_ROWS, MAX_GROUP_ROWS, render_report
 from agentguard._sinks import SQLiteSink, SQLiteTraceReader
 from agentguard._trace import Span, TaskRecord
 from agentguard._usage import Usage
@@ -399,7 +399,7 @@ def test_thousands_of_tasks_stay_bounded(tmp_path: Path, browser: str) -> None:
             sink.write_spans(spans)
             sink.write_task(
                 TaskRecord(f"task-{i}", None, start, start + 2.0, "ok",
-                           {"feature": f"f{i % 7}", "team": f"team{i % 3}"}, Usage(5000, 250),
+                           {"feature": f"f{i % 40}", "team": f"team{i % 3}"}, Usage(5000, 250),
                            cost, model_calls=5, decisions={"downgrade": 5}, saved_usd=cost / 2)
             )  # fmt: skip
     out = tmp_path / "many.html"
@@ -415,6 +415,16 @@ def test_thousands_of_tasks_stay_bounded(tmp_path: Path, browser: str) -> None:
     assert kinds["downgrade"][2] == f"{5 * n:,}" and kinds["downgrade"][3] == f"{n:,}"
     assert f"the first {MAX_DECISION_ROWS:,} of {n:,} rows" in data["text"]  # one per task
     assert 2 <= data["chart"]["bars"] <= 60
+    # 40 features: the table shows the 25 most expensive and sums the other 15 in one row
+    by_feature: dict[str, Decimal] = {}
+    for i in range(n):
+        by_feature[f"f{i % 40}"] = by_feature.get(f"f{i % 40}", Decimal(0)) + Decimal(
+            i % 97 + 1
+        ) / Decimal(100000)
+    rest = sorted(by_feature.values(), reverse=True)[MAX_GROUP_ROWS:]
+    assert f"\n{len(rest)} more\t" in data["text"]
+    more = next(line for line in data["text"].splitlines() if line.startswith("15 more\t"))
+    assert more.endswith("\t" + format_usd(sum(rest, Decimal(0))))
     total = sum((Decimal(i % 97 + 1) / Decimal(100000) for i in range(n)), Decimal(0))
     lines = _visible_lines(data)
     assert lines[lines.index("Spend") + 1] == format_usd(total)
