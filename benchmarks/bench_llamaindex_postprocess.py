@@ -8,8 +8,8 @@ calls each):
 * ``post``: ``TokenBudgetPostprocessor(budget_tokens=3000, model="gpt-4o-mini")
   .postprocess_nodes(nodes)`` outside a task, with the counter's count cache emptied before
   each call (a first sight of these nodes: nothing is known);
-* ``post_task``: the same inside a task of a guard (no trace sink), so ``Task.trim`` records
-  the trim (span, decision, tokens and dollars saved), cache emptied as well;
+* ``post_task``: the same inside a task of a guard (open for the whole run, no trace sink), so
+  ``Task.trim`` records the trim (span, decision, tokens and dollars saved), cache emptied;
 * ``post_warm``: the same outside a task with the cache kept (the same nodes retrieved again);
 * ``joined``: one ``encode`` of the 20 node texts joined by newlines (the goal's yardstick);
 * ``each``: 20 ``encode`` calls, one per node.
@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import statistics
 import sys
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     joined = "\n".join(texts)
     post = TokenBudgetPostprocessor(budget_tokens=_BUDGET, model=_MODEL)
     guard = ag.Guard(ag.Policy(context_budget_tokens=_BUDGET), traces=False)
+    # One task, open for the whole run, current only inside ``in_task`` (a task is opened once
+    # per request, not per trim).
+    in_task = contextvars.copy_context()
+    scope = guard.task("bench")
+    in_task.run(scope.__enter__)
 
     def cold() -> None:  # forget every count: these nodes are seen for the first time
         counter._cache.clear()
@@ -83,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_post_task() -> None:
         cold()
-        with guard.task("bench-trim"):
-            post.postprocess_nodes(nodes)
+        in_task.run(post.postprocess_nodes, nodes)
 
     def run_post_warm() -> None:
         post.postprocess_nodes(nodes)
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         args.repeat,
         args.number,
     )
+    in_task.run(scope.__exit__, None, None, None)
     med = {name: statistics.median(values) for name, values in runs.items()}
     paired = statistics.median(p / j for p, j in zip(runs["post"], runs["joined"], strict=True))
     kept_tokens = sum(counter.count(n.node.get_content()) for n in kept)
