@@ -109,7 +109,7 @@ def _duration(seconds: float) -> str:
 def _cmd_forecast(args: argparse.Namespace, out: IO[str]) -> int:
     import time
 
-    from agentguard._forecast import forecast
+    from agentguard._forecast import PERIODS, forecast
 
     by = None if args.by == "none" else args.by
     with _reader(args) as reader:
@@ -178,6 +178,11 @@ def _cmd_forecast(args: argparse.Namespace, out: IO[str]) -> int:
         )
     if total.unpriced_calls:
         lines.append(f"{total.unpriced_calls} model calls could not be priced: left out")
+    if total.window_s < PERIODS[args.period]:
+        lines.append(
+            f"note: the traces cover {_duration(total.window_s)}, less than a {args.period}: "
+            "the run-rate is extrapolated; use --since on a longer history"
+        )
     _emit(out, "\n".join(lines) + "\n")
     return 0
 

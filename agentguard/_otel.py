@@ -355,8 +355,10 @@ class OTelSink:
         kind = "internal"
         if s.kind == "model":
             kind = "client"
-            requested = s.attrs.get("requested_model") or s.model or s.name
-            served = s.attrs.get("reported_model") or s.model or s.name
+            # the model the request went to (after a downgrade: the cheaper one; the model the
+            # application asked for stays in agentguard.requested_model)
+            requested = s.model or s.name
+            served = s.attrs.get("reported_model") or requested
             a[_OP] = "chat"
             a[_REQ_MODEL] = str(requested)
             a[_RESP_MODEL] = str(served)
@@ -437,7 +439,7 @@ class OTelSink:
         served = str(s.attrs.get("reported_model") or s.model or s.name)
         attrs: dict[str, Any] = {
             _OP: "chat",
-            _REQ_MODEL: str(s.attrs.get("requested_model") or s.model or s.name),
+            _REQ_MODEL: str(s.model or s.name),
             _RESP_MODEL: served,
             **self._metric_tags(tags),
         }

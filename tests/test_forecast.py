@@ -113,6 +113,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "contingency 15%" in out
     for word in ("support", "faq", "TOTAL", "OPTIMISED", "UNOPTIMISED", "downgrade"):
         assert word in out
+    assert "note: the traces cover 50.0 s, less than a day: the run-rate is extrapolated" in out
     assert main(["forecast", "--db", str(db), "--json", "--period", "week"]) == 0
     data = json.loads(capsys.readouterr().out)["forecasts"]
     assert [f["key"] for f in data] == ["support", "faq", None]

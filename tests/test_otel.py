@@ -279,3 +279,24 @@ def test_global_providers_are_used_by_default() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_a_downgraded_call_names_the_model_the_request_went_to() -> None:
+    otel = OTel()
+    policy = ag.Policy(max_cost_usd="0.05", downgrade=[ag.Downgrade(at=0.01, to="gpt-4o-mini")])
+    memory = ag.MemorySink()
+    guard = ag.Guard(policy, traces=ag.MultiSink(memory, otel.sink))
+    with guard.task("t") as task:
+        for _ in range(2):
+            task.start_model_call("gpt-4o", input_tokens=1200, max_tokens=300).end(
+                {"prompt_tokens": 1200, "completion_tokens": 80}
+            )
+    cheap = next(s for s in otel.spans() if s.name == "chat gpt-4o-mini")
+    a = cheap.attributes or {}
+    assert a[ga.GEN_AI_REQUEST_MODEL] == a[ga.GEN_AI_RESPONSE_MODEL] == "gpt-4o-mini"
+    assert a["agentguard.requested_model"] == "gpt-4o"
+    assert a["agentguard.decision"] == "downgrade"
+    rec = next(s for s in memory.spans if s.decision == "downgrade")
+    assert a["agentguard.saved_usd"] == str(rec.attrs["saved_usd"])
+    models = {p.attributes[ga.GEN_AI_REQUEST_MODEL] for p in otel.metrics()["agentguard.cost"]}
+    assert models == {"gpt-4o", "gpt-4o-mini"}
