@@ -523,6 +523,19 @@ def _content(s: Span) -> str:
     return "".join(parts)
 
 
+_BUSY_KINDS = frozenset({"model", "tool", "retry", "retrieval", "trim", "decision"})
+
+
+def _bar(s0: float, s1: float, t0: float, t1: float) -> tuple[float, float, str]:
+    """A span's bar on the timeline ``t0..t1``: left %, width %, ``span`` or ``tick``."""
+    total = max(t1 - t0, 1e-9)
+    left = max(0.0, min(100.0, (s0 - t0) / total * 100))
+    width = max(0.0, min(100.0 - left, (s1 - max(s0, t0)) / total * 100))
+    mark = "tick" if width < 0.4 else "span"
+    width = max(width, 0.4)
+    return min(left, 100.0 - width), width, mark
+
+
 def _waterfall(index: int, t: TaskRecord | None, task_id: str, spans: Sequence[Span]) -> str:
     tree = _tree(spans)
     start = t.start if t is not None else min((s.start for s in spans), default=0.0)
@@ -553,13 +566,17 @@ def _waterfall(index: int, t: TaskRecord | None, task_id: str, spans: Sequence[S
     dl = "".join(f"<div><dt>{k}</dt><dd>{v}</dd></div>" for k, v in facts)
     rows = []
     shown = tree[:MAX_SPANS_PER_TASK]
+    # When the calls start late in the task (setup, a slow first tokenizer load), the page's
+    # script zooms the timeline onto them; the bars carry both placements.
+    busy = min((s.start for s in spans if s.kind in _BUSY_KINDS), default=start)
+    zoom = (busy - start) / total > 0.25 and end > busy
     for depth, s in shown:
-        left = max(0.0, min(100.0, (s.start - start) / total * 100))
         s_end = s.end if s.end is not None else end
-        width = max(0.0, min(100.0 - left, (s_end - s.start) / total * 100))
-        mark = "tick" if width < 0.4 else "span"
-        width = max(width, 0.4)
-        left = min(left, 100.0 - width)
+        left, width, mark = _bar(s.start, s_end, start, end)
+        zoomed = ""
+        if zoom:
+            zl, zw, zmark = _bar(s.start, s_end, busy, end)
+            zoomed = f' data-z="{zl:.2f} {zw:.2f} {zmark}" data-f="{left:.2f} {width:.2f} {mark}"'
         u = s.usage
         est = bool(u is not None and u.estimated) or bool(s.attrs.get("estimated"))
         if s.cost_usd is not None:
@@ -589,7 +606,7 @@ def _waterfall(index: int, t: TaskRecord | None, task_id: str, spans: Sequence[S
             f"<td class=num>{(s.start - start) * 1000:,.1f}</td>"
             f"<td class=num>{_ms(s.duration_ms)}</td>"
             f'<td class="tl" aria-hidden="true"><span class="{mark} b-{_e(s.kind)}" '
-            f'style="left:{left:.2f}%;width:{width:.2f}%"></span></td>'
+            f'style="left:{left:.2f}%;width:{width:.2f}%"{zoomed}></span></td>'
             f"<td class=num>{tokens}</td><td class=num>{cost}</td>"
             f"<td>{decision} {note}</td></tr>"
         )
@@ -598,6 +615,13 @@ def _waterfall(index: int, t: TaskRecord | None, task_id: str, spans: Sequence[S
         f'<p class="note">{more:,} more span(s) of this task are not shown; '
         f"see <code>agentguard trace {_e(task_id)}</code>.</p>"
         if more
+        else ""
+    )
+    zoom_box = (
+        f'<p class="zoom" hidden><label><input type="checkbox" class="zoom-box" '
+        f'data-section="{index}"> zoom the timeline to {(busy - start) * 1000:,.1f} – '
+        f"{total * 1000:,.1f} ms, where the calls are (nothing but steps before)</label></p>"
+        if zoom
         else ""
     )
     soft = t.decisions.get("soft_limit", 0) if t is not None else 0
@@ -620,7 +644,7 @@ def _waterfall(index: int, t: TaskRecord | None, task_id: str, spans: Sequence[S
     return (
         f'<section class="task" id="task-{index}" data-task-id="{_e(task_id)}" '
         f'aria-labelledby="h-task-{index}"><h3 id="h-task-{index}">{_e(task_id)}</h3>'
-        f'<dl class="facts">{dl}</dl>{soft_note}{table}{more_note}</section>'
+        f'<dl class="facts">{dl}</dl>{soft_note}{zoom_box}{table}{more_note}</section>'
     )
 
 
@@ -690,8 +714,8 @@ white-space:nowrap}
 .facts{display:flex;flex-wrap:wrap;gap:4px 18px;margin:0 0 8px}
 .facts div{display:flex;gap:6px}.facts dt{color:var(--muted)}.facts dd{margin:0}
 .wf td,.wf th{padding:2px 8px;font-size:12.5px}.nw,.wf tbody th{white-space:nowrap}
-.wf td:last-child{min-width:300px}.why{color:var(--muted);font-size:12px}
-.wf .tl{position:relative;width:26%;min-width:200px;background:
+.wf td:last-child{min-width:260px}.why{color:var(--muted);font-size:12px}
+.wf .tl{position:relative;width:36%;min-width:240px;background:
 repeating-linear-gradient(90deg,transparent 0 calc(25% - 1px),var(--line) calc(25% - 1px) 25%)}
 .tl span{position:absolute;top:5px;height:10px;border-radius:2px;min-width:2px}
 .tl .tick{height:14px;top:3px;width:2px!important}
@@ -699,7 +723,8 @@ repeating-linear-gradient(90deg,transparent 0 calc(25% - 1px),var(--line) calc(2
 .b-retrieval{background:var(--retrieval)}.b-trim{background:var(--trim)}
 .b-step,.b-task{background:var(--step)}.b-decision{background:var(--decision)}
 .k-task th{font-weight:700}
-.picker{margin:6px 0 10px}.picker select{font:inherit;padding:2px 6px;margin-left:6px}
+.zoom{margin:2px 0 6px;font-size:12.5px}.picker{margin:6px 0 10px}
+.picker select{font:inherit;padding:2px 6px;margin-left:6px}
 details summary{cursor:pointer;color:var(--accent);font-size:12.5px}
 pre{white-space:pre-wrap;max-height:14em;overflow:auto;background:var(--bg);padding:6px}
 .legend{font-size:12.5px;color:var(--muted)}
@@ -715,6 +740,17 @@ _JS = """
     for(var i=0;i<tasks.length;i++){tasks[i].hidden=(v!=='all'&&tasks[i].id!=='task-'+v);}
   }
   sel.addEventListener('change',function(){show(sel.value);});
+  function zoom(box){
+    var bars=document.querySelectorAll('#task-'+box.getAttribute('data-section')+' .tl span');
+    for(var i=0;i<bars.length;i++){
+      var v=bars[i].getAttribute(box.checked?'data-z':'data-f');if(!v){continue;}
+      var p=v.split(' ');bars[i].style.left=p[0]+'%';bars[i].style.width=p[1]+'%';
+      bars[i].className=p[2]+' '+bars[i].className.split(' ').slice(1).join(' ');}
+  }
+  var boxes=document.querySelectorAll('input.zoom-box');
+  for(var i=0;i<boxes.length;i++){
+    boxes[i].parentNode.parentNode.hidden=false;boxes[i].checked=true;zoom(boxes[i]);
+    boxes[i].addEventListener('change',function(){zoom(this);});}
   var links=document.querySelectorAll('a[data-wf]');
   for(var i=0;i<links.length;i++){links[i].addEventListener('click',function(){
     sel.value=this.getAttribute('data-wf');show(sel.value);});}

@@ -140,6 +140,14 @@ window.addEventListener('load',function(){setTimeout(function(){
   for(var i=0;i<rows.length;i++){if(rows[i].closest('section.task')){continue;}
     p.decisionKinds[rows[i].getAttribute('data-kind')]=Array.prototype.map.call(rows[i].cells,
       function(c){return c.innerText.trim();});}
+  var box=document.querySelector('section.task input.zoom-box');
+  function bars(){return Array.prototype.map.call(
+    box.closest('section.task').querySelectorAll('.tl span'),
+    function(b){return [b.style.left,b.style.width];});}
+  p.zoom=null;
+  if(box){p.zoom={shown:box.closest('p').offsetParent!==null,checked:box.checked,
+    label:box.parentNode.textContent,zoomed:bars()};
+    box.click();p.zoom.full=bars();p.zoom.checkedAfter=box.checked;}
   p.visibleAtStart=visibleTasks();
   var sel=document.getElementById('task-select');
   p.switched=null;

@@ -361,6 +361,35 @@ def test_captured_content_is_shown_only_when_opted_in(tmp_path: Path, browser: s
     assert "<b>bold?</b>" not in page
 
 
+def test_timeline_zooms_onto_late_calls(tmp_path: Path, browser: str) -> None:
+    """A task whose calls start 800 ms in: the script zooms the bars onto 800..1000 ms."""
+    db = tmp_path / "late.db"
+    t0 = 1_790_000_000.0
+    with SQLiteSink(db) as sink:
+        sink.write_spans(
+            [
+                Span("t", "late-1", "task", "late-1", t0, end=t0 + 1.0),
+                Span("s", "late-1", "step", "plan", t0 + 0.005, "t", t0 + 0.005),
+                Span("m", "late-1", "model", "gpt-4o", t0 + 0.8, "s", t0 + 0.9, model="gpt-4o",
+                     usage=Usage(100, 10), cost_usd=Decimal("0.00035")),
+                Span("x", "late-1", "tool", "search", t0 + 0.9, "s", t0 + 0.95),
+            ]
+        )  # fmt: skip
+        sink.write_task(
+            TaskRecord("late-1", None, t0, t0 + 1.0, "ok", {}, Usage(100, 10), Decimal("0.00035"))
+        )
+    with SQLiteTraceReader(db) as reader:
+        page = render_report(reader)
+    data, _ = probe(browser, page, tmp_path)
+    zoom = data["zoom"]
+    assert zoom["shown"] and zoom["checked"]
+    assert "800.0 – 1,000.0 ms" in zoom["label"]
+    # rows in tree order: task, step, model, tool
+    assert zoom["zoomed"] == [["0%", "100%"], ["0%", "0.4%"], ["0%", "50%"], ["50%", "25%"]]
+    assert not zoom["checkedAfter"]
+    assert zoom["full"] == [["0%", "100%"], ["0.5%", "0.4%"], ["80%", "10%"], ["90%", "5%"]]
+
+
 def test_empty_database(tmp_path: Path, browser: str) -> None:
     db = tmp_path / "empty.db"
     SQLiteSink(db).close()
