@@ -16,6 +16,7 @@ ORDER = [
     "bench_pricing.py",
     "bench_trim.py",
     "bench_llamaindex_postprocess.py",
+    "bench_llamaindex_handler.py",
     "bench_trace.py",
 ]
 

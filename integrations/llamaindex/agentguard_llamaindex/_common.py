@@ -148,7 +148,8 @@ def parsed_or_raw(usage: Any) -> Any:
 
 def output_text(response: Any) -> str:
     """What a response wrote (text and tool calls), for an estimate when usage is missing."""
-    message = getattr(response, "message", None)
+    fields = getattr(response, "__dict__", None)  # a pydantic miss (getattr) costs µs
+    message = fields.get("message") if isinstance(fields, dict) else None
     if message is None:
         text = getattr(response, "text", None)
         return text if isinstance(text, str) else ""
