@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph import END
 from langgraph.prebuilt import ToolNode
 from langgraph.types import Command
@@ -49,9 +50,13 @@ from agentguard_langchain._middleware import DEFAULT_FINISH_MESSAGE, _note
 from agentguard_langgraph._state import (
     COST_KEY,
     DECISIONS_KEY,
+    INPUT_TOKENS_KEY,
     MODEL_CALLS_KEY,
+    OUTPUT_TOKENS_KEY,
+    RETRIES_KEY,
     STEPS_KEY,
     TOKENS_KEY,
+    TOOL_CALLS_BY_NAME_KEY,
     TOOL_CALLS_KEY,
 )
 
@@ -70,31 +75,76 @@ _STOP_MESSAGE = "[agentguard: the run's budget stopped the run — {error}]"
 _NodeFn: TypeAlias = Callable[..., Any]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class _Ledger:
     """What of a task's spend is already in the graph state (so each node adds the rest)."""
 
-    cost: Decimal
-    tokens: int
-    model_calls: int
-    tool_calls: int
-    steps: int
-    decisions: int
+    cost: Decimal = Decimal(0)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    model_calls: int = 0
+    tool_calls: int = 0
+    tool_calls_by_name: tuple[tuple[str, int], ...] = ()
+    retries: int = 0
+    steps: int = 0
+    decisions: int = 0
 
 
-def _counts(task: Task) -> _Ledger:
+_NOTHING = _Ledger()
+
+
+def _ledger(task: Task) -> _Ledger:
+    usage = task.usage
     return _Ledger(
         task.priced_cost_usd,
-        task.usage.total_tokens,
+        usage.input_tokens,
+        usage.output_tokens,
         task.model_calls,
         task.tool_calls,
+        tuple(task.tool_calls_by_name.items()),
+        task.retries,
         task.steps,
         len(task.decisions),
     )
 
 
+def _delta(task: Task, was: _Ledger, now: _Ledger) -> dict[str, Any]:
+    """The state update adding ``now - was``: only the keys that changed (a key written with
+    nothing to add still costs a channel update, and a checkpoint write)."""
+    update: dict[str, Any] = {}
+    if now.cost != was.cost:
+        update[COST_KEY] = now.cost - was.cost
+    d_in, d_out = now.input_tokens - was.input_tokens, now.output_tokens - was.output_tokens
+    if d_in or d_out:
+        update[TOKENS_KEY] = d_in + d_out
+        update[INPUT_TOKENS_KEY] = d_in
+        update[OUTPUT_TOKENS_KEY] = d_out
+    if now.model_calls != was.model_calls:
+        update[MODEL_CALLS_KEY] = now.model_calls - was.model_calls
+    if now.tool_calls != was.tool_calls:
+        update[TOOL_CALLS_KEY] = now.tool_calls - was.tool_calls
+        before = dict(was.tool_calls_by_name)
+        update[TOOL_CALLS_BY_NAME_KEY] = {
+            name: n - before.get(name, 0)
+            for name, n in now.tool_calls_by_name
+            if n != before.get(name, 0)
+        }
+    if now.retries != was.retries:
+        update[RETRIES_KEY] = now.retries - was.retries
+    if now.steps != was.steps:
+        update[STEPS_KEY] = now.steps - was.steps
+    if now.decisions != was.decisions:
+        new = task.decisions[was.decisions : now.decisions]
+        kinds = [f"{d.kind}:{d.action}" for d in new if d.kind != "soft_limit"]
+        if kinds:
+            update[DECISIONS_KEY] = kinds
+    return update
+
+
 def _merge(result: Any, update: dict[str, Any]) -> Any:
     """A node's return value with the spend update added."""
+    if not update:
+        return result
     if result is None:
         return update
     if isinstance(result, Mapping):
@@ -106,7 +156,46 @@ def _merge(result: Any, update: dict[str, Any]) -> Any:
             resume=result.resume,
             goto=result.goto,
         )
-    return result  # a list of updates or a pydantic state: the spend is recorded by the next node
+    if isinstance(result, list) and result and all(isinstance(r, Command) for r in result):
+        return [*result, Command(update=update)]  # e.g. create_agent's model node
+    return result  # other update lists, a pydantic state: the next recording node adds it
+
+
+class _Edge(Runnable[Any, Any]):
+    """A conditional-edge function as LangGraph takes it: a ``Runnable`` it calls as is.
+
+    A plain function would be wrapped in a traced runnable (a callback run per call) and,
+    under ``ainvoke``, run in a thread pool; the guard's decision takes microseconds and
+    never blocks, so it is called directly, sync and async. Also callable: ``edge(state)``.
+    """
+
+    def __init__(self, decide: Callable[[Any], Any], name: str) -> None:
+        self._decide = decide
+        self.name = name
+
+    def __call__(self, state: Any = None) -> Any:
+        return self._decide(state)
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._decide(input)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._decide(input)
+
+
+class _RecordingToolNode(ToolNode):
+    """``ToolNode`` whose update also adds the run's new spend to the ``BudgetState`` keys (so
+    a thread interrupted after its tools ran has them in its checkpoint)."""
+
+    _gg: GraphGuard
+
+    def _func(self, input: Any, config: RunnableConfig, runtime: Any) -> Any:
+        out = super()._func(input, config, runtime)
+        return _merge(out, self._gg._record(self._gg._task()))
+
+    async def _afunc(self, input: Any, config: RunnableConfig, runtime: Any) -> Any:
+        out = await super()._afunc(input, config, runtime)
+        return _merge(out, self._gg._record(self._gg._task()))
 
 
 class GraphGuard:
@@ -174,9 +263,7 @@ class GraphGuard:
         self._ledgers: weakref.WeakKeyDictionary[Task, _Ledger] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
-        self._reasons: weakref.WeakKeyDictionary[Task, tuple[str, str | None]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._edge = _Edge(self._route, "agentguard_route")
 
     # -- tasks ----------------------------------------------------------------------------------
 
@@ -203,22 +290,12 @@ class GraphGuard:
         return GuardedGraph(self, graph)
 
     def _record(self, task: Task) -> dict[str, Any]:
-        """The state update adding the task's spend not yet in the state."""
-        now = _counts(task)
-        with self._lock:
-            was = self._ledgers.get(task)
+        """The state update adding the task's spend not yet in the state (only what changed)."""
+        with self._lock:  # parallel nodes of one task: each adds a disjoint share
+            was = self._ledgers.get(task, _NOTHING)
+            now = _ledger(task)
             self._ledgers[task] = now
-        if was is None:
-            was = _Ledger(Decimal(0), 0, 0, 0, 0, 0)
-        decisions = task.decisions[was.decisions : now.decisions]
-        return {
-            COST_KEY: now.cost - was.cost,
-            TOKENS_KEY: now.tokens - was.tokens,
-            MODEL_CALLS_KEY: now.model_calls - was.model_calls,
-            TOOL_CALLS_KEY: now.tool_calls - was.tool_calls,
-            STEPS_KEY: now.steps - was.steps,
-            DECISIONS_KEY: [f"{d.kind}:{d.action}" for d in decisions if d.kind != "soft_limit"],
-        }
+        return _delta(task, was, now)
 
     def _stopped(self, exc: BudgetExceeded, task: Task) -> dict[str, Any]:
         msg = AIMessage(
@@ -262,30 +339,40 @@ class GraphGuard:
     def tool_node(self, tools: Sequence[BaseTool | Callable[..., Any]], **kwargs: Any) -> ToolNode:
         """A ``ToolNode`` whose calls count against the tool caps (per tool and in total,
         parallel calls included); a blocked call answers the model with an error
-        ``ToolMessage`` — the same tool gate as the LangChain agent middleware."""
-        return ToolNode(
+        ``ToolMessage`` — the same tool gate as the LangChain agent middleware. Its update
+        adds the run's new spend to the :class:`~agentguard_langgraph.BudgetState` keys."""
+        node = _RecordingToolNode(
             tools,
             wrap_tool_call=self._mw.wrap_tool_call,
             awrap_tool_call=self._mw.awrap_tool_call,
             **kwargs,
         )
+        node._gg = self
+        return node
 
     # -- edges ------------------------------------------------------------------------------------
 
-    def route(self, state: Any = None) -> Route:
+    @property
+    def route(self) -> Callable[[Any], Route]:
         """A conditional edge on the guard's decision, to put in front of the agent's next
-        step (after ``START`` and after the tools). It counts one agent step (``max_steps``
-        caps loops independently of ``recursion_limit``) and answers:
+        step (after ``START`` and after the tools). Each call counts one agent step
+        (``max_steps`` caps loops independently of ``recursion_limit``) and answers:
 
         * ``"continue"`` — go on;
         * ``"downgrade"`` — go on; the ladder has moved the run to a cheaper model;
         * ``"finish"`` — a cap is reached under ``on_limit="finish"``: go to the finishing
-          node (:meth:`finish_node`);
+          node (:meth:`finish_node`). At a step cap this is the last step the cap allows,
+          recorded as a ``step:finish`` decision;
         * ``"stop"`` — the budget stopped the run (``exit_behavior="end"``), or its final
           answer is already made.
 
-        Map the answers to your nodes with :meth:`path_map`. No extra superstep is spent.
+        Map the answers to your nodes with :meth:`path_map`. No extra superstep is spent, and
+        the edge is a ``Runnable`` LangGraph calls directly (no callback run, no thread hop
+        under ``ainvoke``); ``gg.route(state)`` also works.
         """
+        return self._edge
+
+    def _route(self, state: Any = None) -> Route:
         task = self._task()
         if task.finished:  # the final answer was made; the graph came back anyway
             return "stop"
@@ -297,11 +384,12 @@ class GraphGuard:
             return "stop"
         if d.action == "finish":
             return "finish"
-        cap = task.policy.max_steps
-        if cap is not None and task.policy.on_limit == "finish" and task.spent.steps >= cap:
-            # this is the last step the cap allows: spend it on the final answer
-            with self._lock:
-                self._reasons[task] = (f"{cap} of {cap} steps used", "max_steps")
+        policy = task.policy
+        cap = policy.max_steps
+        if cap is not None and policy.on_limit == "finish" and task.spent.steps >= cap:
+            # the last step the cap allows is spent on the final answer: asking for the next
+            # one records the step:finish decision (and marks the task as finishing)
+            task.step("agent")
             return "finish"
         if any(r.action == "downgrade" for r in task.decisions):
             return "downgrade"
@@ -372,11 +460,15 @@ class GraphGuard:
         far; the answer's ``response_metadata["agentguard"]`` says why the run ended. Route to
         it with :meth:`route`'s ``"finish"``; then go to ``END``."""
         own = _model_id(model)
+        # the tools stay bound (tool_choice="none"): their schemas are part of the input
+        schemas = [convert_to_openai_tool(t) for t in tools] if tools else None
 
         def prepare(state: Any) -> tuple[Task, Any, list[BaseMessage], Any, dict[str, Any]]:
             task = self._task()
             messages = list(state[self.messages_key])
-            call = task.start_model_call(own, messages=messages, max_tokens=None, finish=True)
+            call = task.start_model_call(
+                own, messages=messages, tools=schemas, max_tokens=None, finish=True
+            )
             chat = self.models.get(call.model, model)
             kwargs: dict[str, Any] = {}
             if call.model not in self.models and call.model != own:
@@ -437,8 +529,6 @@ class GraphGuard:
         reason, limit = "the graph routed to its finishing node", None
         if rec is not None:
             reason, limit = rec.reason, rec.limit
-        elif task in self._reasons:
-            reason, limit = self._reasons[task]
         meta = {
             **ai.response_metadata,
             "agentguard": {
@@ -491,15 +581,20 @@ class GraphGuard:
 
         def close_out(child: Task, out: Any, stopped: BudgetExceeded | None) -> Any:
             spent = child.spent  # the child's own and its children's, read from the store
-            update: dict[str, Any] = {
-                COST_KEY: spent.cost_usd,
-                TOKENS_KEY: spent.total_tokens,
-                MODEL_CALLS_KEY: spent.model_calls,
-                TOOL_CALLS_KEY: spent.tool_calls,
-                STEPS_KEY: spent.steps,
-                DECISIONS_KEY: [f"{d.kind}:{d.action}" for d in child.decisions]
-                + (["branch:stop"] if stopped is not None else []),
-            }
+            total = _Ledger(
+                spent.cost_usd,
+                spent.input_tokens,
+                spent.output_tokens,
+                spent.model_calls,
+                spent.tool_calls,
+                tuple(child.tool_calls_by_name.items()),
+                spent.retries,
+                spent.steps,
+            )
+            update = _delta(child, _NOTHING, total)
+            update[DECISIONS_KEY] = [f"{d.kind}:{d.action}" for d in child.decisions] + (
+                ["branch:stop"] if stopped is not None else []
+            )
             if stopped is not None:
                 return update
             if is_runnable and isinstance(out, Mapping):

@@ -147,7 +147,11 @@ def test_step_cap_counts_the_threads_steps_across_resumes() -> None:
     assert final.tool_calls == []
     assert final.response_metadata["agentguard"]["limit"] == "max_steps"
     assert final.response_metadata["agentguard"]["reason"] == "5 of 5 steps used"
-    assert sum(s.kind == "step" for s in sink.spans) == 5
+    # five steps allowed, then the cap's finish decision, recorded like the others
+    assert [s.decision for s in sink.spans if s.kind == "step"] == ["allow"] * 5 + ["finish"]
+    assert values["agentguard_decisions"] == ["step:finish"]
+    assert [f"{d.kind}:{d.action}" for d in tasks[-1].decisions] == ["step:finish"]
+    assert not any(d.kind == "overspend" for t in tasks for d in t.decisions)
 
 
 def test_run_budget_gives_each_resumed_run_its_own_limits() -> None:

@@ -33,7 +33,7 @@ def test_react_example_downgrades_then_finishes_at_the_step_cap(
     assert "budget ended the run" in final.text
     # under the $0.02 budget, downgraded once to the cheaper model, never back up
     assert task.cost_usd <= Decimal("0.02")
-    assert [d.action for d in task.decisions if d.action != "allow"] == ["downgrade"]
+    assert [d.action for d in task.decisions if d.action != "allow"] == ["downgrade", "finish"]
     models = [s.model for s in task.guard.sink.spans if s.kind == "model"]
     first_mini = models.index("gpt-4o-mini")
     assert set(models[first_mini:]) == {"gpt-4o-mini"}
@@ -41,5 +41,5 @@ def test_react_example_downgrades_then_finishes_at_the_step_cap(
     # what the run spent is in the graph state, exactly
     assert state["agentguard_cost_usd"] == task.cost_usd
     assert state["agentguard_steps"] == 12
-    assert state["agentguard_decisions"] == ["model:downgrade"]
+    assert state["agentguard_decisions"] == ["model:downgrade", "step:finish"]
     assert "12 of 12 steps used" in capsys.readouterr().out

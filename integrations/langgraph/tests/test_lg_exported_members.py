@@ -35,8 +35,12 @@ def test_budget_state_keys_are_pinned() -> None:
     assert set(agentguard_langgraph.BudgetState.__annotations__) == {
         "agentguard_cost_usd",
         "agentguard_tokens",
+        "agentguard_input_tokens",
+        "agentguard_output_tokens",
         "agentguard_model_calls",
         "agentguard_tool_calls",
+        "agentguard_tool_calls_by_name",
+        "agentguard_retries",
         "agentguard_steps",
         "agentguard_decisions",
     }

@@ -48,9 +48,17 @@ async def test_step_cap_routes_to_the_finishing_node(mode: str) -> None:
     assert out["agentguard_tool_calls"] == 3
     assert out["agentguard_steps"] == 4
     assert out["agentguard_tokens"] == task.usage.total_tokens
-    # the trace: 4 steps, 4 model spans, 3 tool spans under one task
+    assert out["agentguard_input_tokens"] == task.usage.input_tokens
+    assert out["agentguard_output_tokens"] == task.usage.output_tokens
+    assert out["agentguard_tool_calls_by_name"] == {"search": 3}
+    # the step cap's finish is a decision like the others: in the task, the state, the trace
+    assert kinds(task) == ["step:finish"]
+    assert out["agentguard_decisions"] == ["step:finish"]
+    # the trace: 4 steps and the cap's finish decision, 4 model spans, 3 tool spans
     spans = [s for s in sink.spans if s.task_id == task.id]
-    assert sum(s.kind == "step" for s in spans) == 4
+    steps = [s for s in spans if s.kind == "step"]
+    assert [s.decision for s in steps] == ["allow"] * 4 + ["finish"]
+    assert steps[-1].reason == "4 of 4 steps used"
     assert sum(s.kind == "model" for s in spans) == 4
     assert sum(s.kind == "tool" for s in spans) == 3
     assert sink.tasks[-1].status == "finished"
