@@ -592,7 +592,7 @@ def _waterfall(index: int, t: TaskRecord | None, task_id: str, spans: Sequence[S
         if saved is not None:
             note += f' <span class="save">saved {_usd(saved)}</span>'
         if label is not None and s.reason:
-            note += f'<div class="why">{_e(s.reason)}</div>'
+            note += f'<div class="why" title="{_e(s.reason)}">{_e(s.reason)}</div>'
         if s.status not in ("ok", "finished"):
             note += f' <span class="bad">[{_e(s.status)}]</span>'
         name = _e(s.name)
@@ -714,8 +714,9 @@ white-space:nowrap}
 .facts{display:flex;flex-wrap:wrap;gap:4px 18px;margin:0 0 8px}
 .facts div{display:flex;gap:6px}.facts dt{color:var(--muted)}.facts dd{margin:0}
 .wf td,.wf th{padding:2px 8px;font-size:12.5px}.nw,.wf tbody th{white-space:nowrap}
-.wf td:last-child{min-width:260px}.why{color:var(--muted);font-size:12px}
-.wf .tl{position:relative;width:36%;min-width:240px;background:
+.wf td:last-child{min-width:220px}.why{color:var(--muted);font-size:12px}
+.wf .why{max-width:230px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.wf .tl{position:relative;width:34%;min-width:260px;background:
 repeating-linear-gradient(90deg,transparent 0 calc(25% - 1px),var(--line) calc(25% - 1px) 25%)}
 .tl span{position:absolute;top:5px;height:10px;border-radius:2px;min-width:2px}
 .tl .tick{height:14px;top:3px;width:2px!important}
