@@ -1,60 +1,36 @@
 """The Lua scripts of :class:`~agentguard.RedisStore`: one per operation, all keys in one slot.
 
-Numbers: Lua numbers are doubles, exact only below 2**53. Every amount is therefore kept and
-passed as a decimal string of *units* — 10**-18 USD for money (``cost_usd``), 1 for integer
-counters (tokens, calls) — and split into ``hi * 10**12 + lo`` with ``0 <= lo < 10**12`` for
-arithmetic (``split`` / ``join``): exact up to 9 * 10**27 units ($9 billion per key). Numbers
-go back to Redis through ``%.0f``, never ``tostring`` (which keeps 14 digits).
+Numbers: Lua numbers are doubles, exact only below 2**53, and ``cjson`` writes at most 14
+significant digits. Every amount is kept in *units* — 10**-18 USD for money (``cost_usd``), 1
+for integer counters (tokens, calls) — as a pair ``hi * 10**12 + lo`` with ``0 <= lo < 10**12``:
+two plain numbers the scripts add with one carry, compare as pairs, and never format (exact up
+to 2**53 * 10**12 units: $9 billion per key; a ``hi`` of 10**14 or more is stored as a string so
+``cjson`` keeps every digit). The client splits amounts and limits before sending them.
 
-Budget hash fields: ``c<counter>`` committed and ``r<counter>`` reserved, each a units string
-(``"0"`` once it drops back to zero: rewriting a field is cheaper than deleting it, and the
-reply leaves zeros out).
+A budget line is one string, JSON: ``{"c": {counter: lo}, "C": {counter: hi}, "r": {...},
+"R": {...}}`` — committed (``c`` / ``C``) and reserved (``r`` / ``R``); zeros are left out, and
+``hi`` only appears when it is not zero (its ``lo`` then stays, ``0`` included).
 
-Reservation record (one string): ``h`` followed by the JSON ``[deadline_ms, [budget keys],
-[counter, units, ...]]`` while held (the lease's live deadline is its score in the leases
-sorted set, moved by ``RENEW``; the one in the record is the first); after it, a one-letter tombstone for ``dedupe_ttl``:
-``x`` reclaimed after its lease, ``r`` released, ``d`` committed.
+Reservation record (one string): ``h`` followed by the JSON ``[[budget keys], [counter, hi, lo,
+...]]`` while held (built by the client); the lease's deadline is its score in the leases sorted
+set, moved forward by ``RENEW``. After it, a one-letter tombstone for ``dedupe_ttl``: ``x``
+reclaimed after its lease, ``r`` released, ``d`` committed.
 
-Cost model: each script reads every budget hash it touches once (``HGETALL``), works on Lua
-tables, and writes each changed hash back once (one multi-field ``HSET``). The reply is one
-bulk string, JSON: ``[status, a, b, c, d, balance...]`` (commit: ``[status, late,
-balance...]``) where each balance is two flat lists ``[field, units, ...]``: the hash as the
-script read it, then the fields it wrote (the client lays the second over the first and drops
-zeros; an empty list comes back as ``{}``: cjson cannot tell an empty array from an empty
-object). Building nothing else for the reply keeps server time — the shared resource — low.
+Cost model (server time is the shared resource): each script reads every budget line it touches
+once (``GET`` + ``cjson.decode``, in C), adds numbers in Lua (no string arithmetic), and writes
+each changed line back once (``cjson.encode`` + ``SET``). The reply is one bulk string, JSON:
+``[status, a, b, c, d, line...]`` (commit: ``[status, late, line...]``) with each line's
+document spliced in as stored, which the client decodes with one ``json.loads``.
 """
 
 from __future__ import annotations
 
 PRELUDE = r"""
 local B = 1000000000000
-local fmt, sub, byte = string.format, string.sub, string.byte
-local function f(n) return fmt('%.0f', n) end
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
--- a units string as (hi, lo), 0 <= lo < B; and back (a negative total is kept as 0)
-local function split(s)
-  if not s then return 0, 0 end
-  local n = #s
-  if byte(s, 1) == 45 then
-    local h, l = split(sub(s, 2))
-    h, l = -h, -l
-    if l < 0 then h, l = h - 1, l + B end
-    return h, l
-  end
-  if n <= 12 then return 0, tonumber(s) end
-  return tonumber(sub(s, 1, n - 12)), tonumber(sub(s, n - 11))
-end
-local function join(h, l)
-  if h < 0 then return '0' end
-  if h == 0 then return f(l) end
-  return f(h) .. fmt('%012.0f', l)
-end
--- budget documents: read once, changed in Lua, written back once by flush()
--- (S: decoded, R: as read, D: as written)
-local S, R, D, dirty, order = {}, {}, {}, {}, {}
+local byte, sub, fmt = string.byte, string.sub, string.format
+local S, R, D, order = {}, {}, {}, {}
+local SIDES = {'c', 'C', 'r', 'R'}
+-- a budget line as a table {c =, C =, r =, R =}; read once per script
 local function load(key)
   local t = S[key]
   if t then return t end
@@ -62,43 +38,40 @@ local function load(key)
   if v then
     t = cjson.decode(v)
     R[key] = v
+    t.c, t.C, t.r, t.R = t.c or {}, t.C or {}, t.r or {}, t.R or {}
   else
-    t = {c = {}, r = {}}
+    t = {c = {}, C = {}, r = {}, R = {}}
   end
   S[key] = t
   order[#order + 1] = key
   return t
 end
--- add units u to counter c on side p (t.c committed, t.r reserved); w is u as a number when
--- that is exact (fewer than 16 characters), else nil
-local EXACT = 9007199254740992
-local function add(key, p, c, u, w)
-  local t = load(key)[p]
-  local old = t[c]
-  local v
-  if w and (not old or #old < 16) then
-    local n = (tonumber(old) or 0) + w
-    if n < EXACT then v = n > 0 and f(n) or '0' end
+-- add (h, l) units to counter c on side p / P ('c'/'C' committed, 'r'/'R' reserved);
+-- |l| < B, so one carry; a total below zero is kept as zero
+local function add(t, p, P, c, h, l)
+  local lo, hs = t[p], t[P]
+  local nl = (lo[c] or 0) + l
+  local nh = (tonumber(hs[c]) or 0) + h
+  if nl >= B then nh, nl = nh + 1, nl - B elseif nl < 0 then nh, nl = nh - 1, nl + B end
+  if nh <= 0 then
+    hs[c] = nil
+    if nh < 0 or nl == 0 then nl = nil end
+    lo[c] = nl
+  else
+    hs[c] = nh < 1e14 and nh or fmt('%.0f', nh)
+    lo[c] = nl
   end
-  if not v then
-    local h, l = split(old)
-    local hi, lo = split(u)
-    h, l = h + hi, l + lo
-    if l >= B then h, l = h + 1, l - B elseif l < 0 then h, l = h - 1, l + B end
-    v = join(h, l)
-  end
-  if v == '0' then v = nil end
-  if v ~= old then t[c] = v; dirty[key] = true end
-end
-local function exact(u)
-  if #u < 16 then return tonumber(u) end
-  return nil
+  t.dirty = true
 end
 local function flush()
   for _, key in ipairs(order) do
-    if dirty[key] then
-      local t = S[key]
-      if next(t.c) == nil and next(t.r) == nil then
+    local t = S[key]
+    if t.dirty then
+      t.dirty = nil
+      for _, p in ipairs(SIDES) do
+        if next(t[p]) == nil then t[p] = nil end
+      end
+      if next(t) == nil then
         redis.call('DEL', key)
         D[key] = '{}'
       else
@@ -106,6 +79,7 @@ local function flush()
         redis.call('SET', key, doc, 'KEEPTTL')
         D[key] = doc
       end
+      t.c, t.C, t.r, t.R = t.c or {}, t.C or {}, t.r or {}, t.R or {}
     end
   end
 end
@@ -114,8 +88,9 @@ local function reply(head, first)
   local parts = {}
   for i = first, #KEYS do
     local key = KEYS[i]
-    load(key)
-    parts[#parts + 1] = D[key] or R[key] or '{}'
+    local d = D[key] or R[key]
+    if not d and not S[key] then load(key); d = R[key] end
+    parts[#parts + 1] = d or '{}'
   end
   if #parts == 0 then return cjson.encode(head) end
   if #head == 0 then return '[' .. table.concat(parts, ',') .. ']' end
@@ -126,36 +101,41 @@ end
 local function free(v)
   if not v or byte(v, 1) ~= 104 then return false end
   local h = cjson.decode(sub(v, 2))
-  local a = h[3]
-  for j = 1, #a, 2 do
-    local c, u, w = a[j], '-' .. a[j + 1], exact(a[j + 1])
-    if w then w = -w end
-    for _, key in ipairs(h[2]) do add(key, 'r', c, u, w) end
+  local a = h[2]
+  for _, key in ipairs(h[1]) do
+    local t = load(key)
+    for j = 1, #a, 3 do add(t, 'r', 'R', a[j], -a[j + 1], -a[j + 2]) end
   end
-  return h
+  return true
 end
+-- free up to 64 leases whose deadline passed; returns how many there were
 local function reclaim(leases, now, tomb)
   local ids = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
   for _, rec in ipairs(ids) do
     if free(redis.call('GET', rec)) then redis.call('SET', rec, 'x', 'PX', tomb) end
     redis.call('ZREM', leases, rec)
   end
+  return #ids
 end
--- amounts: ARGV[i] = n, then n pairs (counter, units); returns the counters, the units,
--- the units as exact numbers (nil when too long), the index by counter, the next i
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- amounts: ARGV[i] = n, then n triples (counter, hi, lo); returns counters, his, los, the
+-- index by counter and the next i
 local function amounts(i)
   local n = tonumber(ARGV[i])
-  local C, U, W, idx = {}, {}, {}, {}
+  local C, H, L, idx = {}, {}, {}, {}
   for j = 1, n do
-    local b = i + 2 * j - 1
-    local c, u = ARGV[b], ARGV[b + 1]
-    C[j], U[j], W[j], idx[c] = c, u, exact(u), j
+    local b = i + 3 * j - 2
+    local c = ARGV[b]
+    C[j], H[j], L[j], idx[c] = c, tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), j
   end
-  return C, U, W, idx, i + 1 + 2 * n
+  return C, H, L, idx, i + 1 + 3 * n
 end
--- limits of each line from ARGV[i]: nlimits, pairs (counter, units), expire-at (ms, '0' =
+-- limits of each line from ARGV[i]: nlimits, triples (counter, hi, lo), expire-at (ms, '0' =
 -- none). Returns the expiries when every limit holds, else nil and the refusal.
-local function check(first, i, U, W, idx, enforce)
+local function check(first, i, H, L, idx, enforce)
   local exp = {}
   for li = first, #KEYS do
     local nl = tonumber(ARGV[i]); i = i + 1
@@ -165,37 +145,21 @@ local function check(first, i, U, W, idx, enforce)
         local c = ARGV[i]
         local k = idx[c]
         if k then
-          local lim, cu, ru, w = ARGV[i + 1], t.c[c], t.r[c], W[k]
-          local fits = false
-          -- exact doubles: used + amount below 2**53, the limit short (exact) or long (>= 1e16)
-          if w and (not cu or #cu < 16) and (not ru or #ru < 16) then
-            local n = (tonumber(cu) or 0) + (tonumber(ru) or 0) + w
-            if n < EXACT and n > -EXACT then
-              if #lim < 16 then
-                fits = n <= tonumber(lim)
-              elseif #lim > 16 and byte(lim, 1) ~= 45 then
-                fits = true
-              end
-            end
-          end
-          if not fits then
-            local lh, ll = split(lim)
-            local ch, cl = split(cu)
-            local rh, rl = split(ru)
-            local ah, al = split(U[k])
-            local uh, ul = ch + rh, cl + rl
-            if ul >= B then uh, ul = uh + 1, ul - B end
-            local nh, nl2 = uh + ah, ul + al
-            if nl2 >= B then nh, nl2 = nh + 1, nl2 - B end
-            if nh > lh or (nh == lh and nl2 > ll) then
-              return nil, {0, li - first + 1, c, join(uh, ul), ''}
-            end
+          local uh = (tonumber(t.C[c]) or 0) + (tonumber(t.R[c]) or 0)
+          local ul = (t.c[c] or 0) + (t.r[c] or 0)
+          if ul >= B then uh, ul = uh + 1, ul - B end
+          local nh, nl2 = uh + H[k], ul + L[k]
+          if nl2 >= B then nh, nl2 = nh + 1, nl2 - B end
+          local lh = tonumber(ARGV[i + 1])
+          if nh > lh or (nh == lh and nl2 > tonumber(ARGV[i + 2])) then
+            if uh >= 1e14 then uh = fmt('%.0f', uh) end
+            return nil, {0, li - first + 1, c, uh, ul}
           end
         end
-        i = i + 2
+        i = i + 3
       end
     else
-      i = i + 2 * nl
+      i = i + 3 * nl
     end
     exp[li] = ARGV[i]; i = i + 1
   end
@@ -207,62 +171,57 @@ end
 """
 
 # KEYS: leases, record, budget keys...
-# ARGV: lease_ms, retry, tomb_ms, amounts..., lines...
+# ARGV: lease_ms, retry, tomb_ms, record body (JSON), amounts..., lines...
 RESERVE = (
     PRELUDE
     + r"""
 local leases, rec = KEYS[1], KEYS[2]
-local now = now_ms()
-reclaim(leases, now, ARGV[3])
 local st = redis.call('GET', rec)
 if st then
-  flush()
-  if byte(st, 1) == 104 and ARGV[2] == '1' then return reply({1, 0, '', '', ''}, 3) end
+  if byte(st, 1) == 104 and ARGV[2] == '1' then return reply({1, 0, '', 0, 0}, 3) end
   return '[-1]'
 end
-local C, U, W, idx, i = amounts(4)
-local exp, denied = check(3, i, U, W, idx, true)
-if denied then flush(); return reply(denied, 3) end
-local keys, held = {}, {}
-for k = 1, #C do
-  held[#held + 1] = C[k]; held[#held + 1] = ARGV[4 + 2 * k]
+local now = now_ms()
+local C, H, L, idx, i = amounts(5)
+local exp, denied = check(3, i, H, L, idx, true)
+if denied then
+  -- expired leases (a dead worker's) are reclaimed before a refusal, then checked again;
+  -- snapshots (each task start) and lease renewals reclaim them too
+  if reclaim(leases, now, ARGV[3]) > 0 then exp, denied = check(3, i, H, L, idx, true) end
+  if denied then flush(); return reply(denied, 3) end
 end
-for li = 3, #KEYS do keys[#keys + 1] = KEYS[li] end
-for k = 1, #C do
-  local c, u, w = C[k], U[k], W[k]
-  for li = 3, #KEYS do add(KEYS[li], 'r', c, u, w) end
+for li = 3, #KEYS do
+  local t = load(KEYS[li])
+  for k = 1, #C do add(t, 'r', 'R', C[k], H[k], L[k]) end
 end
 flush()
 for li = 3, #KEYS do expire(KEYS[li], exp[li]) end
-local deadline = now + tonumber(ARGV[1])
-redis.call('SET', rec, 'h' .. cjson.encode({f(deadline), keys, held}))
-redis.call('ZADD', leases, deadline, rec)
-return reply({1, 0, '', '', ''}, 3)
+redis.call('SET', rec, 'h' .. ARGV[4])
+redis.call('ZADD', leases, now + tonumber(ARGV[1]), rec)
+return reply({1, 0, '', 0, 0}, 3)
 """
 )
 
 # KEYS: leases, record, stats, budget keys...
-# ARGV: tomb_ms, amounts (n, then counter / units pairs), then one expire-at per line
+# ARGV: tomb_ms, amounts (n, then counter / hi / lo triples), then one expire-at per line
 COMMIT = (
     PRELUDE
     + r"""
 local leases, rec, stats = KEYS[1], KEYS[2], KEYS[3]
 local st = redis.call('GET', rec)
 if st == 'd' then return reply({2, 0}, 4) end
+-- late: the lease ran out and was reclaimed before this commit (its spend still counts)
 local late = 0
 if st and byte(st, 1) == 104 then
   free(st)
-  -- the lease's deadline is its score (renewals move it), not the one in the record
-  local dl = redis.call('ZSCORE', leases, rec)
-  if dl and tonumber(dl) < now_ms() then late = 1 end
   redis.call('ZREM', leases, rec)
 elseif st == 'x' then
   late = 1
 end
-local C, U, W, idx, i = amounts(2)
-for k = 1, #C do
-  local c, u, w = C[k], U[k], W[k]
-  for li = 4, #KEYS do add(KEYS[li], 'c', c, u, w) end
+local C, H, L, idx, i = amounts(2)
+for li = 4, #KEYS do
+  local t = load(KEYS[li])
+  for k = 1, #C do add(t, 'c', 'C', C[k], H[k], L[k]) end
 end
 flush()
 for li = 4, #KEYS do expire(KEYS[li], ARGV[i]); i = i + 1 end
@@ -286,35 +245,41 @@ return '[1]'
 """
 )
 
-# KEYS: leases, records...  ARGV: lease_ms. Moves the deadline of each lease still held (a
-# reclaimed one is no longer in the sorted set: XX leaves it out) to now + lease_ms.
-RENEW = r"""
-local t = redis.call('TIME')
-local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+# KEYS: leases, records...  ARGV: lease_ms, tomb_ms. Moves the deadline of each lease still
+# held (a reclaimed one is no longer in the sorted set: XX leaves it out) to now + lease_ms,
+# then reclaims expired leases (other workers').
+RENEW = (
+    PRELUDE
+    + r"""
+local now = now_ms()
+local deadline = now + tonumber(ARGV[1])
 local n = 0
 for i = 2, #KEYS do
   n = n + redis.call('ZADD', KEYS[1], 'XX', 'CH', deadline, KEYS[i])
 end
+reclaim(KEYS[1], now, ARGV[2])
+flush()
 return n
 """
+)
 
 # KEYS: op marker, budget keys...  ARGV: check, tomb_ms, amounts..., lines...
 CHARGE = (
     PRELUDE
     + r"""
 local marker = KEYS[1]
-if redis.call('EXISTS', marker) == 1 then return reply({2, 0, '', '', ''}, 2) end
-local C, U, W, idx, i = amounts(3)
-local exp, denied = check(2, i, U, W, idx, ARGV[1] == '1')
+if redis.call('EXISTS', marker) == 1 then return reply({2, 0, '', 0, 0}, 2) end
+local C, H, L, idx, i = amounts(3)
+local exp, denied = check(2, i, H, L, idx, ARGV[1] == '1')
 if denied then return reply(denied, 2) end
-for k = 1, #C do
-  local c, u, w = C[k], U[k], W[k]
-  for li = 2, #KEYS do add(KEYS[li], 'c', c, u, w) end
+for li = 2, #KEYS do
+  local t = load(KEYS[li])
+  for k = 1, #C do add(t, 'c', 'C', C[k], H[k], L[k]) end
 end
 flush()
 for li = 2, #KEYS do expire(KEYS[li], exp[li]) end
 redis.call('SET', marker, '1', 'PX', ARGV[2])
-return reply({1, 0, '', '', ''}, 2)
+return reply({1, 0, '', 0, 0}, 2)
 """
 )
 

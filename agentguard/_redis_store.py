@@ -39,7 +39,7 @@ import uuid
 import weakref
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Context, Decimal
 from typing import Any, Literal
 
 from agentguard import _redis_lua as lua
@@ -83,44 +83,51 @@ OnStoreError = Literal["fail_closed", "fail_open"]
 # -- numbers ----------------------------------------------------------------------------------
 
 
-def _units(counter: str, value: Amount, rounding: str) -> str:
-    """``value`` in units, as the scripts take it: 10**-18 USD for money, 1 for integer
-    counters."""
+_EXACT = Context(prec=64)  # wide enough for any stored amount, whatever the caller's context
+_B = 10**12  # amounts travel and live as (hi, lo) pairs: hi * _B + lo, 0 <= lo < _B
+
+
+def _units(counter: str, value: Amount, rounding: str) -> int:
+    """``value`` in units: 10**-18 USD for money, 1 for integer counters."""
     if counter == MONEY:
-        n = int((Decimal(value) * _SCALE).to_integral_value(rounding))
-    elif isinstance(value, int):
-        n = value
-    else:
-        n = int(Decimal(value).to_integral_value(rounding))
-    return str(n)
+        return int(_EXACT.multiply(Decimal(value), _SCALE).to_integral_value(rounding))
+    if isinstance(value, int):
+        return value
+    return int(Decimal(value).to_integral_value(rounding))
 
 
 def _amount(counter: str, n: int) -> Amount:
+    """Units back to an amount: ``Decimal`` USD (trailing zeros dropped) or ``int``."""
     if counter != MONEY:
         return n
-    if n % 10**18 == 0:
-        return Decimal(n // 10**18)
-    return Decimal(n).scaleb(-18).normalize()
+    return _EXACT.divide(n, _SCALE)
 
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _side(units: Mapping[str, str] | None) -> dict[str, Amount]:
-    if not units:
+def _side(lo: dict[str, Any] | None, hi: dict[str, Any] | None) -> dict[str, Amount]:
+    """One side of a budget document: ``lo`` parts, plus ``hi * 10**12`` where there is one."""
+    if not lo:
         return {}
-    out: dict[str, Amount] = {c: int(v) for c, v in units.items()}
+    out: dict[str, Any] = lo  # a fresh dict from json.loads: ours to change
+    if hi:
+        for c, h in hi.items():
+            out[c] = out.get(c, 0) + int(h) * _B
     n = out.get(MONEY)
     if n is not None:
-        out[MONEY] = _amount(MONEY, n)  # type: ignore[arg-type]
+        out[MONEY] = _amount(MONEY, n)
     return out
 
 
 def _balance(doc: Mapping[str, Any]) -> Balance:
-    """A budget document as the scripts keep and return it — ``{"c": {counter: units},
-    "r": {counter: units}}``, committed and reserved, zeros left out — as a ``Balance``."""
-    return Balance(_side(doc.get("c")), _side(doc.get("r")))
+    """A budget document as the scripts keep and return it — ``{"c": {counter: lo}, "C":
+    {counter: hi}, "r": ..., "R": ...}``, committed and reserved in units, zeros left out — as a
+    ``Balance``."""
+    if not doc:
+        return Balance({}, {})
+    return Balance(_side(doc.get("c"), doc.get("C")), _side(doc.get("r"), doc.get("R")))
 
 
 def _balances(keys: Sequence[str], docs: Sequence[Any]) -> dict[str, Balance]:
@@ -145,15 +152,23 @@ def _loads(reply: Any) -> Any:
     return json.loads(reply)
 
 
-def _encode_amounts(amounts: Mapping[str, Amount], rounding: str) -> list[str]:
-    out: list[str] = []
+def _encode_amounts(
+    amounts: Mapping[str, Amount], rounding: str
+) -> tuple[list[str], list[str | int]]:
+    """The script arguments for ``amounts`` (``n``, then ``counter, hi, lo`` triples), and the
+    same triples as numbers for a reservation record."""
+    args: list[str] = []
+    held: list[str | int] = []
     for counter, value in amounts.items():
         if value:
             if type(value) is int and counter != MONEY:
-                out += (counter, str(value))
+                n = value
             else:
-                out += (counter, _units(counter, value, rounding))
-    return [str(len(out) // 2), *out]
+                n = _units(counter, value, rounding)
+            hi, lo = divmod(n, _B)
+            args += (counter, str(hi), str(lo))
+            held += (counter, hi, lo)
+    return [str(len(held) // 3), *args], held
 
 
 # -- requests and the pure part ----------------------------------------------------------------
@@ -307,7 +322,7 @@ class RedisStore:
         self._leases = p + "leases"
         self._stats = p + "stats"
         self._shas = {name: _sha1(src) for name, src in _SCRIPTS.items()}
-        self._units: dict[tuple[str, Amount], str] = {}  # limits, encoded
+        self._units: dict[tuple[str, Amount], tuple[str, str]] = {}  # limits, encoded
         # the sync fast path: kept connections of a plain Redis, or of the cluster master
         # that holds this store's slot (found again after any redirection or error)
         self._single: _Conns | None = None
@@ -434,22 +449,26 @@ class RedisStore:
                 if enc is None:
                     if len(cache) > 4096:
                         cache.clear()
-                    enc = cache[(counter, limit)] = _units(counter, limit, ROUND_FLOOR)
-                out += (counter, enc)
+                    hi, lo = divmod(_units(counter, limit, ROUND_FLOOR), _B)
+                    enc = cache[(counter, limit)] = (str(hi), str(lo))
+                out += (counter, *enc)
             out.append(self._expiry(line))
         return out
 
     def _reserve_req(
         self, rid: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
     ) -> _Req:
-        keys = [self._leases, self._rkey(rid), *[self._bkey(ln.key) for ln in lines]]
+        bkeys = [self._bkey(ln.key) for ln in lines]
+        enc, held = _encode_amounts(amounts, ROUND_CEILING)
         args = [
             self._lease_ms,
             "0",
             self._tomb_ms,
-            *_encode_amounts(amounts, ROUND_CEILING),
+            json.dumps([bkeys, held], separators=(",", ":"), ensure_ascii=False),
+            *enc,
             *self._lines_args(lines),
         ]
+        keys = [self._leases, self._rkey(rid), *bkeys]
         return _Req("reserve", keys, args, retry_arg=1)
 
     def _commit_req(
@@ -463,7 +482,7 @@ class RedisStore:
         ]
         args = [
             self._tomb_ms,
-            *_encode_amounts(actual, ROUND_HALF_EVEN),
+            *_encode_amounts(actual, ROUND_HALF_EVEN)[0],
             *[self._expiry(ln) for ln in lines],
         ]
         return _Req("commit", keys, args)
@@ -479,7 +498,7 @@ class RedisStore:
         args = [
             "1" if check else "0",
             self._tomb_ms,
-            *_encode_amounts(amounts, rounding),
+            *_encode_amounts(amounts, rounding)[0],
             *self._lines_args(lines),
         ]
         return _Req("charge", keys, args)
@@ -493,7 +512,7 @@ class RedisStore:
         if status == 0:
             line = lines[reply[1] - 1]
             counter = reply[2]
-            used = _amount(counter, int(reply[3]))
+            used = _amount(counter, int(reply[3]) * _B + int(reply[4]))
             limit = line.limits[counter]
             return ReserveResult(False, Denied(line.key, counter, limit, used, 0), balances)
         return ReserveResult(True, None, balances)
@@ -742,9 +761,8 @@ class RedisStore:
         records = list(self._leased.values())
         n = 0
         for i in range(0, len(records), 512):
-            reply = self._call(
-                _Req("renew", [self._leases, *records[i : i + 512]], [self._lease_ms])
-            )
+            keys = [self._leases, *records[i : i + 512]]
+            reply = self._call(_Req("renew", keys, [self._lease_ms, self._tomb_ms]))
             n += int(reply)
         self.lease_renewals += 1
         return n

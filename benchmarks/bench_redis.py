@@ -1,16 +1,25 @@
-"""RedisStore: reserve + commit latency and throughput on a private single node and a private
-3-master cluster, as ratios to a bare PING and a bare EVALSHA of a trivial script measured in the
-same run; then throughput with 1, 2, 4 and 8 client processes.
+"""RedisStore: reserve and commit latency and throughput on a private single node and a private
+3-master cluster, as ratios to baselines measured in the same run.
 
-Baselines: ``ping`` is redis-py's ``client.ping()``; ``ping (raw)`` is one PING on a connection
-the store keeps (its own transport, without redis-py's per-command machinery); ``evalsha`` is
-``store.trivial()``, a trivial script through the store's transport. A reserve + commit pair is
-two scripts, so its throughput is at most half of EVALSHA's even with free scripts: the
-``per script`` column (2 x pairs/s / EVALSHA) is the one that can approach 1. ``server µs`` is
-the server's own time per script (``INFO commandstats``), what the one shared thread spends.
+Baselines: ``ping`` is redis-py's ``client.ping()`` (a PING round trip through the client a user
+has); ``ping (raw)`` is one PING on a connection the store keeps (the transport floor, without
+redis-py's per-command machinery); ``evalsha`` is ``store.trivial()``, a trivial script
+(``return 1``) through the store's own transport.
+
+Goals (issue 6): reserve + commit <= 2.3x a PING round trip; >= 0.9x raw EVALSHA throughput with
+4 client processes.
+
+Throughput is defined **per operation**: each reserve and each commit is one ``EVALSHA``, so a
+worker alternating reserve and commit counts two operations per model call; its ops/s is
+compared with the ops/s of workers sending the trivial script, at 1, 2, 4 and 8 processes
+started together. ``server µs`` is the server's own time per script (``INFO commandstats``) —
+what the one shared server thread spends.
+
+The machine is shared: every figure is the median of interleaved repeats (each repeat measures
+every operation once, in turn), and the ratios are taken between medians of the same run.
 
 Usage: ``.venv/bin/python benchmarks/bench_redis.py [--quick]``. Starts its own servers (see
-``tests/redis_servers.py``); reports medians, asserts nothing.
+``tests/redis_servers.py``); reports, asserts nothing.
 """
 
 from __future__ import annotations
@@ -20,8 +29,10 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -51,19 +62,37 @@ def _store(url: str, cluster: bool, ns: str) -> RedisStore:
     return RedisStore.from_url(url, namespace=ns)
 
 
-def _ops(store: RedisStore, tag: str) -> dict[str, object]:
-    n = [0]
+class _Ops:
+    """The operations measured, on one store: each call is one round trip."""
 
-    def pair() -> None:
-        n[0] += 1
-        rid = f"{tag}-{n[0]}"
-        store.reserve(rid, LINES, AMOUNTS)
-        store.commit(rid, LINES, ACTUAL)
+    def __init__(self, store: RedisStore, tag: str) -> None:
+        self.store, self.tag, self.n, self.held = store, tag, 0, False
 
-    return {"ping": store.client.ping, "evalsha": store.trivial, "reserve+commit": pair}
+    def reserve_commit(self) -> None:
+        """Alternately a reserve and the commit of it: one EVALSHA per call."""
+        if self.held:
+            self.store.commit(f"{self.tag}-{self.n}", LINES, ACTUAL)
+        else:
+            self.n += 1
+            self.store.reserve(f"{self.tag}-{self.n}", LINES, AMOUNTS)
+        self.held = not self.held
+
+    def pair(self) -> None:
+        self.n += 1
+        rid = f"{self.tag}-p{self.n}"
+        self.store.reserve(rid, LINES, AMOUNTS)
+        self.store.commit(rid, LINES, ACTUAL)
+
+    def table(self) -> dict[str, Callable[[], Any]]:
+        return {
+            "ping": self.store.client.ping,
+            "evalsha": self.store.trivial,
+            "reserve|commit": self.reserve_commit,
+            "reserve+commit": self.pair,
+        }
 
 
-def _raw_ping(store: RedisStore) -> object:
+def _raw_ping(store: RedisStore) -> Callable[[], Any]:
     """PING on a connection the store keeps: the transport floor of every store call."""
     conns = store._single or store._cluster_conns()
     assert conns is not None
@@ -77,7 +106,7 @@ def _raw_ping(store: RedisStore) -> object:
     return ping
 
 
-def _server_us(store: RedisStore, cluster: bool, n: int) -> dict[str, float]:
+def _server_us(store: RedisStore, n: int) -> dict[str, float]:
     """Server time per script (µs), from INFO commandstats of the node holding the slot."""
     node = store._single or store._cluster_conns()
     assert node is not None
@@ -90,6 +119,7 @@ def _server_us(store: RedisStore, cluster: bool, n: int) -> dict[str, float]:
     out = {}
     tag = uuid.uuid4().hex[:6]
     for name, fn in (
+        ("trivial", lambda i: store.trivial()),
         ("reserve", lambda i: store.reserve(f"s{tag}-{i}", LINES, AMOUNTS)),
         ("commit", lambda i: store.commit(f"s{tag}-{i}", LINES, ACTUAL)),
         ("charge", lambda i: store.charge(LINES, {"steps": 1})),
@@ -106,66 +136,99 @@ def _server_us(store: RedisStore, cluster: bool, n: int) -> dict[str, float]:
     return out
 
 
-def _latency(fn: object, n: int) -> float:
-    call = fn  # type: ignore[assignment]
-    for _ in range(50):
-        call()  # type: ignore[operator]
+def _latency(fn: Callable[[], Any], n: int) -> float:
     samples = []
     for _ in range(n):
         t0 = time.perf_counter_ns()
-        call()  # type: ignore[operator]
+        fn()
         samples.append(time.perf_counter_ns() - t0)
     return statistics.median(samples) / 1000  # µs
 
 
-def _worker(args: tuple[str, bool, str, str, float, int]) -> int:
-    url, cluster, ns, op, seconds, w = args
-    store = _store(url, cluster, ns)
-    fn = _ops(store, f"w{w}-{uuid.uuid4().hex[:6]}")[op]
+# -- throughput: a fixed pool of worker processes, each with its own store ---------------------
+
+_WORKER_OPS: dict[tuple[str, bool, str], _Ops] = {}
+
+
+def _worker(args: tuple[str, bool, str, str, float, float]) -> int:
+    url, cluster, ns, op, start_at, seconds = args
+    ops = _WORKER_OPS.get((url, cluster, ns))
+    if ops is None:
+        ops = _WORKER_OPS[(url, cluster, ns)] = _Ops(
+            _store(url, cluster, ns), f"w-{uuid.uuid4().hex[:8]}"
+        )
+        for _ in range(20):  # connect, load the scripts
+            ops.store.trivial()
+    fn = ops.table()[op]
+    if ops.held:  # never leave a reservation open between measurements
+        ops.reserve_commit()
+    while time.time() < start_at:
+        time.sleep(0.001)
     count = 0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        fn()  # type: ignore[operator]
+    end = start_at + seconds
+    while time.time() < end:
+        fn()
         count += 1
     return count
 
 
-def _throughput(url: str, cluster: bool, op: str, procs: int, seconds: float) -> float:
-    ns = f"bench-{uuid.uuid4().hex[:8]}"
-    with mp.get_context("spawn").Pool(procs) as pool:
-        counts = pool.map(_worker, [(url, cluster, ns, op, seconds, w) for w in range(procs)])
-    return sum(counts) / seconds
+def _throughput(
+    pool: Any, url: str, cluster: bool, ns: str, op: str, procs: int, s: float
+) -> float:
+    start_at = time.time() + 0.3  # every worker starts together
+    counts = pool.map(_worker, [(url, cluster, ns, op, start_at, s)] * procs, chunksize=1)
+    return float(sum(counts)) / s
 
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    n, seconds = (500, 0.5) if quick else (3000, 2.0)
+    n, seconds, repeats = (300, 0.5, 3) if quick else (1000, 1.5, 5)
     targets = [("single node", redis_servers.single().url, False)]
     targets.append(("cluster (3 masters)", redis_servers.cluster().url, True))
-    for name, url, cluster in targets:
-        store = _store(url, cluster, f"bench-{uuid.uuid4().hex[:8]}")
-        ops = _ops(store, "lat")
-        lat = {op: _latency(fn, n) for op, fn in ops.items()}
-        raw = _latency(_raw_ping(store), n)
-        print(f"\n{name}: median latency per operation (µs), one client")
-        print(f"  {'ping (raw)':<16} {raw:8.1f}   {raw / lat['ping']:5.2f}x PING")
-        for op, us in lat.items():
-            print(f"  {op:<16} {us:8.1f}   {us / lat['ping']:5.2f}x PING   {us / raw:5.2f}x raw")
-        print(f"  reserve+commit / EVALSHA(trivial): {lat['reserve+commit'] / lat['evalsha']:.2f}x")
-        server = _server_us(store, cluster, max(200, n // 5))
-        print("  server µs per script: " + ", ".join(f"{k} {v:.1f}" for k, v in server.items()))
-        print(f"\n{name}: throughput (ops/s; reserve+commit counts one pair as one op)")
-        print(
-            f"  {'procs':>5} {'PING':>10} {'EVALSHA':>10} {'res+commit':>11} {'rc/EVALSHA':>11}"
-            f" {'per script':>11}"
-        )
-        for procs in (1, 2, 4, 8):
-            tp = {op: _throughput(url, cluster, op, procs, seconds) for op in ops}
-            ratio = tp["reserve+commit"] / tp["evalsha"]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(8) as pool:
+        for name, url, cluster in targets:
+            store = _store(url, cluster, f"bench-{uuid.uuid4().hex[:8]}")
+            ops = _Ops(store, "lat").table()
+            ops["ping (raw)"] = _raw_ping(store)
+            for fn in ops.values():  # warm up: connections, scripts
+                for _ in range(100):
+                    fn()
+            rounds: dict[str, list[float]] = {op: [] for op in ops}
+            for _ in range(repeats):  # interleaved: every op once per round
+                for op, fn in ops.items():
+                    rounds[op].append(_latency(fn, n))
+            lat = {op: statistics.median(v) for op, v in rounds.items()}
+            ping, raw, ev = lat["ping"], lat["ping (raw)"], lat["evalsha"]
+            print(f"\n{name}: latency, one client (µs, median of {repeats} interleaved rounds)")
+            for op in ("ping (raw)", "ping", "evalsha", "reserve|commit", "reserve+commit"):
+                us = lat[op]
+                print(
+                    f"  {op:<16} {us:8.1f}   {us / ping:5.2f}x PING   {us / raw:5.2f}x raw PING"
+                    f"   {us / ev:5.2f}x EVALSHA"
+                )
+            print(f"  goal: reserve+commit <= 2.3x PING -> {lat['reserve+commit'] / ping:.2f}x")
+            server = _server_us(store, max(200, n // 2))
+            print("  server µs per script: " + ", ".join(f"{k} {v:.1f}" for k, v in server.items()))
             print(
-                f"  {procs:>5} {tp['ping']:>10.0f} {tp['evalsha']:>10.0f} "
-                f"{tp['reserve+commit']:>11.0f} {ratio:>11.2f} {2 * ratio:>11.2f}"
+                f"\n{name}: throughput per operation (ops/s; a reserve and a commit are one op"
+                f" each), median of {repeats} interleaved repeats"
             )
+            print(f"  {'procs':>5} {'EVALSHA':>10} {'res|commit':>11} {'ratio':>7}   repeats")
+            ns = f"bench-{uuid.uuid4().hex[:8]}"
+            for procs in (1, 2, 4, 8):
+                ev_tp: list[float] = []
+                st_tp: list[float] = []
+                for _ in range(repeats):
+                    ev_tp.append(_throughput(pool, url, cluster, ns, "evalsha", procs, seconds))
+                    st_tp.append(
+                        _throughput(pool, url, cluster, ns, "reserve|commit", procs, seconds)
+                    )
+                e, r = statistics.median(ev_tp), statistics.median(st_tp)
+                each = " ".join(f"{b / a:.2f}" for a, b in zip(ev_tp, st_tp, strict=True))
+                print(f"  {procs:>5} {e:>10.0f} {r:>11.0f} {r / e:>7.2f}   {each}")
+            print("  goal: >= 0.9x EVALSHA at 4 processes")
+            store.close()
 
 
 if __name__ == "__main__":

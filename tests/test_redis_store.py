@@ -107,18 +107,32 @@ def test_lease_of_a_dead_worker_is_reclaimed_and_late_commit_is_recorded(url: st
     assert dead.stats()["late_commits"] == 1
 
 
+def test_a_refused_reserve_reclaims_expired_leases_first(url: str) -> None:
+    """A reserve only looks for expired leases when it would be refused; then it reclaims them
+    and checks again, so a dead worker's hold never causes a refusal."""
+    ns = _ns()
+    dead = RedisStore.from_url(url, namespace=ns, lease_ttl=0.2, renew_leases=False)
+    alive = RedisStore.from_url(url, namespace=ns)
+    assert dead.reserve("r-dead", [LINE], {"cost_usd": D("0.8")}).ok
+    time.sleep(0.3)
+    res = alive.reserve("r1", [LINE], {"cost_usd": D("0.8")})  # no snapshot in between
+    assert res.ok
+    assert res.balances["team:cx"].reserved["cost_usd"] == D("0.8")
+    assert not alive.reserve("r2", [LINE], {"cost_usd": D("0.3")}).ok  # a live hold counts
+
+
 def test_a_call_longer_than_the_lease_keeps_its_reservation(url: str) -> None:
     """The store renews the leases it holds every lease_ttl / 3: a model call running for
     several lease_ttl is never reclaimed under it, while other workers keep reclaiming."""
     ns = _ns()
-    store = RedisStore.from_url(url, namespace=ns, lease_ttl=0.3)
-    other = RedisStore.from_url(url, namespace=ns, lease_ttl=0.3)
+    store = RedisStore.from_url(url, namespace=ns, lease_ttl=0.6)
+    other = RedisStore.from_url(url, namespace=ns, lease_ttl=0.6)
     policy = ag.Policy(budgets=[ag.Budget(scope="team", max_cost_usd=D("0.001"))])
     guard = ag.Guard(policy, store=store, traces=False)
     with guard.task("long", team="cx") as task:
         call = task.start_model_call("gpt-4o-mini", input_tokens=2000, max_tokens=400)
         held = call.amounts["cost_usd"]
-        deadline = time.monotonic() + 1.2  # four lease_ttl
+        deadline = time.monotonic() + 2.0  # more than three lease_ttl
         while time.monotonic() < deadline:
             bal = other.snapshot(["team:cx"])["team:cx"]  # reclaims expired leases
             assert bal.reserved["cost_usd"] == held
@@ -142,7 +156,7 @@ def test_a_killed_workers_lease_runs_out_once_renewals_stop(url: str) -> None:
         "from decimal import Decimal\n"
         "from agentguard._redis_store import RedisStore\n"
         "from agentguard._store import BudgetLine\n"
-        "s = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2], lease_ttl=0.3)\n"
+        "s = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2], lease_ttl=0.6)\n"
         "line = BudgetLine('team:cx', {'cost_usd': Decimal('1')})\n"
         "assert s.reserve('r-worker', [line], {'cost_usd': Decimal('0.8')}).ok\n"
         "print('held', flush=True)\n"
@@ -153,8 +167,8 @@ def test_a_killed_workers_lease_runs_out_once_renewals_stop(url: str) -> None:
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-        other = RedisStore.from_url(url, namespace=ns, lease_ttl=0.3)
-        time.sleep(0.9)  # three lease_ttl: the living worker keeps its lease
+        other = RedisStore.from_url(url, namespace=ns, lease_ttl=0.6)
+        time.sleep(2.0)  # more than three lease_ttl: the living worker keeps its lease
         assert other.snapshot(["team:cx"])["team:cx"].reserved["cost_usd"] == D("0.8")
         assert not other.reserve("r1", [LINE], {"cost_usd": D("0.5")}).ok
     finally:
@@ -162,7 +176,7 @@ def test_a_killed_workers_lease_runs_out_once_renewals_stop(url: str) -> None:
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
-    time.sleep(0.45)
+    time.sleep(0.9)  # the last renewal's deadline has passed
     assert other.snapshot(["team:cx"])["team:cx"].reserved.get("cost_usd", 0) == 0
     assert other.reserve("r2", [LINE], {"cost_usd": D("0.9")}).ok
 
