@@ -234,7 +234,7 @@ class BudgetedLLM(FunctionCallingLLM):
         open_task: Any = self.guard.open_task  # tags are plain **kwargs
         return open_task(self.task_id, **self.task_tags), True
 
-    def _begin(self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]) -> _Plan:
+    def _begin(self, messages: Sequence[Any], kwargs: Mapping[str, Any]) -> _Plan:
         kw = dict(kwargs)
         spec: _Tools | None = kw.pop(_RAW_TOOLS, None)
         asked = kw.pop("model", None)
@@ -370,7 +370,7 @@ class BudgetedLLM(FunctionCallingLLM):
         return self._done(plan, response)  # type: ignore[no-any-return]
 
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        plan = self._begin([ChatMessage(role="user", content=prompt)], kwargs)
+        plan = self._begin([prompt], kwargs)
         try:
             with metered_here():
                 response = plan.llm.complete(
@@ -384,7 +384,7 @@ class BudgetedLLM(FunctionCallingLLM):
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
-        plan = self._begin([ChatMessage(role="user", content=prompt)], kwargs)
+        plan = self._begin([prompt], kwargs)
         try:
             with metered_here():
                 response = await plan.llm.acomplete(
@@ -444,7 +444,7 @@ class BudgetedLLM(FunctionCallingLLM):
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseGen:
-        plan = self._begin([ChatMessage(role="user", content=prompt)], kwargs)
+        plan = self._begin([prompt], kwargs)
         try:
             with metered_here():
                 chunks = plan.llm.stream_complete(
@@ -470,7 +470,7 @@ class BudgetedLLM(FunctionCallingLLM):
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        plan = self._begin([ChatMessage(role="user", content=prompt)], kwargs)
+        plan = self._begin([prompt], kwargs)
         try:
             with metered_here():
                 chunks = await plan.llm.astream_complete(
