@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from decimal import Decimal
 from typing import Any
 
@@ -16,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as ga
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics as gm
 from opentelemetry.trace import StatusCode
+from structlog.testing import capture_logs
 
 import agentguard as ag
 from agentguard._otel import OTelSink, provider_of
@@ -32,9 +34,11 @@ class OTel:
         self.sink = OTelSink(tracer_provider=self.tp, **kw)
 
     def spans(self) -> list[ReadableSpan]:
+        assert self.sink.flush(10)
         return list(self.exporter.get_finished_spans())
 
     def metrics(self) -> dict[str, list[Any]]:
+        assert self.sink.flush(10)
         data = self.reader.get_metrics_data()
         out: dict[str, list[Any]] = {}
         assert data is not None
@@ -274,6 +278,7 @@ def test_global_providers_are_used_by_default() -> None:
         "with tracer.start_as_current_span('request') as req:\n"
         "    with g.task('t') as t:\n"
         "        t.step('s')\n"
+        "g.close()\n"
         "spans = {s.name: s for s in e.get_finished_spans()}\n"
         "print(spans['agentguard.task'].parent.span_id == spans['request'].context.span_id)\n"
     )
@@ -300,3 +305,49 @@ def test_a_downgraded_call_names_the_model_the_request_went_to() -> None:
     assert a["agentguard.saved_usd"] == str(rec.attrs["saved_usd"])
     models = {p.attributes[ga.GEN_AI_REQUEST_MODEL] for p in otel.metrics()["agentguard.cost"]}
     assert models == {"gpt-4o", "gpt-4o-mini"}
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_emitted_on_a_background_thread_or_in_place(background: bool) -> None:
+    otel = OTel(background=background)
+    seen: list[str] = []
+
+    class Spy(SimpleSpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            seen.append(threading.current_thread().name)
+
+    otel.tp.add_span_processor(Spy(otel.exporter))
+    guard = ag.Guard(traces=otel.sink)
+    with guard.task("t") as task:
+        task.step("s")
+    assert len(otel.spans()) == 2  # the spy records the thread, it does not export
+    expected = "agentguard-otel" if background else threading.current_thread().name
+    assert set(seen) == {expected}
+    otel.sink.close()
+    assert otel.sink._thread is None or not otel.sink._thread.is_alive()
+
+
+def test_an_exporter_failure_is_logged_and_the_worker_goes_on() -> None:
+    otel = OTel()
+
+    class Broken(SimpleSpanProcessor):
+        calls = 0
+
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            Broken.calls += 1
+            if Broken.calls == 1:
+                raise RuntimeError("exporter down")
+
+    otel.tp._active_span_processor._span_processors = (
+        Broken(otel.exporter),
+        *otel.tp._active_span_processor._span_processors,
+    )
+    guard = ag.Guard(traces=otel.sink)
+    with capture_logs() as logs:
+        for name in ("a", "b"):
+            with guard.task(name) as task:
+                task.step("s")
+        spans = otel.spans()
+    assert otel.sink.errors == 1
+    assert [e["event"] for e in logs] == ["agentguard.trace_error"]
+    assert {(s.attributes or {})["agentguard.task_id"] for s in spans} >= {"b"}
