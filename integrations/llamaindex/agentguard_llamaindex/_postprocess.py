@@ -18,7 +18,14 @@ from typing import Any
 
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
-from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle, TextNode
+from llama_index.core.schema import (
+    DEFAULT_TEXT_NODE_TMPL,
+    BaseNode,
+    MetadataMode,
+    NodeWithScore,
+    QueryBundle,
+    TextNode,
+)
 
 from agentguard import (
     Chunk,
@@ -143,9 +150,7 @@ class TokenBudgetPostprocessor(BaseNodePostprocessor):
         counter = counter_for(self.model)
         chunks: list[Chunk] = []
         header_tokens = 0
-        cache: dict[tuple[str, str], int] | None = (
-            None if self.metadata_mode == MetadataMode.NONE else {}
-        )
+        headers = self.metadata_mode != MetadataMode.NONE
         for i, item in enumerate(nodes):
             if not isinstance(item, NodeWithScore):
                 raise TypeError(f"nodes[{i}] must be a NodeWithScore, got {type(item)!r}")
@@ -153,8 +158,8 @@ class TokenBudgetPostprocessor(BaseNodePostprocessor):
             # TextNode.get_content(NONE) is its text; other node types render it themselves
             text = node.text if isinstance(node, TextNode) else node.get_content(MetadataMode.NONE)
             chunks.append(Chunk(text, item.score, node.node_id, i))
-            if cache is not None:
-                n = self._header_tokens(node, text, counter, cache)
+            if headers:
+                n = self._header_tokens(node, text, counter)
                 if n > header_tokens:
                     header_tokens = n
         options: dict[str, Any] = {
@@ -196,27 +201,24 @@ class TokenBudgetPostprocessor(BaseNodePostprocessor):
             )
         return budget
 
-    def _header_tokens(
-        self, node: BaseNode, text: str, counter: TokenCounter, cache: dict[tuple[str, str], int]
-    ) -> int:
+    def _header_tokens(self, node: BaseNode, text: str, counter: TokenCounter) -> int:
         """Tokens the LLM reads around the node's own text (its metadata header), plus one
         for the seam should the text merge differently with its header; 0 with no header.
         Not called under ``MetadataMode.NONE``."""
-        mode = self.metadata_mode
-        metadata = node.get_metadata_str(mode).strip()
+        metadata = node.get_metadata_str(self.metadata_mode).strip()
         if not metadata:
             return 0
         template = getattr(node, "text_template", None)
+        if template == DEFAULT_TEXT_NODE_TMPL:  # "{metadata_str}\n\n{content}"
+            return counter.count(metadata + "\n\n") + 1
         if isinstance(template, str):
             rendered = template.format(content=_SLOT, metadata_str=metadata).strip()
             before, slot, after = rendered.partition(_SLOT)
             if slot:
-                n = cache.get((before, after))
-                if n is None:
-                    n = cache[before, after] = counter.count(before) + counter.count(after) + 1
-                return n
+                return counter.count(before) + counter.count(after) + 1
         # A node type without a text template: what it shows beyond its text is its header.
-        return max(0, counter.count(node.get_content(mode)) - counter.count(text)) + 1
+        content = node.get_content(self.metadata_mode)
+        return max(0, counter.count(content) - counter.count(text)) + 1
 
 
 def _cut(item: NodeWithScore, text: str) -> NodeWithScore:

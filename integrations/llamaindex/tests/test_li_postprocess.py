@@ -304,3 +304,22 @@ def test_items_that_are_not_nodes_with_scores_are_refused() -> None:
     node = TextNode(text="A fact.")
     with pytest.raises(TypeError, match=r"nodes\[0\]"):
         TokenBudgetPostprocessor(budget_tokens=10).trim([node])  # type: ignore[list-item]
+
+
+def test_a_custom_text_template_with_a_tail_is_counted_around_the_text() -> None:
+    template = "<document>\n{metadata_str}\n---\n{content}\n</document>"
+    nodes = [
+        NodeWithScore(
+            node=TextNode(text=n.node.text, metadata=dict(n.node.metadata), text_template=template),
+            score=n.score,
+        )
+        for n in retrieve()
+    ]
+    cut_seen = False
+    for budget in range(40, 1200, 37):
+        kept = TokenBudgetPostprocessor(budget_tokens=budget, model=MODEL).postprocess_nodes(nodes)
+        assert llm_tokens(kept) <= budget
+        for n in kept:
+            assert n.node.get_content(MetadataMode.LLM).endswith("</document>")
+        cut_seen = cut_seen or any(n.node.metadata.get(TRUNCATED_KEY) for n in kept)
+    assert cut_seen
