@@ -539,3 +539,25 @@ class BudgetedLLM(FunctionCallingLLM):
         if isinstance(model, str):
             return self._resolve(model)[0]
         return self.llm
+
+
+# LlamaIndex's DispatcherSpanMixin wraps every LLM method a subclass implements in a dispatcher
+# span (an ``inspect.signature`` bind, a uuid, every span handler called: tens of µs). The
+# wrapper's delegate opens its own span and emits the LLM events; a second span around it adds
+# cost and nothing else, so the wrapper's methods are restored undecorated.
+for _name in (
+    "chat",
+    "achat",
+    "stream_chat",
+    "astream_chat",
+    "complete",
+    "acomplete",
+    "stream_complete",
+    "astream_complete",
+    "_prepare_chat_with_tools",
+    "get_tool_calls_from_response",
+    "_validate_chat_with_tools_response",
+):
+    _fn = BudgetedLLM.__dict__.get(_name)
+    if _fn is not None and hasattr(_fn, "__wrapped__"):
+        setattr(BudgetedLLM, _name, _fn.__wrapped__)
