@@ -17,6 +17,8 @@ Variants:
 * legacy TokenCountingHandler — LlamaIndex's own token counter on the callback manager;
 * guard handler, in a task — ``instrument(guard)``, calls inside ``with guard.task(...)``,
   memory traces (decide, reserve, commit, span per call);
+* guard handler, in a task, no traces — the same with ``traces=False`` (what writing the
+  trace costs: memory traces keep every span, which the garbage collector then walks);
 * guard handler, task per root span — no ``guard.task``: a task is opened and closed for each
   call's root span;
 * BudgetedLLM, in a task — the wrapper over the same ``MockLLM`` (it decides, reserves and
@@ -45,12 +47,12 @@ PROMPT = "My parcel for order 1182 is late; what can you do about the shipping f
 GOAL_US = 30.0
 
 
-def _guard() -> ag.Guard:
+def _guard(traces: Any = "memory") -> ag.Guard:
     prices = ag.PriceBook(
         overrides={"MockLLM": {"input_per_mtok": "0.15", "output_per_mtok": "0.6"}}
     )
     return ag.Guard(
-        ag.Policy(max_cost_usd="1000", max_model_calls=10**9), traces="memory", prices=prices
+        ag.Policy(max_cost_usd="1000", max_model_calls=10**9), traces=traces, prices=prices
     )
 
 
@@ -84,13 +86,16 @@ def _in_task(guard: ag.Guard, fn: Callable[[], Any]) -> Callable[[], Any]:
 def _variants() -> dict[str, _Variant]:
     bare = MockLLM(max_tokens=20)
     counted = MockLLM(max_tokens=20, callback_manager=CallbackManager([TokenCountingHandler()]))
-    g_task, g_root, g_wrap = _guard(), _guard(), _guard()
+    g_task, g_root, g_wrap, g_quiet = _guard(), _guard(), _guard(), _guard(traces=False)
     wrapped = BudgetedLLM(guard=g_wrap, llm=MockLLM(max_tokens=20))
     return {
         "bare": _Variant(lambda: bare.complete(PROMPT)),
         "legacy TokenCountingHandler": _Variant(lambda: counted.complete(PROMPT)),
         "guard handler, in a task": _Variant(
             _in_task(g_task, lambda: bare.complete(PROMPT)), lambda: instrument(g_task)
+        ),
+        "guard handler, in a task, no traces": _Variant(
+            _in_task(g_quiet, lambda: bare.complete(PROMPT)), lambda: instrument(g_quiet)
         ),
         "guard handler, task per root span": _Variant(
             lambda: bare.complete(PROMPT), lambda: instrument(g_root)
