@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from rag_pipeline import MODEL, QUESTION, retrieve, sources
 
 import agentguard as ag
-from agentguard_llamaindex import TokenBudgetPostprocessor
+from agentguard_llamaindex import TokenBudgetPostprocessor, _postprocess
 from agentguard_llamaindex._postprocess import TRUNCATED_KEY
 
 COUNTER = ag.counter_for(MODEL)
@@ -39,6 +40,13 @@ def llm_tokens(nodes: list[NodeWithScore], mode: MetadataMode = MetadataMode.LLM
 
 def trim_spans(g: ag.Guard) -> list[ag.Span]:
     return [s for s in g.sink.spans if s.kind == "trim"]  # type: ignore[attr-defined]
+
+
+def test_the_docstring_example_runs() -> None:
+    # the package is not in the root doctest paths
+    result = doctest.testmod(_postprocess)
+    assert result.attempted > 0
+    assert result.failed == 0
 
 
 def test_it_is_a_llamaindex_node_postprocessor() -> None:
