@@ -7,12 +7,19 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
-from agentguard import BudgetLine, current_task
+from langchain_core.runnables import Runnable
+
+from agentguard import BudgetExceeded, BudgetLine, current_task
+from agentguard_langgraph._gate import _merge
 from agentguard_langgraph._state import (
     COST_KEY,
+    INPUT_TOKENS_KEY,
     MODEL_CALLS_KEY,
+    OUTPUT_TOKENS_KEY,
+    RETRIES_KEY,
     STEPS_KEY,
     TOKENS_KEY,
+    TOOL_CALLS_BY_NAME_KEY,
     TOOL_CALLS_KEY,
 )
 
@@ -23,6 +30,96 @@ if TYPE_CHECKING:
     from agentguard_langgraph._gate import GraphGuard
 
 __all__ = ["GuardedGraph"]
+
+
+#: The state keys a thread's spend is seeded from, and the store counters they seed.
+_SEEDED = (
+    (COST_KEY, "cost_usd"),
+    (TOKENS_KEY, "tokens"),
+    (INPUT_TOKENS_KEY, "input_tokens"),
+    (OUTPUT_TOKENS_KEY, "output_tokens"),
+    (MODEL_CALLS_KEY, "model_calls"),
+    (TOOL_CALLS_KEY, "tool_calls"),
+    (RETRIES_KEY, "retries"),
+    (STEPS_KEY, "steps"),
+)
+
+#: The model node of each prebuilt agent, by the function it runs.
+_PREBUILT_MODEL_NODES = {
+    ("agent", "langgraph.prebuilt.chat_agent_executor", "create_react_agent.<locals>.call_model"),
+    ("model", "langchain.agents.factory", "create_agent.<locals>.model_node"),
+}
+
+
+def _prebuilt_model_node(graph: Any) -> str | None:
+    """The model node of a ``create_react_agent`` / ``create_agent`` graph, else ``None``."""
+    nodes = getattr(getattr(graph, "builder", None), "nodes", None) or {}
+    for name, module, qualname in _PREBUILT_MODEL_NODES:
+        fn = getattr(getattr(nodes.get(name), "runnable", None), "func", None)
+        if (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)) == (
+            module,
+            qualname,
+        ):
+            return name
+    return None
+
+
+class _ModelStep(Runnable[Any, Any]):
+    """A prebuilt agent's model node under the guard: one agent step per call (unless
+    ``AgentGuardMiddleware`` counts them), the run's new spend added to its update."""
+
+    def __init__(self, gg: GraphGuard, bound: Runnable[Any, Any], *, steps: bool) -> None:
+        self.gg = gg
+        self.bound = bound
+        self.steps = steps
+        self.name = getattr(bound, "name", None) or "agent"
+
+    def _step(self, task: Task) -> None:
+        if not self.steps:
+            return
+        d = task.step("agent")  # raises BudgetExceeded past the cap unless finishing
+        if d.action == "finish":
+            # the cap's last step made the final answer already; the graph came back
+            raise BudgetExceeded(
+                d.limit or "max_steps", None, None, task_id=task.id, detail=d.reason
+            )
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        gg = self.gg
+        task = gg._task()
+        try:
+            self._step(task)
+            out = self.bound.invoke(input, config, **kwargs)
+        except BudgetExceeded as exc:
+            if gg._exit(task) == "error":
+                raise
+            out = gg._stopped(exc, task)
+        return _merge(out, gg._record(task))
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        gg = self.gg
+        task = gg._task()
+        try:
+            self._step(task)
+            out = await self.bound.ainvoke(input, config, **kwargs)
+        except BudgetExceeded as exc:
+            if gg._exit(task) == "error":
+                raise
+            out = gg._stopped(exc, task)
+        return _merge(out, gg._record(task))
+
+
+def _guard_prebuilt(gg: GraphGuard, graph: Any) -> Any:
+    """A prebuilt agent's graph with its model node counting steps and recording spend (a
+    copy: the caller's compiled graph is left as it was); any other graph as it is."""
+    name = _prebuilt_model_node(graph)
+    if name is None:
+        return graph
+    node = graph.nodes[name]
+    # AgentGuardMiddleware counts the steps of a create_agent run itself
+    metered = any(n.startswith("AgentGuardMiddleware.") for n in graph.nodes)
+    step = _ModelStep(gg, node.bound, steps=not metered)
+    return graph.copy({"nodes": {**graph.nodes, name: node.copy({"bound": step})}})
 
 
 def _thread_id(config: RunnableConfig | None) -> str | None:
@@ -41,7 +138,7 @@ class GuardedGraph:
 
     def __init__(self, gg: GraphGuard, graph: Any) -> None:
         self.gg = gg
-        self.graph = graph
+        self.graph = _guard_prebuilt(gg, graph)
         self.last_task: Task | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -67,16 +164,15 @@ class GuardedGraph:
         if self.gg.budget != "thread" or not values:
             return
         amounts: dict[str, Decimal | int] = {}
-        for key, counter in (
-            (COST_KEY, "cost_usd"),
-            (TOKENS_KEY, "tokens"),
-            (MODEL_CALLS_KEY, "model_calls"),
-            (TOOL_CALLS_KEY, "tool_calls"),
-            (STEPS_KEY, "steps"),
-        ):
+        for key, counter in _SEEDED:
             value = values.get(key)
             if value:
                 amounts[counter] = value
+        by_name = values.get(TOOL_CALLS_BY_NAME_KEY)
+        if isinstance(by_name, Mapping):
+            for tool, n in by_name.items():
+                if n:
+                    amounts[f"tool:{tool}"] = n
         if amounts:
             # only the task's own line: enclosing budgets (team, org) were charged when the
             # thread spent it

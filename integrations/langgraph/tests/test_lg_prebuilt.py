@@ -6,13 +6,18 @@ capped, and a hard stop raises — sync and async."""
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import pytest
+from langchain.agents import AgentState as LcAgentState
+from langchain.agents import create_agent
 from langgraph.prebuilt import create_react_agent
+from langgraph.prebuilt.chat_agent_executor import AgentState as PrebuiltAgentState
 from lg_support import Scripted, search, user
 
 import agentguard as ag
-from agentguard_langgraph import GraphGuard
+from agentguard_langchain import AgentGuardMiddleware
+from agentguard_langgraph import BudgetState, GraphGuard
 
 # create_react_agent is deprecated since LangGraph 1.0 (moved to langchain.agents.create_agent)
 # and warns with LangGraphDeprecatedSinceV10, a DeprecationWarning; the project turns warnings
@@ -104,3 +109,86 @@ def test_prebuilt_agent_hard_stop_raises_out_of_invoke() -> None:
     assert task.status == "stopped"
     assert task.spent.cost_usd <= Decimal("0.003")
     assert kinds(task)[-1] == "model:stop"
+
+
+class ReactState(PrebuiltAgentState, BudgetState):
+    """create_react_agent's state with the spend keys."""
+
+
+class AgentState(LcAgentState[Any], BudgetState):
+    """create_agent's state with the spend keys."""
+
+
+def prebuilt(kind: str, gg: GraphGuard, model: Scripted, **compile_kw: Any) -> Any:
+    if kind == "create_react_agent":
+        return create_react_agent(
+            gg.chat_model(model), gg.tool_node([search]), state_schema=ReactState, **compile_kw
+        )
+    if kind == "create_agent":  # the model gate alone: bind counts the steps
+        return create_agent(gg.chat_model(model), [search], state_schema=AgentState, **compile_kw)
+    # the LangChain agent middleware gates model and tools and counts the steps itself
+    return create_agent(
+        model,
+        [search],
+        middleware=[AgentGuardMiddleware(gg.guard)],
+        state_schema=AgentState,
+        **compile_kw,
+    )
+
+
+KINDS = ["create_react_agent", "create_agent", "create_agent+middleware"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_prebuilt_agents_count_steps_and_write_the_spend_into_the_state(
+    kind: str, mode: str
+) -> None:
+    sink = ag.MemorySink()
+    guard = ag.Guard(ag.Policy(max_steps=4, on_limit="finish"), traces=sink)
+    gg = GraphGuard(guard)
+    model = Scripted(model_name="gpt-4o")  # calls the tool forever
+    graph = gg.bind(prebuilt(kind, gg, model))
+    out = graph.invoke(user()) if mode == "sync" else await graph.ainvoke(user())
+    task = graph.last_task
+    assert task is not None
+    # max_steps ended the loop: 3 tool-calling steps, the 4th step's call is the final answer
+    assert task.steps == 4
+    assert task.model_calls == 4
+    final = out["messages"][-1]
+    assert final.type == "ai"
+    assert final.tool_calls == []
+    assert model.seen[-1]["tool_choice"] == "none"
+    assert len(model.seen) == 4
+    assert kinds(task) == ["model:finish"]
+    assert task.decisions[-1].limit == "max_steps"
+    assert task.status == "finished"
+    assert len([m for m in out["messages"] if m.type == "tool"]) == 3
+    # the spend is in the user's state, exactly (tool calls only where a gate counts them)
+    gated_tools = 0 if kind == "create_agent" else 3
+    assert task.tool_calls == gated_tools
+    assert out["agentguard_cost_usd"] == task.cost_usd
+    assert out["agentguard_tokens"] == task.usage.total_tokens
+    assert out["agentguard_input_tokens"] == task.usage.input_tokens
+    assert out["agentguard_model_calls"] == 4
+    assert out["agentguard_tool_calls"] == gated_tools
+    assert out["agentguard_steps"] == 4
+    assert out["agentguard_decisions"] == ["model:finish"]
+    # the trace
+    spans = [s for s in sink.spans if s.task_id == task.id]
+    assert [s.decision for s in spans if s.kind == "step"] == ["allow"] * 4
+    assert sum(s.kind == "model" for s in spans) == 4
+    assert sum(s.kind == "tool" for s in spans) == gated_tools
+
+
+def test_bind_leaves_the_callers_prebuilt_graph_as_it_was() -> None:
+    guard = ag.Guard(ag.Policy(max_steps=2, on_limit="finish"), traces=False)
+    gg = GraphGuard(guard)
+    model = Scripted(model_name="gpt-4o", tool_calls=1)
+    agent = prebuilt("create_react_agent", gg, model)
+    gg.bind(agent)
+    with guard.task("plain") as task:  # the unbound graph: no step counting, no records
+        out = agent.invoke(user())
+    assert task.steps == 0
+    assert task.model_calls == 2
+    assert "agentguard_steps" not in out or out["agentguard_steps"] == 0
