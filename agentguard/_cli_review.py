@@ -19,7 +19,16 @@ import argparse
 from decimal import Decimal, InvalidOperation
 from typing import IO, Any
 
-from agentguard._cli import _CLIError, _emit, _reader, _table, _to_json, format_usd, parse_since
+from agentguard._cli import (
+    _CLIError,
+    _emit,
+    _positive,
+    _reader,
+    _table,
+    _to_json,
+    format_usd,
+    parse_since,
+)
 
 __all__ = ["register"]
 
@@ -45,6 +54,7 @@ def _cmd_alerts(args: argparse.Namespace, out: IO[str]) -> int:
 
     try:
         rule = RateRule(by=args.by, period=args.period, factor=args.factor, min_usd=args.min_usd)
+        alerts = Alerts(rate_rules=[rule], webhook=args.webhook, log=False)
     except ValueError as e:
         raise _CLIError(str(e)) from None
     since = args.since
@@ -52,7 +62,6 @@ def _cmd_alerts(args: argparse.Namespace, out: IO[str]) -> int:
         import time
 
         since = time.time() - 2 * _PERIODS[args.period]
-    alerts = Alerts(rate_rules=[rule], webhook=args.webhook, log=False)
     with _reader(args) as reader:
         found = alerts.check(reader.tasks(since=since))
     alerts.close()
@@ -385,5 +394,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     rp.add_argument("--since", type=parse_since, metavar="WHEN", help="24h, 7d or an ISO date")
     rp.add_argument("--feature", metavar="F", help="only tasks tagged feature=F")
     rp.add_argument("--team", metavar="T", help="only tasks tagged team=T")
-    rp.add_argument("--limit", type=int, default=200, metavar="N", help="the latest N tasks (200)")
+    rp.add_argument(
+        "--limit", type=_positive, default=200, metavar="N", help="the latest N tasks (200)"
+    )
     rp.set_defaults(func=_cmd_replay)

@@ -249,6 +249,8 @@ def test_rate_check_over_a_sqlite_trace_and_the_cli(
     assert "no rate alerts" in capsys.readouterr().out
     assert main(["alerts", "--db", str(db), "--factor", "1"]) == 2
     assert "factor" in capsys.readouterr().err
+    assert main(["alerts", "--db", str(db), "--webhook", "hooks.example.com"]) == 2
+    assert "webhook url='hooks.example.com'" in capsys.readouterr().err
 
 
 def test_webhook_posts_json_to_a_real_server(server: _Server) -> None:

@@ -190,3 +190,5 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", "--db", str(db), "--policy", str(tmp_path / "none.toml")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["replay", "--db", str(db)]) == 2  # --policy is required
+    assert main(["replay", "--db", str(db), "--policy", str(policy), "--limit", "0"]) == 2
+    assert "expected a positive integer, got '0'" in capsys.readouterr().err
