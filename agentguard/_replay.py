@@ -9,7 +9,8 @@ have sent:
 * ``step`` -> ``task.step(name)``; ``retry`` -> ``task.record_retry()``;
 * ``tool`` -> ``task.start_tool_call(name)``, ended with its recorded cost (skipped if blocked);
 * ``retrieval`` -> ``task.record_retrieval(...)`` with its recorded document and token counts;
-* ``model`` -> ``task.start_model_call(requested model, input_tokens=recorded estimate)``, then
+* ``model`` -> ``task.start_model_call(requested model, input_tokens=recorded estimate,
+  max_tokens=the recorded output cap)`` (the new policy can only lower the cap), then
   ``call.end(recorded usage)`` — the same tokens, priced on the model the new policy picks
   (a downgrade), the output cut to the new output cap when it is lower. A ``finish`` decision
   makes the graceful final call with the same usage and ends the task's replay there, as an
@@ -189,8 +190,14 @@ def _model_event(run: _Run, s: Span) -> None:
     u = s.usage
     estimate = s.attrs.get("input_estimate")
     input_tokens = int(estimate) if estimate is not None else (u.input_tokens if u else 0)
+    cap = s.attrs.get("max_tokens")
     final = run.finishing
-    call = task.start_model_call(requested, input_tokens=input_tokens, finish=final)
+    call = task.start_model_call(
+        requested,
+        input_tokens=input_tokens,
+        max_tokens=None if cap is None else int(cap),
+        finish=final,
+    )
     if call.decision.action == "finish" and not final:
         final = True
         call = task.start_model_call(
