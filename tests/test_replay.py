@@ -22,14 +22,15 @@ LOOSE = ag.Policy(max_cost_usd="1", on_limit="finish")
 
 
 def record(path: Path, policy: ag.Policy = LOOSE, tasks: int = 3, turns: int = 6) -> Path:
-    """Agent runs: each turn a step, a model call, a tool call; one run has a sub-agent."""
+    """Agent runs: each turn a step, a model call, a tool call; run-0's first tool call is a
+    sub-agent."""
     guard = ag.Guard(policy, traces=path)
     model = ScriptedModel("gpt-4o", reply_tokens=120, tool_calls={"name": "search", "args": {}})
     helper = ScriptedModel("gpt-4o-mini", reply_tokens=60)
     for i in range(tasks):
         with guard.task(f"run-{i}", feature="agent", team="cx") as task:
             messages = [{"role": "user", "content": f"Investigate incident {i}. " * 20}]
-            for _ in range(turns):
+            for turn in range(turns):
                 task.step("agent")
                 reply = model.invoke(task, messages, max_tokens=400)
                 messages.append({"role": "assistant", "content": reply.text})
@@ -38,11 +39,11 @@ def record(path: Path, policy: ag.Policy = LOOSE, tasks: int = 3, turns: int = 6
                 tool = task.start_tool_call("search")
                 if not tool.allowed:
                     continue
+                if i == 0 and turn == 0:
+                    with guard.task("run-0.sub") as sub:
+                        helper.invoke(sub, [{"role": "user", "content": "Summarise. " * 30}])
                 tool.end()
                 messages.append({"role": "tool", "content": "Three matching log lines. " * 10})
-            if i == 0:
-                with guard.task("run-0.sub") as sub:
-                    helper.invoke(sub, [{"role": "user", "content": "Summarise. " * 30}])
     guard.close()
     return path
 
@@ -156,7 +157,7 @@ def test_a_tool_cap_makes_the_next_call_the_final_one(tmp_path: Path) -> None:
     (t,) = _replay(db, ag.Policy(max_tool_calls=2, on_limit="finish")).tasks
     assert t.fired == ["finish (max_tool_calls)"]
     assert t.status == "finished" and t.limit_hit == "max_tool_calls"
-    assert t.model_calls == 3  # two turns with a tool, the final answer; the sub-agent came after
+    assert t.model_calls == 4  # two turns with a tool (one ran the sub-agent), the final answer
 
 
 def test_replay_logs_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -192,3 +193,22 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", "--db", str(db)]) == 2  # --policy is required
     assert main(["replay", "--db", str(db), "--policy", str(policy), "--limit", "0"]) == 2
     assert "expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_replay_matches_a_real_run_under_the_new_policy(tmp_path: Path) -> None:
+    """Recorded under a loose policy and replayed under a tight one, the figures equal those of
+    the same workload really run under the tight one (a deterministic scripted model)."""
+    tight = ag.Policy(max_cost_usd="0.012", on_limit="finish")
+    loose_db = record(tmp_path / "loose.db", tasks=2)
+    real_db = record(tmp_path / "real.db", policy=tight, tasks=2)
+    replayed = _replay(loose_db, tight)
+    with SQLiteTraceReader(real_db) as reader:
+        real = {r.task_id: r for r in reader.tasks()}
+    assert [t.task_id for t in replayed.tasks] == ["run-0", "run-1"]
+    for t in replayed.tasks:
+        r = real[t.task_id]
+        family = [r, *(c for c in real.values() if c.parent_id == t.task_id)]
+        assert len(family) == (2 if t.task_id == "run-0" else 1)
+        assert (t.status, t.limit_hit) == (r.status, r.limit_hit) == ("finished", "max_cost_usd")
+        assert t.model_calls == sum(f.model_calls for f in family)
+        assert t.cost_usd == sum((f.cost_usd or D(0)) for f in family)
