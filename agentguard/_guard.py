@@ -27,13 +27,13 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from agentguard._decide import (
     CallRequest,
@@ -61,6 +61,46 @@ __all__ = ["DecisionRecord", "Guard", "ModelCall", "Task", "ToolCall", "current_
 
 _ZERO = Decimal(0)
 _current: ContextVar[Task | None] = ContextVar("agentguard_task", default=None)
+
+# Sync and async events share one body. Each event that touches the store is a generator
+# ("steps") yielding the store operations it needs — ``(method, args, kwargs)`` — and receiving
+# their results; the decisions and bookkeeping around them are written once. ``_run`` drives
+# the steps on the store's sync methods (``reserve``, ...), ``_arun`` awaits its async twins
+# (``areserve``, ...), so an async app never blocks its event loop on store I/O.
+_Op = tuple[str, tuple[Any, ...], dict[str, Any]]
+_T = TypeVar("_T")
+
+
+def _run(store: BudgetStore, steps: Generator[_Op, Any, _T]) -> _T:
+    try:
+        op = next(steps)
+        while True:
+            name, args, kwargs = op
+            try:
+                result = getattr(store, name)(*args, **kwargs)
+            except BaseException as exc:
+                op = steps.throw(exc)
+            else:
+                op = steps.send(result)
+    except StopIteration as stop:
+        value: _T = stop.value
+        return value
+
+
+async def _arun(store: BudgetStore, steps: Generator[_Op, Any, _T]) -> _T:
+    try:
+        op = next(steps)
+        while True:
+            name, args, kwargs = op
+            try:
+                result = await getattr(store, "a" + name)(*args, **kwargs)
+            except BaseException as exc:
+                op = steps.throw(exc)
+            else:
+                op = steps.send(result)
+    except StopIteration as stop:
+        value: _T = stop.value
+        return value
 
 
 class _Events:
@@ -293,6 +333,20 @@ class Guard:
         """
         return Task(self, task_id, policy, parent, tags)
 
+    async def aopen_task(
+        self,
+        task_id: str | None = None,
+        *,
+        policy: Policy | None = None,
+        parent: Task | None = None,
+        **tags: str,
+    ) -> Task:
+        """The async twin of :meth:`open_task`: reads the task's balances with the store's
+        async methods. Close it with ``await task.aclose()``."""
+        task = Task(self, task_id, policy, parent, tags, load=False)
+        await task._aload()
+        return task
+
     def close(self) -> None:
         """Flush and close the trace sink."""
         self.sink.flush()
@@ -325,38 +379,42 @@ class _TaskScope:
         self._task: Task | None = None
         self._token: Token[Task | None] | None = None
 
-    def _open(self) -> Task:
+    def _make(self, load: bool) -> Task:
         task_id, policy, parent, tags = self._args
         if parent is None:
             cur = _current.get()
             parent = cur if cur is not None and cur.guard is self._guard else None
         elif parent is False:
             parent = None
-        task = Task(self._guard, task_id, policy, parent, tags)
+        return Task(self._guard, task_id, policy, parent, tags, load=load)
+
+    def _enter(self, task: Task) -> Task:
         self._task = task
         self._token = _current.set(task)
         return task
 
-    def _close(self, exc: BaseException | None) -> None:
+    def _leave(self) -> Task:
         assert self._task is not None
         assert self._token is not None
         try:
             _current.reset(self._token)
         except ValueError:  # reset from another context (a generator closed elsewhere)
             _current.set(self._task.parent)
-        self._task._close(exc)
+        return self._task
 
     def __enter__(self) -> Task:
-        return self._open()
+        return self._enter(self._make(load=True))
 
     def __exit__(self, et: object, exc: BaseException | None, tb: object) -> None:
-        self._close(exc)
+        self._leave()._close(exc)
 
     async def __aenter__(self) -> Task:
-        return self._open()
+        task = self._make(load=False)
+        await task._aload()  # the store's async methods: the event loop is not blocked
+        return self._enter(task)
 
     async def __aexit__(self, et: object, exc: BaseException | None, tb: object) -> None:
-        self._close(exc)
+        await self._leave()._aclose(exc)
 
 
 def _window_bucket(window: str, now: float) -> tuple[str, float]:
@@ -402,6 +460,11 @@ class Task:
     Created by :meth:`Guard.task`. Adapters call its event methods; users read the results:
     ``cost_usd`` (``Decimal``, or ``None`` if some call could not be priced), ``usage``,
     ``decisions``, ``model_calls``, ``tool_calls``, ``saved_usd``.
+
+    Every event that touches the budget store has an async twin (``astart_model_call``,
+    ``call.aend``, ``call.afail``, ``astart_tool_call``, ``tool.aend``, ``arecord_retry``,
+    ``astep``, ``aclose``) that awaits the store's async methods, for async apps on a store
+    that does network I/O (``RedisStore``); the decisions are the same code.
     """
 
     def __init__(
@@ -411,6 +474,8 @@ class Task:
         policy: Policy | None,
         parent: Task | None,
         tags: Mapping[str, str],
+        *,
+        load: bool = True,
     ) -> None:
         self.guard = guard
         self.id = task_id or uuid.uuid4().hex[:12]
@@ -462,9 +527,13 @@ class Task:
         self._key = f"task:{self.id}"
         self._lines_until = float("inf")
         self._lines = self._build_lines(self.started)
-        self._balances: dict[str, Balance] = dict(
-            guard.store.snapshot([ln.key for ln in self._lines])
-        )
+        self._balances: dict[str, Balance] = {}
+        if load:  # else the opener awaits _aload()
+            self._balances.update(guard.store.snapshot([ln.key for ln in self._lines]))
+
+    async def _aload(self) -> None:
+        keys = [ln.key for ln in self._lines]
+        self._balances.update(await self.guard.store.asnapshot(keys))
 
     # -- budgets ----------------------------------------------------------------------------
 
@@ -575,7 +644,10 @@ class Task:
         return Headroom(remaining, fraction, limit_usd, budget, tokens_left, tokens_budget)
 
     def _refresh(self) -> None:
-        self._balances.update(self.guard.store.snapshot([ln.key for ln in self._lines]))
+        _run(self.guard.store, self._refresh_steps())
+
+    def _refresh_steps(self) -> Generator[_Op, Any, None]:
+        self._balances.update((yield ("snapshot", ([ln.key for ln in self._lines],), {})))
 
     def _update(self, balances: Mapping[str, Balance]) -> None:
         before = self._headroom().fraction_spent if self.policy.soft_limits else 0.0
@@ -677,6 +749,11 @@ class Task:
         self._refresh()
         return self._spent()
 
+    async def aspent(self) -> Spent:
+        """The async twin of :attr:`spent`."""
+        await _arun(self.guard.store, self._refresh_steps())
+        return self._spent()
+
     def _parent_span_id(self, parent: str | None) -> str:
         return parent or self.current_step_id or self.span.span_id
 
@@ -706,6 +783,52 @@ class Task:
         final call without tools instead. Raises :class:`BudgetExceeded` on ``stop`` and
         :class:`UnknownModelError` for an unpriced model under a cost limit.
         """
+        steps = self._model_call_steps(
+            model, messages, tools, input_tokens, max_tokens, finish, parent_span, name
+        )
+        return _run(self.guard.store, steps)
+
+    async def astart_model_call(
+        self,
+        model: str,
+        *,
+        messages: Sequence[Any] | None = None,
+        tools: Sequence[Any] | None = None,
+        input_tokens: int | None = None,
+        max_tokens: int | None = None,
+        finish: bool = False,
+        parent_span: str | None = None,
+        name: str | None = None,
+    ) -> ModelCall:
+        """The async twin of :meth:`start_model_call`: the reservation awaits the store.
+
+        Example:
+            >>> import asyncio, agentguard as ag
+            >>> guard = ag.Guard(ag.Policy(max_cost_usd="1"), traces=False)
+            >>> async def run() -> str:
+            ...     async with guard.task("t1") as task:
+            ...         call = await task.astart_model_call("gpt-4o-mini", input_tokens=100)
+            ...         await call.aend({"prompt_tokens": 100, "completion_tokens": 20})
+            ...         return str(task.cost_usd.normalize())
+            >>> asyncio.run(run())
+            '0.000027'
+        """
+        steps = self._model_call_steps(
+            model, messages, tools, input_tokens, max_tokens, finish, parent_span, name
+        )
+        return await _arun(self.guard.store, steps)
+
+    def _model_call_steps(
+        self,
+        model: str,
+        messages: Sequence[Any] | None,
+        tools: Sequence[Any] | None,
+        input_tokens: int | None,
+        max_tokens: int | None,
+        finish: bool,
+        parent_span: str | None,
+        name: str | None,
+    ) -> Generator[_Op, Any, ModelCall]:
         guard = self.guard
         policy = self.policy
         rate_map = self._rate_maps.get(model)
@@ -763,7 +886,7 @@ class Task:
             if d.reserve_usd is not None:
                 amounts["cost_usd"] = d.reserve_usd
             rid = guard._next_id()
-            res = guard.store.reserve(rid, lines, amounts)
+            res = yield ("reserve", (rid, lines, amounts), {})
             if res.ok:
                 self._update(res.balances)
                 break
@@ -814,6 +937,13 @@ class Task:
         """A tool is about to run. Returns a :class:`ToolCall`; check ``decision.action``:
         ``block`` means skip the tool and tell the model why (``decision.reason``).
         Raises :class:`BudgetExceeded` on ``stop``."""
+        return _run(self.guard.store, self._tool_call_steps(name, parent_span))
+
+    async def astart_tool_call(self, name: str, *, parent_span: str | None = None) -> ToolCall:
+        """The async twin of :meth:`start_tool_call`."""
+        return await _arun(self.guard.store, self._tool_call_steps(name, parent_span))
+
+    def _tool_call_steps(self, name: str, parent_span: str | None) -> Generator[_Op, Any, ToolCall]:
         span = Span(
             span_id=self.guard._next_id(),
             task_id=self.id,
@@ -825,7 +955,7 @@ class Task:
         amounts: dict[str, Decimal | int] = {"tool_calls": 1, f"tool:{name}": 1}
         d = decide_tool_call(self.policy, self._spent(tools=True), name)
         if d.action == "allow":
-            res = self.guard.store.charge(self._current_lines(), amounts)
+            res = yield ("charge", (self._current_lines(), amounts), {})
             if res.ok:
                 self._update(res.balances)
             else:
@@ -836,9 +966,8 @@ class Task:
                     if self.policy.on_limit != "raise":
                         d.action = "block"
         elif d.action == "warn":
-            self._update(
-                self.guard.store.charge(self._current_lines(), amounts, check=False).balances
-            )
+            res = yield ("charge", (self._current_lines(), amounts), {"check": False})
+            self._update(res.balances)
         span.decision, span.reason = d.action, d.reason
         if d.action in ("stop", "block"):
             span.status = "stopped" if d.action == "stop" else "blocked"
@@ -858,16 +987,28 @@ class Task:
 
     def record_retry(self, reason: str = "", *, parent_span: str | None = None) -> Decision:
         """A retry is about to happen. Raises :class:`BudgetExceeded` past ``max_retries``."""
-        return self._counted("retry", "retries", decide_retry, reason, parent_span)
+        steps = self._counted_steps("retry", "retries", decide_retry, reason, parent_span)
+        return _run(self.guard.store, steps)
+
+    async def arecord_retry(self, reason: str = "", *, parent_span: str | None = None) -> Decision:
+        """The async twin of :meth:`record_retry`."""
+        steps = self._counted_steps("retry", "retries", decide_retry, reason, parent_span)
+        return await _arun(self.guard.store, steps)
 
     def step(self, name: str = "step", *, parent_span: str | None = None) -> Decision:
         """An agent or graph step begins. Past ``max_steps``: ``finish`` is returned under
         ``on_limit="finish"``, otherwise :class:`BudgetExceeded` is raised."""
-        return self._counted("step", "steps", decide_step, name, parent_span)
+        steps = self._counted_steps("step", "steps", decide_step, name, parent_span)
+        return _run(self.guard.store, steps)
 
-    def _counted(
+    async def astep(self, name: str = "step", *, parent_span: str | None = None) -> Decision:
+        """The async twin of :meth:`step`."""
+        steps = self._counted_steps("step", "steps", decide_step, name, parent_span)
+        return await _arun(self.guard.store, steps)
+
+    def _counted_steps(
         self, kind: str, counter: str, decide: Any, name: str, parent_span: str | None
-    ) -> Decision:
+    ) -> Generator[_Op, Any, Decision]:
         span = Span(
             span_id=self.guard._next_id(),
             task_id=self.id,
@@ -880,8 +1021,10 @@ class Task:
         )
         d: Decision = decide(self.policy, self._spent())
         if d.action in ("allow", "warn"):
-            res = self.guard.store.charge(
-                self._current_lines(), {counter: 1}, check=d.action == "allow"
+            res = yield (
+                "charge",
+                (self._current_lines(), {counter: 1}),
+                {"check": d.action == "allow"},
             )
             if res.ok:
                 self._update(res.balances)
@@ -1023,11 +1166,22 @@ class Task:
         if self.ended is None:
             self._close(exc)
 
+    async def aclose(self, exc: BaseException | None = None) -> None:
+        """The async twin of :meth:`close`."""
+        if self.ended is None:
+            await self._aclose(exc)
+
     def _close(self, exc: BaseException | None) -> None:
+        _run(self.guard.store, self._close_steps(exc))
+
+    async def _aclose(self, exc: BaseException | None) -> None:
+        await _arun(self.guard.store, self._close_steps(exc))
+
+    def _close_steps(self, exc: BaseException | None) -> Generator[_Op, Any, None]:
         with self._lock:
             leftovers = list(self._open.values())
         for call in leftovers:  # a call that never ended must not hold budget forever
-            call.fail(RuntimeError("task closed while the call was open"))
+            yield from call._fail_steps(RuntimeError("task closed while the call was open"))
         self.ended = time.time()
         if isinstance(exc, BudgetExceeded):
             self.status = "stopped"
@@ -1108,6 +1262,24 @@ class ModelCall:
         """The call finished. ``usage`` as reported (any shape :meth:`Usage.parse` knows);
         when it is missing, the usage is estimated from the input count and ``output_text``
         and marked ``estimated``. Returns the call's cost (``None`` if unpriced)."""
+        return _run(self.task.guard.store, self._end_steps(usage, output_text, model))
+
+    async def aend(
+        self,
+        usage: Usage | Mapping[str, Any] | Any | None = None,
+        *,
+        output_text: str | None = None,
+        model: str | None = None,
+    ) -> Decimal | None:
+        """The async twin of :meth:`end`: the commit awaits the store."""
+        return await _arun(self.task.guard.store, self._end_steps(usage, output_text, model))
+
+    def _end_steps(
+        self,
+        usage: Usage | Mapping[str, Any] | Any | None,
+        output_text: str | None,
+        model: str | None,
+    ) -> Generator[_Op, Any, Decimal | None]:
         if self.done:
             return self.span.cost_usd
         task = self.task
@@ -1146,9 +1318,9 @@ class ModelCall:
         span = self.span
         reserved = self.decision.reserve_usd
         if self.reservation_id is not None:
-            balances = guard.store.commit(self.reservation_id, self.lines, actual)
+            balances = yield ("commit", (self.reservation_id, self.lines, actual), {})
         else:
-            balances = guard.store.charge(self.lines, actual, check=False).balances
+            balances = (yield ("charge", (self.lines, actual), {"check": False})).balances
         self.done = True
         with task._lock:
             task._open.pop(self.reservation_id or "", None)
@@ -1204,13 +1376,20 @@ class ModelCall:
 
     def fail(self, error: BaseException | None = None) -> None:
         """The call failed: release the reservation and record the error."""
+        _run(self.task.guard.store, self._fail_steps(error))
+
+    async def afail(self, error: BaseException | None = None) -> None:
+        """The async twin of :meth:`fail`: the release awaits the store."""
+        await _arun(self.task.guard.store, self._fail_steps(error))
+
+    def _fail_steps(self, error: BaseException | None) -> Generator[_Op, Any, None]:
         if self.done:
             return
         self.done = True
         task = self.task
         if self.reservation_id is not None:
-            task.guard.store.release(self.reservation_id)
-            task._refresh()
+            yield ("release", (self.reservation_id,), {})
+            yield from task._refresh_steps()
         with task._lock:
             task._open.pop(self.reservation_id or "", None)
         self.span.end = time.time()
@@ -1235,6 +1414,14 @@ class ToolCall:
 
     def end(self, *, cost_usd: Decimal | None = None) -> None:
         """The tool finished. ``cost_usd`` for paid tools (search APIs...), if known."""
+        _run(self.task.guard.store, self._end_steps(cost_usd))
+
+    async def aend(self, *, cost_usd: Decimal | None = None) -> None:
+        """The async twin of :meth:`end` (a paid tool's cost is charged with the store's
+        async methods)."""
+        await _arun(self.task.guard.store, self._end_steps(cost_usd))
+
+    def _end_steps(self, cost_usd: Decimal | None) -> Generator[_Op, Any, None]:
         if self.done:
             return
         self.done = True
@@ -1242,9 +1429,8 @@ class ToolCall:
         if cost_usd is not None:
             self.span.cost_usd = cost_usd
             task = self.task
-            res = task.guard.store.charge(
-                task._current_lines(), {"cost_usd": cost_usd}, check=False
-            )
+            lines = task._current_lines()
+            res = yield ("charge", (lines, {"cost_usd": cost_usd}), {"check": False})
             with task._lock:
                 task.priced_cost_usd += cost_usd
             task._update(res.balances)
@@ -1260,6 +1446,10 @@ class ToolCall:
         if error is not None:
             self.span.attrs["error"] = type(error).__name__
         self.task.guard._write([self.span])
+
+    async def afail(self, error: BaseException | None = None) -> None:
+        """The async twin of :meth:`fail` (no store I/O: here for symmetry)."""
+        self.fail(error)
 
 
 def _message_texts(messages: Sequence[Any]) -> list[dict[str, str]]:
