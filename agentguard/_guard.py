@@ -18,6 +18,11 @@ calls and nothing else:
 
 Every ``start_*`` and ``step`` raises :class:`BudgetExceeded` when the decision is ``stop``;
 ``finish`` and ``block`` decisions are returned for the adapter to act on.
+
+Each event that touches the budget store has an async twin (``astart_model_call``, ``aend``,
+``afail``, ``astart_tool_call``, ``arecord_retry``, ``astep``, ``aclose``; ``async with
+guard.task(...)``) awaiting the store's async methods; both run the same steps (``_run`` /
+``_arun``).
 """
 
 from __future__ import annotations

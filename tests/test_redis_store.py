@@ -198,6 +198,28 @@ def test_windowed_key_expires_after_its_window(url: str) -> None:
     assert store.snapshot([new.key])[new.key].reserved["cost_usd"] == D("0.9")
 
 
+def test_a_commit_after_the_rollover_lands_in_the_window_it_reserved_in(url: str) -> None:
+    """No spend lost at the boundary: a call reserved in one window and committed after the
+    next began is recorded on its own window's key (kept alive by window_grace), and the new
+    window starts fresh, unaffected."""
+    ns = _ns()
+    store = RedisStore.from_url(url, namespace=ns, window_grace=5)
+    now = time.time()
+    old = BudgetLine("team:cx@hour:h1", {"cost_usd": D("1")}, expires_at=now + 0.3)
+    new = BudgetLine("team:cx@hour:h2", {"cost_usd": D("1")}, expires_at=now + 3600)
+    assert store.reserve("r1", [old], {"cost_usd": D("0.6")}).ok
+    time.sleep(0.4)  # the hour is over; the call is still running
+    assert store.reserve("r2", [new], {"cost_usd": D("0.9")}).ok
+    bal = store.commit("r1", [old], {"cost_usd": D("0.55")})
+    assert bal[old.key].committed["cost_usd"] == D("0.55")
+    snap = store.snapshot([old.key, new.key])
+    assert snap[old.key].committed["cost_usd"] == D("0.55")
+    assert snap[old.key].reserved == {}
+    assert snap[new.key].committed == {} and snap[new.key].reserved["cost_usd"] == D("0.9")
+    ttl = store.client.pttl("{" + ns + "}:b:" + old.key)
+    assert 0 < ttl <= 5000  # dropped after its grace
+
+
 def test_fail_closed_stops_while_redis_is_down(own_server: redis_servers.Server) -> None:
     store = RedisStore.from_url(own_server.url, namespace=_ns(), retries=1, timeout=0.5)
     assert store.reserve("r1", [LINE], {"cost_usd": D("0.3")}).ok
