@@ -242,3 +242,32 @@ def test_handler_metering_from_threads_is_exact() -> None:
     assert task.model_calls == 16
     assert task.usage.output_tokens == 32
     assert task.spent.cost_usd == task.cost_usd
+
+
+@pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecationWarning")
+async def test_an_unwrapped_agent_is_metered_from_its_spans(guard: ag.Guard) -> None:
+    """Without guard_agent: tool calls come from FunctionTool.acall spans, steps from
+    parse_agent_output spans, model calls from the LLM events."""
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    ran: list[str] = []
+
+    def search(query: str) -> str:
+        """Search the order system."""
+        ran.append(query)
+        return "nothing conclusive"
+
+    llm = ScriptedLLM(tool_rounds=2, tool_args={"query": "order 1182"}, replies=["Monday."])
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(search)], llm=llm)
+    async with guard.task("t") as task:
+        result = await agent.run("Where is my parcel?")
+    assert str(result) == "Monday."
+    assert len(ran) == 2
+    assert task.tool_calls == 2
+    assert task.tool_calls_by_name == {"search": 2}
+    assert task.model_calls == 3
+    assert task.steps == 3  # one per model output
+    assert not task.usage.estimated
+    tools = [s for s in sink(guard).spans_of("t") if s.kind == "tool"]
+    assert [(s.name, s.status) for s in tools] == [("search", "ok")] * 2
