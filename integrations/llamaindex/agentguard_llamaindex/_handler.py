@@ -73,6 +73,7 @@ _TOOL_METHODS = frozenset({"call", "acall"})
 # an agent iteration ends when its model output is parsed (after the call, before its tools):
 # like the LangGraph adapter's route, a step is counted after each model call
 _STEP_METHODS = frozenset({"parse_agent_output"})
+_AGENT_STEP_PREFIXES = ("BaseWorkflowAgent.", "AgentWorkflow.")
 
 
 class _Root:
@@ -116,6 +117,16 @@ def _is_tool(instance: Any) -> bool:
     from llama_index.core.tools import BaseTool
 
     return isinstance(instance, BaseTool) and not getattr(instance, "_agentguard_meters", False)
+
+
+def _is_agent_step(span_id: str, instance: Any) -> bool:
+    """A workflow agent's step: its span is named after the defining class (the step runs as
+    a plain function, without ``instance``) or carries the agent as its instance."""
+    if span_id.startswith(_AGENT_STEP_PREFIXES):
+        return True
+    from llama_index.core.agent.workflow import AgentWorkflow, BaseWorkflowAgent
+
+    return isinstance(instance, BaseWorkflowAgent | AgentWorkflow)
 
 
 def _method(span_id: str) -> str:
@@ -205,7 +216,7 @@ class _Meter:
             rec.in_tool = True
             if not already_metered():
                 self._tool_start(id_, rec, instance)
-        elif method in _STEP_METHODS:
+        elif method in _STEP_METHODS and _is_agent_step(id_, instance):
             self._step(rec, instance)
         with self.lock:
             self.spans[id_] = rec
