@@ -7,8 +7,12 @@ the task's spend shows what trimming saved.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,7 @@ from typing import Any
 from llama_index.core.postprocessor import LLMRerank, SimilarityPostprocessor
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import MetadataMode
+from rag_embedding import HashingEmbedding
 from rag_llm import ScriptedRagLLM
 from rag_pipeline import MODEL, QUESTION, build_index, sources
 
@@ -172,3 +177,22 @@ def test_the_sqlite_trace_holds_no_text_unless_capture_content(tmp_path: Path) -
         assert "'trim'" in dump
         assert ("Swiss Water process" in dump) is capture
         assert (ANSWER in dump) is capture
+
+
+def test_the_embedding_is_the_same_in_another_process_with_another_hash_seed() -> None:
+    here = Path(__file__).resolve().parent
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]);"
+        "from rag_embedding import HashingEmbedding;"
+        "print(json.dumps(HashingEmbedding().get_text_embedding(sys.argv[2])))"
+    )
+    text = "Roasting turns green coffee beans into brown beans."
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(here), text],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout
+    assert json.loads(out) == HashingEmbedding().get_text_embedding(text)
