@@ -7,6 +7,7 @@ and run from synchronous code."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -26,6 +27,20 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecationWarning"),
     pytest.mark.filterwarnings("ignore:is_running called from within a step:DeprecationWarning"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _detach_instrumentation() -> Iterator[None]:
+    """guard_agent attaches the guard's handlers to LlamaIndex's global root dispatcher:
+    remove them after each test so no test meters another's calls."""
+    from agentguard_llamaindex import _handler
+
+    before = set(map(id, _handler._REGISTRY.values()))
+    yield
+    for inst in list(_handler._REGISTRY.values()):
+        if id(inst) not in before:
+            inst.detach()
+
 
 FINAL = "From what I found: the parcel ships on Monday."
 STOP_WHEN = DEFAULT_FINISH_PROMPT.split(".")[1].strip()  # "Do not call any tool"

@@ -5,8 +5,22 @@ from __future__ import annotations
 
 import doctest
 import importlib
+from collections.abc import Iterator
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _detach_instrumentation() -> Iterator[None]:
+    """Examples attach handlers to LlamaIndex's global root dispatcher: remove them after."""
+    from agentguard_llamaindex import _handler
+
+    before = set(map(id, _handler._REGISTRY.values()))
+    yield
+    for inst in list(_handler._REGISTRY.values()):
+        if id(inst) not in before:
+            inst.detach()
+
 
 MODULES = ["_common", "_handler", "_llm", "_agent", "testing"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import runpy
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,20 @@ from typing import Any
 import pytest
 
 from agentguard import MemorySink
+
+
+@pytest.fixture(autouse=True)
+def _detach_instrumentation() -> Iterator[None]:
+    """guard_agent attaches the guard's handlers to LlamaIndex's global root dispatcher:
+    remove them after each test so no test meters another's calls."""
+    from agentguard_llamaindex import _handler
+
+    before = set(map(id, _handler._REGISTRY.values()))
+    yield
+    for inst in list(_handler._REGISTRY.values()):
+        if id(inst) not in before:
+            inst.detach()
+
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
