@@ -347,7 +347,8 @@ _MESSAGE_KEYS = (
     "tool_call_id",
 )
 #: message class -> whether ``getattr(message, key, None)`` is exactly its ``__dict__`` entry,
-#: else its pydantic extra, else ``None`` for every key above (see :func:`_plain_attr`).
+#: else its pydantic extra, else ``None`` for every key above (see :func:`_plain_attr`); never
+#: for a mapping.
 _PLAIN_MESSAGES: dict[type, bool] = {}
 
 
@@ -375,11 +376,15 @@ def _plain_attr(cls: type, key: str) -> bool:
 
 
 def _reader(message: Any) -> Any:
-    """A ``key -> value or None`` reader of a message object's attributes."""
+    """A ``key -> value or None`` reader of a message (a mapping or an object)."""
     cls = type(message)
     plain = _PLAIN_MESSAGES.get(cls)
     if plain is None:
-        plain = _PLAIN_MESSAGES[cls] = all(_plain_attr(cls, k) for k in _MESSAGE_KEYS)
+        plain = _PLAIN_MESSAGES[cls] = not issubclass(cls, Mapping) and all(
+            _plain_attr(cls, k) for k in _MESSAGE_KEYS
+        )
+    if not plain and isinstance(message, Mapping):
+        return message.get
     fields = getattr(message, "__dict__", None) if plain else None
     if type(fields) is not dict:
         return functools.partial(_get, message)
@@ -428,8 +433,6 @@ class _Counting:
                 continue
             if type(message) is dict:  # the common case: plain field lookups
                 get: Any = message.get
-            elif isinstance(message, Mapping):
-                get = message.get
             else:
                 get = _reader(message)
             role = get("role") or get("type") or ""

@@ -101,7 +101,10 @@ def bare(steps: int) -> tuple[Any, ScriptedChatModel]:
     return b.compile(), model
 
 
-def guarded(steps: int, guard: ag.Guard) -> tuple[Any, ScriptedChatModel]:
+def guarded(steps: int, guard: ag.Guard, steps_in: str = "node") -> tuple[Any, ScriptedChatModel]:
+    """The guarded graph: with ``steps_in="node"`` the bare graph's shape (plain edges), the
+    agent node's wrapper counting the steps; with ``"route"`` the ``gg.route`` conditional
+    edges before every step and a finishing node."""
     model = scripted(steps)
     gg = GraphGuard(guard, models={"gpt-4o-mini": ScriptedChatModel(model_name="gpt-4o-mini")})
     llm = gg.chat_model(model).bind_tools([lookup])
@@ -112,15 +115,22 @@ def guarded(steps: int, guard: ag.Guard) -> tuple[Any, ScriptedChatModel]:
     async def aagent(state: State) -> dict[str, Any]:
         return {"messages": [await llm.ainvoke(state["messages"])]}
 
-    paths = gg.path_map(continue_to="agent", finish_to="finish")
+    in_node = steps_in == "node"
     b = StateGraph(State)
-    b.add_node("agent", RunnableLambda(gg.node(agent), afunc=gg.node(aagent)))
+    b.add_node(
+        "agent", RunnableLambda(gg.node(agent, step=in_node), afunc=gg.node(aagent, step=in_node))
+    )
     b.add_node("tools", gg.tool_node([lookup]))
-    b.add_node("finish", gg.finish_node(model, tools=[lookup]))
-    b.add_conditional_edges(START, gg.route, paths)
     b.add_conditional_edges("agent", tools_condition)
-    b.add_conditional_edges("tools", gg.route, paths)
-    b.add_edge("finish", END)
+    if in_node:
+        b.add_edge(START, "agent")
+        b.add_edge("tools", "agent")
+    else:
+        paths = gg.path_map(continue_to="agent", finish_to="finish")
+        b.add_node("finish", gg.finish_node(model, tools=[lookup]))
+        b.add_conditional_edges(START, gg.route, paths)
+        b.add_conditional_edges("tools", gg.route, paths)
+        b.add_edge("finish", END)
     return gg.bind(b.compile()), model
 
 
@@ -130,22 +140,24 @@ def bench(steps: int, runs: int) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="agentguard-bench-"))
     base, base_model = bare(steps)
     g_off = ag.Guard(policy(), traces=False)
-    off, off_model = guarded(steps, g_off)
+    node, node_model = guarded(steps, g_off, "node")
+    edge, edge_model = guarded(steps, g_off, "route")
     g_sql = ag.Guard(policy(), traces=tmp / "bench.db")
-    sql, sql_model = guarded(steps, g_sql)
+    sql, sql_model = guarded(steps, g_sql, "node")
     loop = asyncio.new_event_loop()
 
     def arun(make: Callable[[], Any]) -> Callable[[], None]:
         return lambda: loop.run_until_complete(make())
 
-    variants: dict[str, Variant] = {
-        "sync: bare graph": (lambda: base.invoke(ASK), base_model),
-        "sync: guarded": (lambda: off.invoke(ASK), off_model),
-        "sync: guarded + SQLite traces": (lambda: sql.invoke(ASK), sql_model),
-        "async: bare graph": (arun(lambda: base.ainvoke(ASK)), base_model),
-        "async: guarded": (arun(lambda: off.ainvoke(ASK)), off_model),
-        "async: guarded + SQLite traces": (arun(lambda: sql.ainvoke(ASK)), sql_model),
-    }
+    variants: dict[str, Variant] = {}
+    for name, graph, model in (
+        ("bare graph", base, base_model),
+        ("guarded, steps in the node", node, node_model),
+        ("guarded, steps in route edges", edge, edge_model),
+        ("guarded, steps in the node + SQLite", sql, sql_model),
+    ):
+        variants[f"sync: {name}"] = (lambda g=graph: g.invoke(ASK), model)
+        variants[f"async: {name}"] = (arun(lambda g=graph: g.ainvoke(ASK)), model)
     medians = interleaved_medians(variants, runs)
     loop.close()
     g_sql.close()
@@ -166,7 +178,7 @@ def main() -> None:
         f"ReAct iteration with / without GraphGuard (median of {args.runs} runs, "
         f"{args.steps} tool-calling iterations + a final answer each; µs per model call)"
     )
-    print_ratios(results, "bare graph", 34)
+    print_ratios(results, "bare graph", 44)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def _merge(result: Any, update: dict[str, Any]) -> Any:
         return result
     if result is None:
         return update
-    if isinstance(result, Mapping):
+    if type(result) is dict or isinstance(result, Mapping):
         return {**result, **update}
     if isinstance(result, Command) and (result.update is None or isinstance(result.update, dict)):
         return Command(
@@ -415,10 +415,16 @@ class GraphGuard:
 
     # -- nodes ------------------------------------------------------------------------------------
 
-    def node(self, fn: _NodeFn, *, record: bool = True) -> _NodeFn:
+    def node(self, fn: _NodeFn, *, record: bool = True, step: bool = False) -> _NodeFn:
         """Wrap a node (sync or async): a budget stop inside it ends the run gracefully
         (``exit_behavior="end"``) and, with ``record=True``, its return value also adds the
         run's new spend to the :class:`~agentguard_langgraph.BudgetState` keys.
+
+        With ``step=True`` each call of the node is one agent step, counted before it runs
+        (instead of in :attr:`route` edges — use one or the other): the graph keeps its plain
+        edges, and at ``max_steps`` under ``on_limit="finish"`` the last step's model call (a
+        :meth:`chat_model`) is the final answer — capped, without tool calls, so
+        ``tools_condition`` ends the run. Past the cap the node stops the run.
 
         The wrapper keeps the node's signature, so ``config`` / ``runtime`` injection still
         works.
@@ -430,6 +436,8 @@ class GraphGuard:
             async def anode(*args: Any, **kwargs: Any) -> Any:
                 task = self._task()
                 try:
+                    if step:
+                        self._step(task)
                     out = await afn(*args, **kwargs)
                 except BudgetExceeded as exc:
                     if self._exit(task) == "error":
@@ -443,6 +451,8 @@ class GraphGuard:
         def snode(*args: Any, **kwargs: Any) -> Any:
             task = self._task()
             try:
+                if step:
+                    self._step(task)
                 out = fn(*args, **kwargs)
             except BudgetExceeded as exc:
                 if self._exit(task) == "error":
@@ -451,6 +461,15 @@ class GraphGuard:
             return _merge(out, self._record(task)) if record else out
 
         return snode
+
+    def _step(self, task: Task) -> None:
+        """Count one agent step of a wrapped node; past the cap, stop (the cap's last step
+        made the final answer already: the graph came back anyway)."""
+        d = task.step("agent")  # raises BudgetExceeded past the cap unless finishing
+        if d.action == "finish":
+            raise BudgetExceeded(
+                d.limit or "max_steps", None, None, task_id=task.id, detail=d.reason
+            )
 
     def finish_node(
         self, model: BaseChatModel, *, tools: Sequence[Any] | None = None

@@ -74,21 +74,12 @@ class _ModelStep(Runnable[Any, Any]):
         self.steps = steps
         self.name = getattr(bound, "name", None) or "agent"
 
-    def _step(self, task: Task) -> None:
-        if not self.steps:
-            return
-        d = task.step("agent")  # raises BudgetExceeded past the cap unless finishing
-        if d.action == "finish":
-            # the cap's last step made the final answer already; the graph came back
-            raise BudgetExceeded(
-                d.limit or "max_steps", None, None, task_id=task.id, detail=d.reason
-            )
-
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         gg = self.gg
         task = gg._task()
         try:
-            self._step(task)
+            if self.steps:
+                gg._step(task)
             out = self.bound.invoke(input, config, **kwargs)
         except BudgetExceeded as exc:
             if gg._exit(task) == "error":
@@ -100,7 +91,8 @@ class _ModelStep(Runnable[Any, Any]):
         gg = self.gg
         task = gg._task()
         try:
-            self._step(task)
+            if self.steps:
+                gg._step(task)
             out = await self.bound.ainvoke(input, config, **kwargs)
         except BudgetExceeded as exc:
             if gg._exit(task) == "error":

@@ -71,9 +71,13 @@ class State(MessagesState, BudgetState):
     pass
 
 
-def react_graph(gg: GraphGuard, model: ScriptedChatModel, **compile_kw: Any) -> Any:
-    """A hand-written ReAct graph: the gate on the agent node, the tool gate, the budget
-    route before every agent step, a finishing node."""
+def react_graph(
+    gg: GraphGuard, model: ScriptedChatModel, *, steps_in: str = "route", **compile_kw: Any
+) -> Any:
+    """A hand-written ReAct graph: the gate on the agent node, the tool gate, and either the
+    budget route before every agent step and a finishing node (``steps_in="route"``) or the
+    bare graph's plain edges with the steps counted by the agent node's wrapper
+    (``steps_in="node"``)."""
     llm = gg.chat_model(model).bind_tools([search])
 
     def agent(state: State) -> dict[str, Any]:
@@ -84,8 +88,17 @@ def react_graph(gg: GraphGuard, model: ScriptedChatModel, **compile_kw: Any) -> 
 
     from langchain_core.runnables import RunnableLambda
 
-    paths = gg.path_map(continue_to="agent", finish_to="finish")
     b = StateGraph(State)
+    if steps_in == "node":
+        b.add_node(
+            "agent", RunnableLambda(gg.node(agent, step=True), afunc=gg.node(aagent, step=True))
+        )
+        b.add_node("tools", gg.tool_node([search]))
+        b.add_edge(START, "agent")
+        b.add_conditional_edges("agent", tools_condition)
+        b.add_edge("tools", "agent")
+        return b.compile(**compile_kw)
+    paths = gg.path_map(continue_to="agent", finish_to="finish")
     b.add_node("agent", RunnableLambda(gg.node(agent), afunc=gg.node(aagent)))
     b.add_node("tools", gg.tool_node([search]))
     b.add_node("finish", gg.finish_node(model, tools=[search]))

@@ -4,10 +4,13 @@ budget by a GraphGuard: step caps, money ceilings, downgrades, sync and async.""
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage
-from lg_support import Scripted, react_graph, user
+from langgraph.graph import START, StateGraph
+from langgraph.prebuilt import tools_condition
+from lg_support import Scripted, State, react_graph, search, user
 
 import agentguard as ag
 from agentguard_langgraph import GraphGuard
@@ -171,3 +174,59 @@ def test_unmapped_rung_is_refused_before_any_spend() -> None:
         GraphGuard(guard).chat_model(Scripted(model_name="gpt-4o"))
     with pytest.raises(ag.PolicyError, match="bind_tools"):
         GraphGuard(guard, models={"gpt-4o-mini": object()})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_steps_counted_in_the_node_wrapper_end_in_the_agents_own_final_call(
+    mode: str,
+) -> None:
+    """The bare graph's shape (plain edges, no finishing node): ``gg.node(agent, step=True)``
+    counts the steps, and the cap's last step is the model's own final answer."""
+    sink = ag.MemorySink()
+    guard = ag.Guard(ag.Policy(max_steps=4, on_limit="finish"), traces=sink)
+    gg = GraphGuard(guard)
+    model = Scripted(model_name="gpt-4o")
+    graph = gg.bind(react_graph(gg, model, steps_in="node"))
+    out = graph.invoke(user()) if mode == "sync" else await graph.ainvoke(user())
+    task = graph.last_task
+    assert task is not None
+    final = out["messages"][-1]
+    assert final.tool_calls == []
+    assert final.response_metadata["agentguard_final"] is True
+    assert model.seen[-1]["tool_choice"] == "none"
+    assert model.seen[-1]["max_tokens"] == 256  # finish_output_tokens
+    assert (task.steps, task.model_calls, task.tool_calls) == (4, 4, 3)
+    assert kinds(task) == ["model:finish"]
+    assert task.decisions[-1].limit == "max_steps"
+    assert task.status == "finished"
+    assert out["agentguard_steps"] == 4
+    assert out["agentguard_tool_calls"] == 3
+    assert out["agentguard_decisions"] == ["model:finish"]
+    assert out["agentguard_cost_usd"] == task.cost_usd
+    spans = [s for s in sink.spans if s.task_id == task.id]
+    assert [s.decision for s in spans if s.kind == "step"] == ["allow"] * 4
+
+
+def test_a_node_counting_steps_stops_a_graph_that_comes_back_after_the_final_answer() -> None:
+    """A plain model (not ``gg.chat_model``) ignores the finish: past the cap the node stops
+    the run instead of looping."""
+    guard = ag.Guard(ag.Policy(max_steps=2, on_limit="finish"), traces=False)
+    gg = GraphGuard(guard)
+    model = Scripted(model_name="gpt-4o")
+    llm = model.bind_tools([search])
+
+    def agent(state: State) -> dict[str, Any]:
+        return {"messages": [llm.invoke(state["messages"])]}
+
+    b = StateGraph(State)
+    b.add_node("agent", gg.node(agent, step=True))
+    b.add_node("tools", gg.tool_node([search]))
+    b.add_edge(START, "agent")
+    b.add_conditional_edges("agent", tools_condition)
+    b.add_edge("tools", "agent")
+    out = gg.bind(b.compile()).invoke(user())
+    last = out["messages"][-1]
+    assert last.response_metadata["agentguard"]["ended_by"] == "stop"
+    assert last.response_metadata["agentguard"]["limit"] == "max_steps"
+    assert len(model.seen) == 2
+    assert out["agentguard_steps"] == 2
