@@ -40,6 +40,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph import END
 from langgraph.prebuilt import ToolNode
+from langgraph.runtime import get_runtime
 from langgraph.types import Command
 
 from agentguard import BudgetExceeded, PolicyError, current_task
@@ -420,6 +421,9 @@ class GraphGuard:
         (``exit_behavior="end"``) and, with ``record=True``, its return value also adds the
         run's new spend to the :class:`~agentguard_langgraph.BudgetState` keys.
 
+        A node run again by its ``RetryPolicy`` asks the guard first: each attempt after the
+        first is a retry, counted against ``max_retries``.
+
         With ``step=True`` each call of the node is one agent step, counted before it runs
         (instead of in :attr:`route` edges — use one or the other): the graph keeps its plain
         edges, and at ``max_steps`` under ``on_limit="finish"`` the last step's model call (a
@@ -429,6 +433,7 @@ class GraphGuard:
         The wrapper keeps the node's signature, so ``config`` / ``runtime`` injection still
         works.
         """
+        name = getattr(fn, "__name__", "node")
         if inspect.iscoroutinefunction(fn):
             afn = cast("Callable[..., Awaitable[Any]]", fn)
 
@@ -436,6 +441,7 @@ class GraphGuard:
             async def anode(*args: Any, **kwargs: Any) -> Any:
                 task = self._task()
                 try:
+                    self._retry(task, name)
                     if step:
                         self._step(task)
                     out = await afn(*args, **kwargs)
@@ -451,6 +457,7 @@ class GraphGuard:
         def snode(*args: Any, **kwargs: Any) -> Any:
             task = self._task()
             try:
+                self._retry(task, name)
                 if step:
                     self._step(task)
                 out = fn(*args, **kwargs)
@@ -461,6 +468,18 @@ class GraphGuard:
             return _merge(out, self._record(task)) if record else out
 
         return snode
+
+    @staticmethod
+    def _retry(task: Task, name: str) -> None:
+        """A node run again by its ``RetryPolicy`` is a retry: counted against ``max_retries``
+        (``BudgetExceeded`` past it) before the attempt runs."""
+        try:
+            info = getattr(get_runtime(), "execution_info", None)
+        except (RuntimeError, KeyError):  # called outside a graph run
+            return
+        attempt = getattr(info, "node_attempt", 1)
+        if isinstance(attempt, int) and attempt > 1:
+            task.record_retry(f"{name}: attempt {attempt}")
 
     def _step(self, task: Task) -> None:
         """Count one agent step of a wrapped node; past the cap, stop (the cap's last step

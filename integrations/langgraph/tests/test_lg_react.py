@@ -10,6 +10,7 @@ import pytest
 from langchain_core.messages import AIMessage
 from langgraph.graph import START, StateGraph
 from langgraph.prebuilt import tools_condition
+from langgraph.types import RetryPolicy
 from lg_support import Scripted, State, react_graph, search, user
 
 import agentguard as ag
@@ -230,3 +231,47 @@ def test_a_node_counting_steps_stops_a_graph_that_comes_back_after_the_final_ans
     assert last.response_metadata["agentguard"]["limit"] == "max_steps"
     assert len(model.seen) == 2
     assert out["agentguard_steps"] == 2
+
+
+class FlakyError(Exception):
+    """The provider's transient error."""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_node_retries_ask_the_guard_first(mode: str) -> None:
+    """A node whose ``RetryPolicy`` runs it again: every attempt after the first is a retry,
+    counted against ``max_retries`` before it runs; past it the run ends."""
+    guard = ag.Guard(ag.Policy(max_retries=2, on_limit="finish"), traces="memory")
+    gg = GraphGuard(guard)
+    attempts: list[int] = []
+
+    def fetch(state: State) -> dict[str, Any]:
+        attempts.append(1)
+        raise FlakyError("upstream timed out")
+
+    async def afetch(state: State) -> dict[str, Any]:
+        return fetch(state)
+
+    b = StateGraph(State)
+    node = gg.node(fetch) if mode == "sync" else gg.node(afetch)
+    b.add_node(
+        "fetch",
+        node,
+        retry_policy=RetryPolicy(
+            max_attempts=10, initial_interval=0.0, jitter=False, retry_on=FlakyError
+        ),
+    )
+    b.add_edge(START, "fetch")
+    graph = gg.bind(b.compile())
+    out = graph.invoke(user()) if mode == "sync" else await graph.ainvoke(user())
+    task = graph.last_task
+    assert task is not None
+    # attempt 1, then two retries the policy allows; the third retry is refused before it runs
+    assert len(attempts) == 3
+    assert task.retries == 2
+    assert out["agentguard_retries"] == 2
+    last = out["messages"][-1]
+    assert last.response_metadata["agentguard"]["ended_by"] == "stop"
+    assert last.response_metadata["agentguard"]["limit"] == "max_retries"
+    assert kinds(task) == ["retry:stop"]
+    assert [s.kind for s in guard.sink.spans if s.task_id == task.id].count("retry") == 3
