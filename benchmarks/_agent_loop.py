@@ -1,6 +1,11 @@
 """Shared timing for the agent-loop benchmarks (middleware, LangGraph): variants take turns
 run by run, so drift in the machine's load hits them all alike; each run's time is divided by
-the model calls it made."""
+the model calls it made.
+
+``clock`` picks what is timed: wall time (``time.perf_counter``, the default) or the process's
+CPU time (``time.process_time``, all threads), which leaves out the time other processes on a
+shared machine hold the cores — with a zero-latency scripted model a run is all CPU, so on a
+quiet machine the two agree."""
 
 from __future__ import annotations
 
@@ -13,25 +18,32 @@ from agentguard_langchain.testing import ScriptedChatModel
 Variant = tuple[Callable[[], None], ScriptedChatModel]
 
 
-def timed(invoke: Callable[[], None], model: ScriptedChatModel) -> float:
+def timed(
+    invoke: Callable[[], None],
+    model: ScriptedChatModel,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """One run: its time divided by the model calls it made (µs)."""
     model._calls = 0  # the script (tool calls for the first N answers) restarts per run
-    t = time.perf_counter()
+    t = clock()
     invoke()
-    dt = time.perf_counter() - t
+    dt = clock() - t
     n = model.calls
     model.seen.clear()
     return dt / n * 1e6
 
 
 def interleaved_medians(
-    variants: Mapping[str, Variant], runs: int, warmup: int = 5
+    variants: Mapping[str, Variant],
+    runs: int,
+    warmup: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median µs per model call of each variant over ``runs`` timed rounds (after warm-up)."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(runs + warmup):
         for name, (invoke, model) in variants.items():
-            us = timed(invoke, model)
+            us = timed(invoke, model, clock)
             if i >= warmup:
                 samples[name].append(us)
     return {name: statistics.median(v) for name, v in samples.items()}
