@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage
-from langgraph.graph import START, StateGraph
+from langchain_core.runnables import RunnableLambda
+from langgraph.graph import END, START, StateGraph
 from langgraph.prebuilt import tools_condition
 from langgraph.types import RetryPolicy
 from lg_support import Scripted, State, react_graph, search, user
@@ -275,3 +276,60 @@ async def test_node_retries_ask_the_guard_first(mode: str) -> None:
     assert last.response_metadata["agentguard"]["limit"] == "max_retries"
     assert kinds(task) == ["retry:stop"]
     assert [s.kind for s in guard.sink.spans if s.task_id == task.id].count("retry") == 3
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_route_sends_a_downgraded_run_to_the_users_own_node(mode: str) -> None:
+    """``route`` answers ``"downgrade"`` once the ladder moved the run to the cheaper model:
+    mapped with ``downgrade_to``, the graph goes through the user's node on every later step
+    (here it notes the switch), and the remaining calls run on the cheaper rung."""
+    guard = ag.Guard(
+        ag.Policy(
+            max_cost_usd="0.005",
+            max_steps=8,
+            on_limit="finish",
+            downgrade=[ag.Downgrade(at=0.3, to="gpt-4o-mini")],
+        ),
+        traces=False,
+    )
+    mini = Scripted(model_name="gpt-4o-mini")
+    gg = GraphGuard(guard, models={"gpt-4o-mini": mini})
+    big = Scripted(model_name="gpt-4o", reply_tokens=400)
+    llm = gg.chat_model(big).bind_tools([search])
+    visits: list[str] = []
+
+    def agent(state: State) -> dict[str, Any]:
+        return {"messages": [llm.invoke(state["messages"])]}
+
+    async def aagent(state: State) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(state["messages"])]}
+
+    def cheaper(state: State) -> dict[str, Any]:
+        visits.append("cheaper")
+        return {}
+
+    paths = gg.path_map(continue_to="agent", finish_to="finish", downgrade_to="cheaper")
+    b = StateGraph(State)
+    b.add_node("agent", RunnableLambda(gg.node(agent), afunc=gg.node(aagent)))
+    b.add_node("cheaper", cheaper)
+    b.add_node("tools", gg.tool_node([search]))
+    b.add_node("finish", gg.finish_node(big, tools=[search]))
+    b.add_conditional_edges(START, gg.route, paths)
+    b.add_conditional_edges("agent", tools_condition)
+    b.add_conditional_edges("tools", gg.route, paths)
+    b.add_edge("cheaper", "agent")
+    b.add_edge("finish", END)
+    graph = gg.bind(b.compile())
+    out = graph.invoke(user()) if mode == "sync" else await graph.ainvoke(user())
+    task = graph.last_task
+    assert task is not None
+    assert kinds(task)[0] == "model:downgrade"
+    # the call that crossed the rung's threshold ran on it; every later step went through the
+    # user's node first, and stayed on the rung (the final answer included)
+    assert big.seen and all(s["model"] == "gpt-4o" for s in big.seen)
+    assert all(s["model"] == "gpt-4o-mini" for s in mini.seen)
+    assert mini.seen[-1]["tool_choice"] == "none"
+    assert len(visits) >= 2
+    assert len(visits) in (len(mini.seen) - 1, len(mini.seen) - 2)
+    assert out["agentguard_decisions"][0] == "model:downgrade"
+    assert out["messages"][-1].tool_calls == []
