@@ -12,27 +12,23 @@ answer; the reported figure is the median over runs of (run time / model calls).
 Variants, each against the same graph without the guard (``bare``: plain model, plain
 ``ToolNode``, plain edges ``START -> agent``, ``tools -> agent``):
 
-* ``guarded``: ``gg.bind(graph)`` opens and closes a task per run; ``gg.route`` decides in the
-  conditional edges before every step, ``gg.node`` wraps the agent node (spend into
-  ``BudgetState``), ``gg.chat_model`` gates the model, ``gg.tool_node`` the tools — traces off;
-* ``guarded + SQLite traces``: the same, spans written to SQLite (batched writes on the sink's
-  background thread);
-* the same under ``ainvoke``.
+* ``guarded, steps in the node``: the bare graph's shape; ``gg.node(agent, step=True)`` counts
+  the steps and records the spend, ``gg.chat_model`` gates the model, ``gg.tool_node`` the
+  tools; ``gg.bind(graph)`` opens and closes a task per run — traces off;
+* ``guarded, steps in route edges``: ``gg.route`` conditional edges before every step, a
+  finishing node;
+* ``guarded, steps in the node + SQLite``: spans written to SQLite (batched writes on the
+  sink's background thread);
+* each under ``invoke`` and ``ainvoke``.
 
 Issue 4's goal is ≤ 1.05× per ReAct iteration against the bare graph. It is not met. Measured
-on a 2-core machine shared with other work (load ~3), 150 runs, 5 iterations each:
-
-=================================  ==========  ===========  =================
-variant                            sync µs     async µs     ratio sync/async
-=================================  ==========  ===========  =================
-bare graph                         2,128       2,562        —
-guarded                            2,827       3,471        1.33× / 1.36×
-guarded + SQLite traces            2,737       3,319        1.29× / 1.30×
-=================================  ==========  ===========  =================
-
-i.e. +0.6–0.9 ms per iteration (one step decision, one model decision and reservation, one
-tool decision, the spend record into six state keys); a second run of 60 rounds gave 1.31× /
-1.35×. Against a real provider call (≥ 300 ms) that is < 0.3%.
+on a 2-core machine shared with other work (load 3–7), 150 runs, 5 iterations each, interleaved:
+steps in the node 1.14× sync / 1.15× async by CPU time (``--clock cpu``), 1.15–1.20× /
+1.16–1.26× by wall time; steps in route edges 1.20× / 1.22× (CPU). The code as it was before
+this round measured 1.35× / 1.39× (wall, 40 runs, load 0.4), and by Python calls per model
+call (a load-independent proxy) the overhead went from +42% / +39% to +23% / +19% (node) and
++32% / +27% (route). The rest is in the model gate and the core: ``docs/langgraph.md``
+(Overhead) breaks it down.
 """
 
 from __future__ import annotations
