@@ -43,3 +43,27 @@ def test_react_example_downgrades_then_finishes_at_the_step_cap(
     assert state["agentguard_steps"] == 12
     assert state["agentguard_decisions"] == ["model:downgrade", "step:finish"]
     assert "12 of 12 steps used" in capsys.readouterr().out
+
+
+def test_thread_example_resumes_in_fresh_guards_and_finishes_at_the_step_cap(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = run("langgraph_thread.py")
+    runs, state, final = out["runs"], out["state"], out["final"]
+    # one step per run (interrupted before each tool call), the fourth is the cap's last step:
+    # its call is the final answer, although no run's own task took more than one step
+    assert [t.status for t in runs] == ["ok", "ok", "ok", "finished"]
+    assert all(t.steps == 1 and t.model_calls == 1 for t in runs)
+    assert [t.spent.steps for t in runs] == [1, 2, 3, 4]
+    assert final.tool_calls == []
+    assert final.response_metadata["agentguard_final"] is True
+    assert [f"{d.kind}:{d.action}" for d in runs[-1].decisions] == ["model:finish"]
+    # the thread's spend, in the checkpoint: every run's share added up
+    assert state["agentguard_steps"] == 4
+    assert state["agentguard_model_calls"] == 4
+    assert state["agentguard_tool_calls"] == 3
+    assert state["agentguard_tool_calls_by_name"] == {"refund_status": 3}
+    assert state["agentguard_decisions"] == ["model:finish"]
+    assert state["agentguard_cost_usd"] == sum(t.cost_usd for t in runs)
+    assert runs[-1].spent.cost_usd == state["agentguard_cost_usd"]
+    assert "a person approves the tool call" in capsys.readouterr().out
