@@ -416,6 +416,16 @@ class RedisStore:
 
         return cls(make(True), async_client=lambda: make(False), **kwargs)
 
+    async def aclose(self) -> None:
+        """Close the running event loop's async client, then as :meth:`close`.
+
+        Without it the async client of a loop is closed when that loop shuts down its async
+        generators (``asyncio.run`` does); call it where a loop outlives the store."""
+        held = self._aclients.pop(asyncio.get_running_loop(), None)
+        if held is not None:
+            await held[1].aclose()  # the keeper's ``finally`` closes the client
+        self.close()
+
     def close(self) -> None:
         """Stop renewing leases and close the sync client's connections."""
         self._stop_renewing.set()

@@ -114,7 +114,10 @@ def _run_sync(store: BudgetStore) -> Any:
                     log.append(call.end(ev[3]))
                 elif ev[0] == "model_fail":
                     call.fail(TimeoutError("provider timed out"))
-    return _outcome(task, log, store.snapshot([f"task:{task.id}", "team:cx"]), sink)
+    snap = store.snapshot([f"task:{task.id}", "team:cx"])
+    if isinstance(store, RedisStore):
+        store.close()
+    return _outcome(task, log, snap, sink)
 
 
 async def _run_async(store: BudgetStore) -> Any:
@@ -144,6 +147,8 @@ async def _run_async(store: BudgetStore) -> Any:
                 elif ev[0] == "model_fail":
                     await call.afail(TimeoutError("provider timed out"))
     snap = await store.asnapshot([f"task:{task.id}", "team:cx"])
+    if isinstance(store, RedisStore):
+        await store.aclose()  # the loop outlives the store: close its async client now
     return _outcome(task, log, snap, sink)
 
 
@@ -177,7 +182,8 @@ async def test_async_events_never_touch_the_sync_client() -> None:
     )
     with pytest.raises(ag.StoreError):  # the sync path really is cut off
         store.snapshot(["team:cx"])
-    out = await _run_async(store)
+    out = await _run_async(store)  # closes the store
+    dead.close()
     reference = await asyncio.to_thread(_run_sync, MemoryStore())
     assert out[0] == reference[0]  # the same decisions as on the embedded store
     assert out[1] == reference[1]
@@ -214,6 +220,7 @@ async def test_concurrent_async_tasks_share_a_team_budget_exactly() -> None:
 
     await asyncio.gather(*[worker(n) for n in range(64)])
     team = (await store.asnapshot(["team:cx"]))["team:cx"]
+    await store.aclose()
     assert len(costs) > 10  # the tasks really competed
     assert team.committed["cost_usd"] == sum(costs, D(0))
     assert team.committed["cost_usd"] <= limit
