@@ -265,6 +265,9 @@ class RedisStore:
         renew_leases: while this process holds a reservation, a background thread extends its
             lease every ``lease_ttl / 3`` seconds, so a call that runs longer than ``lease_ttl``
             keeps it; when the process dies the renewals stop and the lease runs out.
+        lease_max: seconds a reservation is renewed at most (``None``: as long as it is held),
+            so a call that is never ended (an adapter that lost it) cannot hold budget for the
+            life of the process; a commit after that is recorded and flagged late.
         on_store_error: ``"fail_closed"`` (raise ``StoreError``) or ``"fail_open"`` (account
             locally, reconcile into Redis when it is back).
         retries: extra attempts of an operation after a connection error or timeout.
@@ -287,6 +290,7 @@ class RedisStore:
         namespace: str = "agentguard",
         lease_ttl: float = 900.0,
         renew_leases: bool = True,
+        lease_max: float | None = 3600.0,
         on_store_error: OnStoreError = "fail_closed",
         retries: int = 2,
         retry_backoff: float = 0.05,
@@ -311,6 +315,11 @@ class RedisStore:
             raise ValueError(f"lease_ttl={lease_ttl!r}: must be a positive number of seconds")
         self.lease_ttl = lease_ttl
         self.renew_leases = renew_leases
+        if lease_max is not None and not lease_max > 0:
+            raise ValueError(
+                f"lease_max={lease_max!r}: must be a positive number of seconds or None"
+            )
+        self.lease_max = lease_max
         self.retries = retries
         self.retry_backoff = retry_backoff
         self.reconnect_interval = reconnect_interval
@@ -346,7 +355,7 @@ class RedisStore:
         self.late_commits = 0
         """Commits (in this process) whose lease had already expired: recorded, and flagged."""
         # lease renewal: reservations this process holds in Redis (rid -> record key)
-        self._leased: dict[str, str] = {}
+        self._leased: dict[str, tuple[str, float]] = {}  # rid -> (record key, renew until)
         self._renewer: threading.Thread | None = None
         self._renewer_pid = 0
         self._stop_renewing = threading.Event()
@@ -762,13 +771,20 @@ class RedisStore:
                     )
                     self._renewer.start()
                     self._renewer_pid = os.getpid()
-        self._leased[rid] = self._rkey(rid)
+        until = float("inf") if self.lease_max is None else time.monotonic() + self.lease_max
+        self._leased[rid] = (self._rkey(rid), until)
 
     def renew(self) -> int:
         """Extend the lease of every reservation this process holds now; the renewal thread
         calls it every ``lease_ttl / 3`` seconds. Returns how many leases were extended (a
         lease already reclaimed is not revived)."""
-        records = list(self._leased.values())
+        now = time.monotonic()
+        records = []
+        for rid, (record, until) in list(self._leased.items()):
+            if until < now:  # renewed for lease_max: left to run out
+                self._leased.pop(rid, None)
+            else:
+                records.append(record)
         n = 0
         for i in range(0, len(records), 512):
             keys = [self._leases, *records[i : i + 512]]

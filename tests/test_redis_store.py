@@ -147,6 +147,24 @@ def test_a_call_longer_than_the_lease_keeps_its_reservation(url: str) -> None:
     store.close()
 
 
+def test_renewal_stops_after_lease_max(url: str) -> None:
+    """A reservation nobody ends (an adapter lost the call) is renewed for lease_max at most,
+    then runs out; a commit after that is still recorded, and flagged late."""
+    ns = _ns()
+    store = RedisStore.from_url(url, namespace=ns, lease_ttl=0.3, lease_max=0.5)
+    other = RedisStore.from_url(url, namespace=ns)
+    assert store.reserve("r1", [LINE], {"cost_usd": D("0.8")}).ok
+    time.sleep(1.3)
+    assert other.snapshot(["team:cx"])["team:cx"].reserved.get("cost_usd", 0) == 0
+    assert store.lease_renewals >= 1 and not store._leased
+    bal = store.commit("r1", [LINE], {"cost_usd": D("0.7")})
+    assert bal["team:cx"].committed["cost_usd"] == D("0.7")
+    assert store.late_commits == 1
+    with pytest.raises(ValueError, match="lease_max"):
+        RedisStore.from_url(url, lease_max=0)
+    store.close()
+
+
 def test_a_killed_workers_lease_runs_out_once_renewals_stop(url: str) -> None:
     """A real worker process holds a reservation and renews it while alive; SIGKILLed, its
     renewals stop and the lease is reclaimed after lease_ttl."""
