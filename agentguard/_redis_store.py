@@ -8,10 +8,12 @@ Layout, the Lua contract, failure modes and sizing are in ``docs/redis.md``; in 
 * every key of a store carries one hash tag, ``{<namespace>}``, so each script's keys — task,
   team, org and window lines of one reservation, its lease record — live in one slot and the
   same store runs on Redis Cluster;
-* money is kept as exact integers (10**-18 USD); reservations round up, commits half-even,
-  limits down; amounts come back as ``Decimal``;
-* a reservation is a lease: held by a worker that died, it is reclaimed after ``lease_ttl``;
-  a commit arriving after that is still recorded and counted in ``late_commits``;
+* money is kept as exact integers (10**-18 USD), sent and stored as ``(hi, lo)`` number pairs;
+  reservations round up, commits half-even, limits down; amounts come back as ``Decimal``;
+* a reservation is a lease, renewed every ``lease_ttl / 3`` by a background thread while this
+  process holds it (up to ``lease_max``): held by a worker that died, it is reclaimed after
+  ``lease_ttl``; a commit arriving after that is still recorded and counted in
+  ``late_commits``;
 * ``on_store_error``: ``"fail_closed"`` raises :class:`~agentguard.StoreError`;
   ``"fail_open"`` accounts locally and replays the spend into Redis when it is back, each
   operation at most once (commits are idempotent per reservation id, charges per op id).
