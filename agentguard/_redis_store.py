@@ -154,23 +154,34 @@ def _loads(reply: Any) -> Any:
     return json.loads(reply)
 
 
-def _encode_amounts(
-    amounts: Mapping[str, Amount], rounding: str
-) -> tuple[list[str], list[str | int]]:
+_NAMES: dict[str, str] = {}  # counter name -> its JSON string, for reservation records
+
+
+def _encode_amounts(amounts: Mapping[str, Amount], rounding: str) -> tuple[list[str], str]:
     """The script arguments for ``amounts`` (``n``, then ``counter, hi, lo`` triples), and the
-    same triples as numbers for a reservation record."""
+    same triples as the JSON list a reservation record keeps."""
     args: list[str] = []
-    held: list[str | int] = []
+    held: list[str] = []
+    names = _NAMES
     for counter, value in amounts.items():
         if value:
             if type(value) is int and counter != MONEY:
                 n = value
             else:
                 n = _units(counter, value, rounding)
-            hi, lo = divmod(n, _B)
-            args += (counter, str(hi), str(lo))
-            held += (counter, hi, lo)
-    return [str(len(held) // 3), *args], held
+            if 0 <= n < _B:
+                h, lo = "0", str(n)
+            else:
+                hi, low = divmod(n, _B)
+                h, lo = str(hi), str(low)
+            args += (counter, h, lo)
+            name = names.get(counter)
+            if name is None:
+                if len(names) > 4096:
+                    names.clear()
+                name = names[counter] = json.dumps(counter, ensure_ascii=False)
+            held.append(f"{name},{h},{lo}")
+    return [str(len(held)), *args], "[" + ",".join(held) + "]"
 
 
 # -- requests and the pure part ----------------------------------------------------------------
@@ -334,6 +345,7 @@ class RedisStore:
         self._stats = p + "stats"
         self._shas = {name: _sha1(src) for name, src in _SCRIPTS.items()}
         self._units: dict[tuple[str, Amount], tuple[str, str]] = {}  # limits, encoded
+        self._line_cache: dict[int, tuple[BudgetLine, str, str, str]] = {}
         # the sync fast path: kept connections of a plain Redis, or of the cluster master
         # that holds this store's slot (found again after any redirection or error)
         self._single: _Conns | None = None
@@ -451,6 +463,18 @@ class RedisStore:
     def _bkey(self, key: str) -> str:
         return self._p + "b:" + key
 
+    def _line(self, line: BudgetLine) -> tuple[BudgetLine, str, str, str]:
+        """(line, its Redis key, that key as JSON, its expire-at argument), cached per line
+        object (a frozen ``BudgetLine``: its key and window never change)."""
+        info = self._line_cache.get(id(line))
+        if info is None or info[0] is not line:
+            if len(self._line_cache) > 4096:
+                self._line_cache.clear()
+            bkey = self._bkey(line.key)
+            info = (line, bkey, json.dumps(bkey, ensure_ascii=False), self._expiry(line))
+            self._line_cache[id(line)] = info
+        return info
+
     def _rkey(self, rid: str) -> str:
         return self._p + "r:" + rid
 
@@ -473,38 +497,28 @@ class RedisStore:
                     hi, lo = divmod(_units(counter, limit, ROUND_FLOOR), _B)
                     enc = cache[(counter, limit)] = (str(hi), str(lo))
                 out += (counter, *enc)
-            out.append(self._expiry(line))
+            out.append(self._line(line)[3])
         return out
 
     def _reserve_req(
         self, rid: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
     ) -> _Req:
-        bkeys = [self._bkey(ln.key) for ln in lines]
+        infos = [self._line(ln) for ln in lines]
         enc, held = _encode_amounts(amounts, ROUND_CEILING)
-        args = [
-            self._lease_ms,
-            "0",
-            self._tomb_ms,
-            json.dumps([bkeys, held], separators=(",", ":"), ensure_ascii=False),
-            *enc,
-            *self._lines_args(lines),
-        ]
-        keys = [self._leases, self._rkey(rid), *bkeys]
+        record = "[[" + ",".join([i[2] for i in infos]) + "]," + held + "]"
+        args = [self._lease_ms, "0", self._tomb_ms, record, *enc, *self._lines_args(lines)]
+        keys = [self._leases, self._rkey(rid), *[i[1] for i in infos]]
         return _Req("reserve", keys, args, retry_arg=1)
 
     def _commit_req(
         self, rid: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
     ) -> _Req:
-        keys = [
-            self._leases,
-            self._rkey(rid),
-            self._stats,
-            *[self._bkey(ln.key) for ln in lines],
-        ]
+        infos = [self._line(ln) for ln in lines]
+        keys = [self._leases, self._rkey(rid), self._stats, *[i[1] for i in infos]]
         args = [
             self._tomb_ms,
             *_encode_amounts(actual, ROUND_HALF_EVEN)[0],
-            *[self._expiry(ln) for ln in lines],
+            *[i[3] for i in infos],
         ]
         return _Req("commit", keys, args)
 
@@ -514,7 +528,7 @@ class RedisStore:
     def _charge_req(
         self, op: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount], check: bool
     ) -> _Req:
-        keys = [self._p + "op:" + op, *[self._bkey(ln.key) for ln in lines]]
+        keys = [self._p + "op:" + op, *[self._line(ln)[1] for ln in lines]]
         rounding = ROUND_CEILING if check else ROUND_HALF_EVEN
         args = [
             "1" if check else "0",
