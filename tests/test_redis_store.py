@@ -82,6 +82,21 @@ def test_commit_is_idempotent_per_reservation(url: str) -> None:
     assert store.snapshot(["team:cx"])["team:cx"].committed["cost_usd"] == D("0.4")
 
 
+def test_keys_and_counters_with_quotes_and_non_ascii_round_trip(url: str) -> None:
+    """A reservation record names its lines and counters (JSON built by the client): quotes,
+    backslashes and non-ASCII text come back to exactly the keys that were reserved."""
+    store = RedisStore.from_url(url, namespace=_ns())
+    line = BudgetLine('task:café-☕ "q" \\ 𝄞', {'tool:say "hi"': 2})
+    assert store.reserve("r1", [line, LINE], {'tool:say "hi"': 2, "cost_usd": D("0.5")}).ok
+    assert not store.reserve("r2", [line], {'tool:say "hi"': 1}).ok
+    store.release("r1")
+    snap = store.snapshot([line.key, "team:cx"])
+    assert snap[line.key].reserved == {} and snap["team:cx"].reserved == {}
+    assert store.reserve("r3", [line], {'tool:say "hi"': 2}).ok
+    bal = store.commit("r3", [line], {'tool:say "hi"': 1})
+    assert bal[line.key].committed == {'tool:say "hi"': 1} and bal[line.key].reserved == {}
+
+
 def test_reused_reservation_id_is_refused(url: str) -> None:
     store = RedisStore.from_url(url, namespace=_ns())
     assert store.reserve("r1", [LINE], {"cost_usd": D("0.1")}).ok
