@@ -74,14 +74,15 @@ async def test_prebuilt_agent_ends_at_the_money_ceiling_with_a_final_answer(mode
     assert sink.tasks[-1].cost_usd == task.cost_usd
 
 
-def test_prebuilt_agent_tool_cap_blocks_then_the_next_call_is_final() -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_prebuilt_agent_tool_cap_blocks_then_the_next_call_is_final(mode: str) -> None:
     guard = ag.Guard(
         ag.Policy(max_cost_usd="1", tool_limits={"search": 3}, on_limit="finish"), traces=False
     )
     gg = GraphGuard(guard)
     model = Scripted(model_name="gpt-4o")
     graph = gg.bind(create_react_agent(gg.chat_model(model), gg.tool_node([search])))
-    out = graph.invoke(user())
+    out = graph.invoke(user()) if mode == "sync" else await graph.ainvoke(user())
     task = graph.last_task
     assert task is not None
     assert task.tool_calls == 3
@@ -93,7 +94,8 @@ def test_prebuilt_agent_tool_cap_blocks_then_the_next_call_is_final() -> None:
     assert task.status == "finished"
 
 
-def test_prebuilt_agent_hard_stop_raises_out_of_invoke() -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_prebuilt_agent_hard_stop_raises_out_of_invoke(mode: str) -> None:
     guard = ag.Guard(ag.Policy(max_cost_usd="0.003"), traces=False)  # on_limit="raise"
     gg = GraphGuard(guard)
     graph = gg.bind(
@@ -103,7 +105,10 @@ def test_prebuilt_agent_hard_stop_raises_out_of_invoke() -> None:
         )
     )
     with pytest.raises(ag.BudgetExceeded, match="max_cost_usd"):
-        graph.invoke(user())
+        if mode == "sync":
+            graph.invoke(user())
+        else:
+            await graph.ainvoke(user())
     task = graph.last_task
     assert task is not None
     assert task.status == "stopped"

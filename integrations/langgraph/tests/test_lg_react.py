@@ -100,12 +100,17 @@ async def test_money_ceiling_downgrades_then_finishes_in_the_agent_node(mode: st
     assert task.status == "finished"
 
 
-def test_hard_stop_raises_out_of_invoke() -> None:
+async def run(graph: Any, mode: str, payload: Any) -> Any:
+    return graph.invoke(payload) if mode == "sync" else await graph.ainvoke(payload)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_hard_stop_raises_out_of_invoke(mode: str) -> None:
     guard = ag.Guard(ag.Policy(max_steps=3), traces=False)  # on_limit="raise"
     gg = GraphGuard(guard)
     graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o")))
     with pytest.raises(ag.BudgetExceeded, match="max_steps"):
-        graph.invoke(user())
+        await run(graph, mode, user())
     assert graph.last_task is not None
     assert graph.last_task.status == "stopped"
     # the third step is taken, and its model call is refused: the cap is reached
@@ -113,11 +118,12 @@ def test_hard_stop_raises_out_of_invoke() -> None:
     assert graph.last_task.model_calls == 2
 
 
-def test_hard_stop_ends_the_run_with_exit_behavior_end() -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_hard_stop_ends_the_run_with_exit_behavior_end(mode: str) -> None:
     guard = ag.Guard(ag.Policy(max_steps=2), traces=False)
     gg = GraphGuard(guard, exit_behavior="end")
     graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o")))
-    out = graph.invoke(user())
+    out = await run(graph, mode, user())
     # the agent node's refused call ends the run with a message saying why
     last = out["messages"][-1]
     assert last.type == "ai"
@@ -129,12 +135,13 @@ def test_hard_stop_ends_the_run_with_exit_behavior_end() -> None:
     assert graph.last_task.status == "ok"
 
 
-def test_tool_cap_blocks_the_tool_and_the_next_call_is_final() -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_tool_cap_blocks_the_tool_and_the_next_call_is_final(mode: str) -> None:
     guard = ag.Guard(ag.Policy(max_tool_calls=2, max_steps=20, on_limit="finish"), traces=False)
     gg = GraphGuard(guard)
     # three parallel tool calls in one answer: two run, the third is blocked
     graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o", parallel_tool_calls=3)))
-    out = graph.invoke(user())
+    out = await run(graph, mode, user())
     task = graph.last_task
     assert task is not None
     assert task.tool_calls == 2
@@ -143,6 +150,10 @@ def test_tool_cap_blocks_the_tool_and_the_next_call_is_final() -> None:
     assert "blocked by the budget" in blocked[0].text
     assert out["messages"][-1].tool_calls == []
     assert kinds(task) == ["tool:block", "model:finish"]
+    # the state: two tool calls ran (the per-tool dict too), the block and the finish
+    assert out["agentguard_tool_calls"] == 2
+    assert out["agentguard_tool_calls_by_name"] == {"search": 2}
+    assert out["agentguard_decisions"] == ["tool:block", "model:finish"]
 
 
 def test_graph_without_a_task_says_how_to_run_it() -> None:
