@@ -304,16 +304,12 @@ def decide_model_call(
     ]
     needed = min(smallest) if smallest else _ZERO
     used = None if remaining is None else (headroom.limit_usd or _ZERO) - remaining
-    if finish_call:
-        return Decision(
-            "stop",
-            reason="not even the graceful final call fits the remaining budget",
-            limit="max_cost_usd" if remaining is not None else "max_total_tokens",
-            limit_value=headroom.limit_usd,
-            actual=None if used is None else used + needed,
-            budget=headroom.budget,
-        )
     limit_value: Decimal | int | None
+    output_left = (
+        None
+        if policy.max_total_output_tokens is None
+        else max(0, policy.max_total_output_tokens - spent.output_tokens)
+    )
     if remaining is not None:
         limit_name, limit_value = "max_cost_usd", headroom.limit_usd
         actual: Decimal | int | None = (used or _ZERO) + needed
@@ -322,11 +318,25 @@ def decide_model_call(
             f"(at least ${needed})"
         )
         budget = headroom.budget
+    elif output_left is not None and output_left < need:
+        limit_name, limit_value = "max_total_output_tokens", policy.max_total_output_tokens
+        actual = spent.output_tokens + need
+        reason = f"{output_left} output tokens left cannot hold the next call (at least {need})"
+        budget = None
     else:
         limit_name, limit_value = "max_total_tokens", policy.max_total_tokens
-        actual = spent.total_tokens + request.input_tokens
+        actual = spent.total_tokens + request.input_tokens + need
         reason = f"{tokens_left} tokens left cannot hold the next call"
         budget = headroom.tokens_budget
+    if finish_call:
+        return Decision(
+            "stop",
+            reason=f"not even the graceful final call fits: {reason}",
+            limit=limit_name,
+            limit_value=limit_value,
+            actual=actual,
+            budget=budget,
+        )
     d = _limit_decision(
         policy, limit_name, limit_value, actual, reason, finish_ok=True, budget=budget
     )

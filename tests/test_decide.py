@@ -164,7 +164,20 @@ def test_token_budgets_cap_output() -> None:
         CallRequest("small", 95),
         RATES,
     )
-    assert (stop.action, stop.limit) == ("stop", "max_total_tokens")
+    assert (stop.action, stop.limit, stop.limit_value) == ("stop", "max_total_tokens", 1000)
+
+
+def test_an_exhausted_output_token_total_is_named_as_such() -> None:
+    stop = decide_model_call(
+        policy(max_total_output_tokens=500),
+        Spent(input_tokens=100, output_tokens=495),
+        Headroom(),
+        CallRequest("small", 10),
+        RATES,
+    )
+    assert (stop.action, stop.limit, stop.limit_value) == ("stop", "max_total_output_tokens", 500)
+    assert "5 output tokens left" in stop.reason
+    assert "None" not in stop.reason
 
 
 def test_finished_task_gets_no_more_calls() -> None:
