@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Hashable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, TypeVar
@@ -46,6 +47,18 @@ _SHINGLE = 3
 #: Chars-per-token fallback when no chunk was tokenised: ASCII text runs about 4 characters per
 #: token in the common BPE vocabularies, other scripts about one character per token.
 _ASCII_CHARS_PER_TOKEN = 4.0
+
+#: Extra tokens a sum of per-sentence counts may be off by at a seam between two sentences
+#: (a terminator can merge with the whitespace after it). A cut whose estimate exceeds the room
+#: by no more than this is counted exactly before it is ruled out.
+_SEAM_SLACK = 2
+
+#: A cut may stop short of the longest that fits by up to 1/_CUT_SPARE of the room (a sentence
+#: or two) when getting closer would take another exact count of most of the chunk.
+_CUT_SPARE = 25
+
+#: At most this many exact counts of candidate cuts per chunk; past it, the best fit found wins.
+_MAX_CUT_COUNTS = 6
 
 # Every character str.isspace() accepts, but " " itself, mapped to " ".
 _WHITESPACE = str.maketrans(
@@ -277,63 +290,119 @@ def _heuristic_tokens(text: str) -> int:
     return max(1, round((len(text) - non_ascii) / _ASCII_CHARS_PER_TOKEN + non_ascii))
 
 
-def _sentence_ends(window: str, limit: int) -> Iterator[int]:
-    """Yield the ends of the sentences in ``window[:limit]``, last first.
+def _sentence_cuts(text: str) -> list[int]:
+    """Return the lengths of the sentence-end prefixes of ``text``, ascending, without repeats.
 
-    ``window`` may run one character past ``limit``, to show what follows a final ``.``.
+    A prefix ends after a sentence terminator (see ``_SENTENCE_END``), trailing whitespace
+    removed; empty prefixes and the whole text are left out.
     """
-    high = limit
-    while high > 0:
-        position = max(window.rfind(terminator, 0, high) for terminator in _TERMINATORS)
-        if position < 0:
-            return
-        match = _SENTENCE_END.match(window, position)
-        if match is not None and match.end() <= limit:
-            yield match.end()
-        high = position
+    cuts: list[int] = []
+    last = 0
+    for match in _SENTENCE_END.finditer(text):
+        end = match.end()
+        if text[end - 1] == "\n":  # a newline ends the sentence before it
+            end = len(text[:end].rstrip())
+        if end > last and end < len(text):
+            cuts.append(end)
+            last = end
+    return cuts
 
 
-def _cut(
+def _fit(
     text: str,
-    full_tokens: int,
     room: int,
-    counter: _Counter,
+    tokens_per_char: float,
     count: Callable[[str], int],
-    min_tokens: int,
-) -> tuple[str, int] | None:
-    """Cut ``text`` to at most ``room`` tokens at a sentence end.
+    least: int,
+    whole: int | None,
+) -> tuple[str | None, int | None, int, bool]:
+    """Find the longest sentence-end prefix of ``text`` that costs at most ``room`` tokens.
 
-    Decodes a token prefix of ``room`` tokens, backs off to the last sentence end inside it and
-    re-counts the result (backing off further if the counter disagrees). Returns the cut text and
-    its count, or ``None`` when no cut of at least ``min_tokens`` tokens fits. ``count`` is the
-    call's caching count (a cut may equal another chunk's text).
+    The candidates are the sentence-end prefixes and the whole text. The first one tried is the
+    longest that ``tokens_per_char`` (seen on other chunks, or ``text``'s own) says fits; it is
+    counted exactly. From there, the counts of the sentences in between (short texts, cheap to
+    count) estimate the neighbours' counts: the search moves to the longest candidate estimated
+    to fit, counts it exactly, and stops when the next longer one is known (or estimated, by
+    more than ``_SEAM_SLACK``) not to fit. Only exactly counted texts are ever returned.
+
+    ``whole`` is ``text``'s exact count when known. Returns ``(kept, its count, tokens of the
+    whole text, whether that count is exact)``: ``kept`` is ``text`` itself when it fits whole,
+    a proper prefix when a cut of at least ``least`` tokens fits, else ``None``.
     """
-    # Only the first ``room`` tokens matter: encode a generous character prefix instead of the
-    # whole chunk (the chunk's own chars-per-token ratio tells how long it must be).
-    limit = int(room * len(text) / full_tokens * 1.25) + 64
-    tokens = counter.encode(text[:limit]) if limit < len(text) else []
-    if len(tokens) <= room:
-        tokens = counter.encode(text)
-    prefix = counter.decode(tokens[:room]).rstrip("\ufffd")  # a split multi-byte character
-    # One character past the prefix shows what follows a final "."; a counter whose decode does
-    # not round-trip gets its own output cut.
-    window = text[: len(prefix) + 1] if text.startswith(prefix) else prefix
-    longest = len(prefix)
-    for end in _sentence_ends(window, len(prefix)):
-        if end > longest:
-            continue
-        candidate = window[:end].rstrip()
-        if not candidate:
-            return None
-        n = count(candidate)
-        if n < min_tokens:
-            return None
+    cuts = _sentence_cuts(text)
+    cuts.append(len(text))
+    last = len(cuts) - 1
+    exact: dict[int, int] = {}
+    if whole is not None:
+        exact[last] = whole
+    segments: dict[int, int] = {}
+
+    def segment(i: int) -> int:  # tokens of the text between candidate i - 1 and candidate i
+        n = segments.get(i)
+        if n is None:
+            n = segments[i] = count(text[cuts[i - 1] : cuts[i]])
+        return n
+
+    fits = -1  # the longest candidate known to fit
+    over = len(cuts)  # the shortest candidate known not to fit
+    spare = room // _CUT_SPARE
+    # Aim a little short: a first try that fits by a few tokens is kept as it is, one that
+    # does not fit costs a second count.
+    aim = (room - spare // 2) / tokens_per_char if tokens_per_char > 0 else len(text)
+    at = max(0, bisect_right(cuts, aim) - 1)
+    if at == last and whole is not None:
+        at = max(0, last - 1)
+    for _ in range(_MAX_CUT_COUNTS):
+        n = exact.get(at)
+        if n is None:
+            n = exact[at] = count(text[: cuts[at]])
         if n <= room:
-            return candidate, n
-        # The counter counts more than the decoded prefix suggested (a margin, a different
-        # tokeniser): aim the next try by its own density instead of one sentence at a time.
-        longest = len(candidate) * room // n
-    return None
+            fits = at
+            if at == last:
+                break
+            # Walk up while the sentences added keep the estimate inside the room.
+            reach, up = n, at
+            while up + 1 < over:
+                step = segment(up + 1)
+                if reach + step > room:
+                    break
+                reach += step
+                up += 1
+            if up == last:
+                at = up  # the whole text may fit: count it
+                continue
+            clear = up + 1 == over or reach + segment(up + 1) > room + _SEAM_SLACK
+            if up > at:
+                if clear and reach - n <= spare:
+                    break  # a longer cut gains a few tokens only: not worth another count
+                at = up  # count the longest estimated to fit
+                continue
+            if clear:
+                break  # the next candidate is known, or clearly estimated, not to fit
+            at = up + 1  # too close to call: count it
+            continue
+        over = at
+        if at == 0 or at <= fits + 1:
+            break
+        # Walk down until the sentences removed bring the estimate inside the room.
+        estimate, down = n, at
+        while down - 1 > fits:
+            estimate -= segment(down)
+            down -= 1
+            if estimate <= room:
+                break
+        if down <= fits or estimate > room + _SEAM_SLACK or estimate < least:
+            break  # nothing longer than the best fit can fit; or nothing can reach ``least``
+        at = down
+    if last in exact:
+        total, known = exact[last], True
+    else:
+        longest = max(exact)
+        total = exact[longest] + round((len(text) - cuts[longest]) * exact[longest] / cuts[longest])
+        total, known = max(total, exact[longest] + 1), False
+    if fits < 0 or (exact[fits] < least and fits != last):
+        return None, None, total, known
+    return text[: cuts[fits]], exact[fits], total, known
 
 
 def trim_chunks(
@@ -490,33 +559,49 @@ def trim_chunks(
                 tokens_in += known
                 dropped.append((position, chunk, reason))
                 continue
-        n = count(text)
-        tokens_in += n
-        seen_tokens += n
-        seen_chars += len(text)
-        if n + separator <= remaining:
-            kept.append((position, chunk, n))
-            remaining -= n + separator
-            full = remaining - separator < 1
-            if signature is not None:
-                signature.tokens_per_char = n / len(text)
-                kept_by_key[signature.key] = signature
-            continue
-        # The first chunk that does not fit: cut it or drop it, and stop.
-        full = True
         room = remaining - separator
         least = max(min_cut, 1)
-        cut = _cut(text, n, room, counter, count, least) if cut_last and room >= least else None
-        if cut is None:
+        can_cut = cut_last and room >= least
+        n = counts.get(text)
+        fitted: tuple[str | None, int | None, int, bool] | None = None
+        if n is None and can_cut and seen_chars and len(text) * seen_tokens > room * seen_chars:
+            # Probably too big, by the tokens per character seen so far: look for the cut
+            # first, and count the whole text only if the search gets that far.
+            fitted = _fit(text, room, seen_tokens / seen_chars, count, least, None)
+            if fitted[0] == text:
+                n = fitted[2]
+        if n is not None or fitted is None:
+            if n is None:
+                n = count(text)
+            tokens_in += n
+            seen_tokens += n
+            seen_chars += len(text)
+            if n <= room:
+                kept.append((position, chunk, n))
+                remaining -= n + separator
+                full = remaining - separator < 1
+                if signature is not None:
+                    signature.tokens_per_char = n / len(text)
+                    kept_by_key[signature.key] = signature
+                continue
+            if can_cut:
+                fitted = _fit(text, room, n / len(text), count, least, n)
+        else:
+            tokens_in += fitted[2]
+            estimated = estimated or not fitted[3]
+        # The first chunk that does not fit: cut it or drop it, and stop.
+        full = True
+        if fitted is None or fitted[0] is None or fitted[1] is None:
             dropped.append((position, chunk, "over_budget"))
             continue
+        cut_text, cut_tokens = fitted[0], fitted[1]
         if dedupe:
-            match = duplicate_of(_Signature(cut[0]), contained=True)
+            match = duplicate_of(_Signature(cut_text), contained=True)
             if match is not None:
                 dropped.append((position, chunk, match[0]))
                 continue
-        kept.append((position, replace(chunk, text=cut[0], truncated=True), cut[1]))
-        remaining -= cut[1] + separator
+        kept.append((position, replace(chunk, text=cut_text, truncated=True), cut_tokens))
+        remaining -= cut_tokens + separator
 
     if unseen:
         estimated = True
