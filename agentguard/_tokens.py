@@ -415,6 +415,12 @@ class _Counting:
         schemas) are counted from their compact JSON plus a per-tool overhead. The result leans
         high on purpose: it sizes budget reservations.
 
+        A message or bound tool counted before is not counted again: an agent re-sends its
+        history on every call, so only the new messages are read. A message's count is reused
+        while it is the same object with the same ``content``, ``tool_calls`` and
+        ``additional_kwargs`` objects (a sent message is not edited in place by LangChain,
+        LangGraph or LlamaIndex; replacing any of them is seen).
+
         Example:
             >>> c = counter_for("gpt-4")
             >>> c.count_messages([{"role": "user", "content": "hello world"}])
@@ -422,45 +428,78 @@ class _Counting:
         """
         count = self.count
         total = REPLY_PRIMING_TOKENS
+        cache: dict[int, tuple[Any, Any, Any, Any, int]] | None = getattr(self, "_msgs", None)
         for message in messages:
-            total += TOKENS_PER_MESSAGE
             if isinstance(message, str):
-                total += 1 + count(message)  # a bare string is a user message
+                total += TOKENS_PER_MESSAGE + 1 + count(message)  # a bare string: a user message
                 continue
             if isinstance(message, tuple) and len(message) == 2:
                 role, content = message
-                total += count(str(role)) + self._content(content)
+                total += TOKENS_PER_MESSAGE + count(str(role)) + self._content(content)
                 continue
             if type(message) is dict:  # the common case: plain field lookups
                 get: Any = message.get
             else:
                 get = _reader(message)
+            content = get("content")
+            calls = get("tool_calls")
+            extra = get("additional_kwargs")
+            if cache is not None:
+                # A message seen before (an agent re-sends its whole history on every call)
+                # is not read again: its count is kept with the very objects it was counted
+                # from — the message (held, so its id cannot be reused), its content, tool calls
+                # and additional kwargs — and is used only while each is still the same object.
+                hit = cache.get(id(message))
+                if (
+                    hit is not None
+                    and hit[0] is message
+                    and hit[1] is content
+                    and hit[2] is calls
+                    and hit[3] is extra
+                ):
+                    total += hit[4]
+                    continue
+            n = TOKENS_PER_MESSAGE
             role = get("role") or get("type") or ""
             if type(role) is not str:
                 role = str(getattr(role, "value", role))  # LlamaIndex MessageRole enum
-            total += count(_ROLES.get(role.lower(), role))
-            content = get("content")
-            total += count(content) if type(content) is str else self._content(content)
+            n += count(_ROLES.get(role.lower(), role))
+            n += count(content) if type(content) is str else self._content(content)
             name = get("name")
             if isinstance(name, str) and name:
-                total += count(name) + TOKENS_PER_NAME
-            calls = get("tool_calls")
-            if not calls:
-                extra = get("additional_kwargs")
-                calls = _get(extra, "tool_calls") if extra else None
-            if not calls:
+                n += count(name) + TOKENS_PER_NAME
+            found = calls
+            if not found:
+                found = _get(extra, "tool_calls") if extra else None
+            if not found:
                 legacy = get("function_call")
-                calls = [legacy] if legacy else None
-            if calls:
-                for call in calls:
-                    total += self._call(call)
+                found = [legacy] if legacy else None
+            if found:
+                for call in found:
+                    n += self._call(call)
             call_id = get("tool_call_id")
             if isinstance(call_id, str) and call_id:
-                total += count(call_id)
+                n += count(call_id)
+            if cache is not None:
+                if len(cache) >= _MESSAGE_CACHE_MAX:
+                    cache.clear()  # racing threads may both clear: harmless
+                cache[id(message)] = (message, content, calls, extra, n)
+            total += n
         if tools:
+            tool_cache: dict[int, tuple[Any, int]] | None = getattr(self, "_tools", None)
             total += TOOLS_PREAMBLE_TOKENS
             for tool in tools:
-                total += TOKENS_PER_TOOL + count(_tool_json(tool))
+                if tool_cache is None or isinstance(tool, str):
+                    total += TOKENS_PER_TOOL + count(_tool_json(tool))
+                    continue
+                # a bound tool (a schema dict, a tool object) is passed again on every call:
+                # its JSON is built once per object (held, so its id cannot be reused)
+                seen = tool_cache.get(id(tool))
+                if seen is None or seen[0] is not tool:
+                    if len(tool_cache) >= _MESSAGE_CACHE_MAX:
+                        tool_cache.clear()
+                    seen = tool_cache[id(tool)] = (tool, TOKENS_PER_TOOL + count(_tool_json(tool)))
+                total += seen[1]
         return total
 
     def _content(self, content: Any) -> int:
@@ -532,6 +571,10 @@ def _tool_json(tool: Any) -> str:
     return str(tool)
 
 
+#: Messages (and bound tools) whose counts a counter keeps, each with the objects it was
+#: counted from; the cache is dropped when full (an agent's history is re-counted then).
+_MESSAGE_CACHE_MAX = 4096
+
 #: What one cached count costs the cache's bound on top of its text, in characters (a dict
 #: entry and a str object): millions of short texts cannot grow it past its bound either.
 _CACHE_ENTRY_CHARS = 64
@@ -553,6 +596,8 @@ class TiktokenCounter(_Counting):
         "_cache",
         "_cached_chars",
         "_encode",
+        "_msgs",
+        "_tools",
         "encoding",
         "exact",
         "margin",
@@ -569,6 +614,8 @@ class TiktokenCounter(_Counting):
         self._encode = encoding.encode_ordinary
         self._cache: dict[str, int] = {}
         self._cached_chars = 0
+        self._msgs: dict[int, tuple[Any, Any, Any, Any, int]] = {}
+        self._tools: dict[int, tuple[Any, int]] = {}
 
     def count(self, text: str) -> int:
         """Tokens in ``text`` (special-token strings are counted as plain text).
@@ -612,12 +659,14 @@ class CharEstimateCounter(_Counting):
         3
     """
 
-    __slots__ = ("exact", "margin", "name")
+    __slots__ = ("_msgs", "_tools", "exact", "margin", "name")
 
     def __init__(self, margin: float = ESTIMATE_MARGIN) -> None:
         self.name = "chars/4 (estimate)"
         self.exact = False
         self.margin = margin
+        self._msgs: dict[int, tuple[Any, Any, Any, Any, int]] = {}
+        self._tools: dict[int, tuple[Any, int]] = {}
 
     def count(self, text: str) -> int:
         """Estimated tokens in ``text``."""
