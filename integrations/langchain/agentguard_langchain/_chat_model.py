@@ -48,7 +48,7 @@ from langchain_core.runnables import Runnable, RunnableBinding
 from langchain_core.tools import BaseTool
 from pydantic import Field, PrivateAttr, model_validator
 
-from agentguard import Guard, InvalidUsage, ModelCall, Task, current_task
+from agentguard import Guard, InvalidUsage, ModelCall, Task, Usage, current_task
 from agentguard_langchain._common import already_metered, metered_here, usage_of
 
 __all__ = ["METERED_METADATA_KEY", "BudgetedChatModel"]
@@ -150,11 +150,32 @@ def _model_id(model: BaseChatModel) -> str:
 
 
 def _int_cap(value: Any) -> int | None:
+    if type(value) is int:
+        return value
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 _RUN_MANAGER: dict[Callable[..., Any], bool] = {}
 _CAP_ATTRS: dict[type, tuple[str, ...]] = {}
+_CAP_PARAMS: dict[type, str] = {}
+
+
+def _cap_param_of(cls: type[BaseChatModel]) -> str:
+    """The output-cap field a chat model class declares (``max_tokens`` if none), once per
+    class: ``model_fields`` costs ~1 µs per read."""
+    got = _CAP_PARAMS.get(cls)
+    if got is None:
+        fields = cls.model_fields
+        got = _CAP_PARAMS[cls] = next((k for k in _CAP_FIELDS if k in fields), "max_tokens")
+    return got
+
+
+def _default_of(model: BudgetedChatModel) -> str:
+    """``model._default_id``, read from pydantic's private dict: the attribute itself goes
+    through ``BaseModel.__getattr__`` (~3 µs per read)."""
+    private = cast("dict[str, Any]", model.__pydantic_private__)
+    default: str = private["_default_id"]
+    return default
 
 
 def _accepts_run_manager(method: Callable[..., Any]) -> bool:
@@ -311,7 +332,7 @@ class BudgetedChatModel(BaseChatModel):
     @property
     def model_name(self) -> str:
         """The id of the default model (what a call asks for unless told otherwise)."""
-        return self._default_id
+        return _default_of(self)
 
     @property
     def _llm_type(self) -> str:
@@ -320,7 +341,7 @@ class BudgetedChatModel(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {
-            "model_name": self._default_id,
+            "model_name": _default_of(self),
             "delegate": self.model._llm_type,
             "ladder": sorted(self.models),
         }
@@ -335,7 +356,7 @@ class BudgetedChatModel(BaseChatModel):
         except Exception:  # pragma: no cover - a provider's tracing params are best effort
             params = LangSmithParams(ls_provider="agentguard")
         requested = kwargs.get("model")
-        params["ls_model_name"] = requested if isinstance(requested, str) else self._default_id
+        params["ls_model_name"] = requested if isinstance(requested, str) else _default_of(self)
         params["ls_model_type"] = "chat"
         cap = self._caller_cap(self.model, kwargs)
         if cap is not None:
@@ -379,30 +400,34 @@ class BudgetedChatModel(BaseChatModel):
 
     # -- planning a call ----------------------------------------------------------------------
 
-    def _resolve(self, model_id: str) -> tuple[BaseChatModel, dict[str, Any]]:
+    def _resolve(
+        self, model_id: str, default_id: str | None = None
+    ) -> tuple[BaseChatModel, dict[str, Any]]:
         """The chat model serving ``model_id`` and the kwargs that select it."""
-        chosen = self.models.get(model_id)
-        if chosen is not None:
-            return chosen, {}
-        if model_id == self._default_id:
+        models = self.models
+        if models:
+            chosen = models.get(model_id)
+            if chosen is not None:
+                return chosen, {}
+        if model_id == (default_id if default_id is not None else _default_of(self)):
             return self.model, {}
         return self.model, {"model": model_id}
 
     def _caller_cap(self, model: BaseChatModel, kwargs: Mapping[str, Any]) -> int | None:
-        caps = [c for k in _CAP_KEYS if (c := _int_cap(kwargs.get(k))) is not None]
-        if self.max_tokens is not None:
-            caps.append(self.max_tokens)
+        cap = self.max_tokens
+        for k in _CAP_KEYS:
+            v = kwargs.get(k)
+            if v is not None and (c := _int_cap(v)) is not None and (cap is None or c < cap):
+                cap = c
         for k in _cap_attrs(type(model)):
             c = _int_cap(getattr(model, k, None))
-            if c is not None:
-                caps.append(c)
-        return min(caps) if caps else None
+            if c is not None and (cap is None or c < cap):
+                cap = c
+        return cap
 
     def _cap_param(self, model: BaseChatModel) -> str:
-        if self.max_tokens_param is not None:
-            return self.max_tokens_param
-        fields = type(model).model_fields
-        return next((k for k in _CAP_FIELDS if k in fields), "max_tokens")
+        param = self.max_tokens_param
+        return param if param is not None else _cap_param_of(type(model))
 
     def _kwargs_for(
         self,
@@ -439,7 +464,7 @@ class BudgetedChatModel(BaseChatModel):
         if own is not None:  # a rung's own constructor cap is never raised
             cap = min(cap, own)
         present = [k for k in _CAP_KEYS if k in kw]
-        for key in present or [self._cap_param(model)]:
+        for key in present or (param,):
             kw[key] = cap
 
     def _begin(
@@ -452,14 +477,15 @@ class BudgetedChatModel(BaseChatModel):
         kwargs = dict(kwargs)
         spec: _BoundTools | None = kwargs.pop(_RAW_TOOLS, None)
         asked = kwargs.pop("model", None)
-        requested = asked if isinstance(asked, str) else self._default_id
+        default_id = _default_of(self)
+        requested = asked if isinstance(asked, str) else default_id
         task = current_task()
         owned = task is None or task.guard is not self.guard
         if task is None or owned:
             open_task: Callable[..., Task] = self.guard.open_task  # tags are plain **kwargs
             task = open_task(self.task_id, **self.task_tags)
         try:
-            first, _ = self._resolve(requested)
+            first, _ = self._resolve(requested, default_id)
             cap = self._caller_cap(first, kwargs)
             tools = kwargs.get("tools")
             call = task.start_model_call(requested, messages=messages, tools=tools, max_tokens=cap)
@@ -474,7 +500,7 @@ class BudgetedChatModel(BaseChatModel):
             if owned:
                 task.close(exc)
             raise
-        model, select = self._resolve(call.model)
+        model, select = self._resolve(call.model, default_id)
         plan = _Plan(task, owned, call, model, stop or self.stop or None, kwargs, final)
         try:
             kw = self._kwargs_for(model, spec, kwargs, final=final)
@@ -493,7 +519,8 @@ class BudgetedChatModel(BaseChatModel):
         kwargs = dict(kwargs)
         spec: _BoundTools | None = kwargs.pop(_RAW_TOOLS, None)
         asked = kwargs.pop("model", None)
-        model, select = self._resolve(asked if isinstance(asked, str) else self._default_id)
+        default_id = _default_of(self)
+        model, select = self._resolve(asked if isinstance(asked, str) else default_id, default_id)
         kw = self._kwargs_for(model, spec, kwargs, final=False)
         kw.update(select)
         self._apply_cap(model, kw, self._caller_cap(model, kw))
@@ -506,7 +533,7 @@ class BudgetedChatModel(BaseChatModel):
         if plan.owned:
             plan.task.close(exc)
 
-    def _commit(self, plan: _Plan, usage: Any, text: str, model_name: str | None) -> None:
+    def _commit(self, plan: _Plan, usage: Any, text: str | None, model_name: str | None) -> None:
         try:
             plan.call.end(usage, output_text=text, model=model_name)
         finally:
@@ -522,7 +549,14 @@ class BudgetedChatModel(BaseChatModel):
         if usage is None and result.llm_output:
             usage = result.llm_output.get("token_usage") or result.llm_output.get("usage")
         name = message.response_metadata.get("model_name")
-        self._commit(plan, usage, _output_text(message), name if isinstance(name, str) else None)
+        # the text only matters when the usage is missing or malformed (an estimate is made
+        # from it) or content is captured: tool-call JSON is not rebuilt otherwise
+        text = (
+            _output_text(message)
+            if not isinstance(usage, Usage) or self.guard.capture_content
+            else None
+        )
+        self._commit(plan, usage, text, name if isinstance(name, str) else None)
         if plan.final:
             message.response_metadata["agentguard_final"] = True
 
