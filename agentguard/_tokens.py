@@ -415,11 +415,11 @@ class _Counting:
         schemas) are counted from their compact JSON plus a per-tool overhead. The result leans
         high on purpose: it sizes budget reservations.
 
-        A message or bound tool counted before is not counted again: an agent re-sends its
-        history on every call, so only the new messages are read. A message's count is reused
-        while it is the same object with the same ``content``, ``tool_calls`` and
-        ``additional_kwargs`` objects (a sent message is not edited in place by LangChain,
-        LangGraph or LlamaIndex; replacing any of them is seen).
+        A message object (not a plain dict) or bound tool counted before is not counted again:
+        an agent re-sends its history on every call, so only the new messages are read. A
+        message's count is reused while it is the same object with the same ``content``,
+        ``tool_calls`` and ``additional_kwargs`` objects (LangChain, LangGraph and LlamaIndex
+        do not edit a sent message in place; replacing any of them is seen).
 
         Example:
             >>> c = counter_for("gpt-4")
@@ -437,19 +437,21 @@ class _Counting:
                 role, content = message
                 total += TOKENS_PER_MESSAGE + count(str(role)) + self._content(content)
                 continue
-            if type(message) is dict:  # the common case: plain field lookups
-                get: Any = message.get
+            keep = cache
+            if type(message) is dict:  # plain field lookups; often built afresh per request,
+                get: Any = message.get  # so not kept
+                keep = None
             else:
                 get = _reader(message)
             content = get("content")
             calls = get("tool_calls")
             extra = get("additional_kwargs")
-            if cache is not None:
+            if keep is not None:
                 # A message seen before (an agent re-sends its whole history on every call)
                 # is not read again: its count is kept with the very objects it was counted
                 # from — the message (held, so its id cannot be reused), its content, tool calls
                 # and additional kwargs — and is used only while each is still the same object.
-                hit = cache.get(id(message))
+                hit = keep.get(id(message))
                 if (
                     hit is not None
                     and hit[0] is message
@@ -480,10 +482,10 @@ class _Counting:
             call_id = get("tool_call_id")
             if isinstance(call_id, str) and call_id:
                 n += count(call_id)
-            if cache is not None:
-                if len(cache) >= _MESSAGE_CACHE_MAX:
-                    cache.clear()  # racing threads may both clear: harmless
-                cache[id(message)] = (message, content, calls, extra, n)
+            if keep is not None:
+                if len(keep) >= _MESSAGE_CACHE_MAX:
+                    keep.clear()  # racing threads may both clear: harmless
+                keep[id(message)] = (message, content, calls, extra, n)
             total += n
         if tools:
             tool_cache: dict[int, tuple[Any, int]] | None = getattr(self, "_tools", None)

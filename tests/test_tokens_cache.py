@@ -1,0 +1,85 @@
+"""The per-message count cache of ``count_messages``: reused counts equal fresh ones, and a
+message whose content, tool calls or extra kwargs were replaced is counted again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import agentguard._tokens as tokens_module
+from agentguard import counter_for
+from agentguard._tokens import CharEstimateCounter
+
+
+class Msg:
+    """A message object read by attribute, like LangChain's and LlamaIndex's."""
+
+    def __init__(self, role: str, content: Any, **extra: Any) -> None:
+        self.role = role
+        self.content = content
+        self.tool_calls = extra.get("tool_calls")
+        self.additional_kwargs = extra.get("additional_kwargs") or {}
+        self.tool_call_id = extra.get("tool_call_id")
+
+
+def history() -> list[Msg]:
+    call = {"name": "lookup", "args": {"query": "order 1182"}, "id": "call_1"}
+    return [
+        Msg("system", "You are a support agent."),
+        Msg("user", "Where is my parcel for order 1182?"),
+        Msg("assistant", "", tool_calls=[call]),
+        Msg("tool", "order 1182: paid, shipped 3 days late", tool_call_id="call_1"),
+    ]
+
+
+def fresh_count(messages: list[Msg], tools: Any = None) -> int:
+    """The count by a counter that has seen none of these objects."""
+    return tokens_module.TiktokenCounter(
+        counter_for("gpt-4o").encoding,  # type: ignore[attr-defined]
+        exact=True,
+        margin=0.0,
+        source="test",
+    ).count_messages(messages, tools)
+
+
+def test_cached_counts_equal_fresh_counts_as_history_grows() -> None:
+    c = counter_for("gpt-4o")
+    msgs = history()
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    for n in range(1, len(msgs) + 1):
+        first = c.count_messages(msgs[:n], tools)
+        again = c.count_messages(msgs[:n], tools)
+        assert first == again == fresh_count(msgs[:n], tools)
+
+
+def test_replaced_content_tool_calls_or_kwargs_are_counted_again() -> None:
+    c = counter_for("gpt-4o")
+    msgs = history()
+    before = c.count_messages(msgs)
+    msgs[1].content = msgs[1].content + " It was due on Monday, and I need it for a wedding."
+    grown = c.count_messages(msgs)
+    assert grown > before
+    assert grown == fresh_count(msgs)
+    msgs[2].tool_calls = [
+        {"name": "lookup", "args": {"query": "order 1182, carrier status, full detail"}, "id": "c"}
+    ]
+    assert c.count_messages(msgs) == fresh_count(msgs) > grown
+    msgs[0].additional_kwargs = {"tool_calls": [{"name": "x", "args": {"a": 1}, "id": "c2"}]}
+    assert c.count_messages(msgs) == fresh_count(msgs)
+
+
+def test_plain_dicts_are_not_kept_and_counts_stay_exact() -> None:
+    c = CharEstimateCounter()
+    d = {"role": "user", "content": "hello world"}
+    n = c.count_messages([d])
+    d["content"] = "hello world, and a much longer question about the parcel"  # edited in place
+    assert c.count_messages([d]) > n
+    assert not c._msgs
+
+
+def test_the_cache_is_bounded(monkeypatch: Any) -> None:
+    monkeypatch.setattr(tokens_module, "_MESSAGE_CACHE_MAX", 8)
+    c = CharEstimateCounter()
+    msgs = [Msg("user", f"message number {i}") for i in range(50)]
+    total = c.count_messages(msgs)
+    assert len(c._msgs) <= 8
+    assert c.count_messages(msgs) == total == CharEstimateCounter().count_messages(msgs)
