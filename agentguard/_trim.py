@@ -217,21 +217,40 @@ class _Signature:
 
     Clauses (the text between clause punctuation: ``. , ; : ! ?``, their CJK and other
     full-width forms) are cheap to get from a long chunk: a few dozen strings, against hundreds
-    of word 3-grams. The 3-grams, for pairs where a chunk has too few clauses to compare, are
-    built on first use.
+    of word 3-grams. Both are built on first use: a chunk compared with no kept chunk (the
+    first one walked) only needs its key.
     """
 
-    __slots__ = ("_shingles", "clauses", "key", "tokens_per_char")
+    __slots__ = ("_clauses", "_shingles", "key", "tokens_per_char")
 
-    def __init__(self, text: str) -> None:
-        self.key = _normalise(text)
-        # The leading space makes the first clause look like every other one: " text".
-        clauses = set(f" {self.key}".translate(_CLAUSE_BREAKS).split("\x00"))
-        clauses.discard("")
-        clauses.discard(" ")
-        self.clauses: AbstractSet[str] = clauses
+    def __init__(self, text: str, key: str | None = None) -> None:
+        self.key = _normalise(text) if key is None else key
+        self._clauses: AbstractSet[str] | None = None
         self._shingles: frozenset[tuple[str, ...]] | None = None
         self.tokens_per_char = 0.0
+
+    def prefix(self, text: str, length: int) -> _Signature:
+        """Return the signature of ``text[:length]``, ``text`` being this signature's text.
+
+        ``text[:length]`` must end in a character that is not whitespace: its key is then a
+        prefix of this key (case folding, whitespace mapping and collapsing all work character
+        by character), and only the rest of the text is normalised to find where it ends.
+        """
+        rest = _normalise(text[length:])
+        size = len(self.key) - len(rest)
+        if rest and text[length].isspace():
+            size -= 1  # the space that joins the two parts in the key
+        return _Signature(text[:length], self.key[:size])
+
+    def clauses(self) -> AbstractSet[str]:
+        """The set of clauses, built on first use."""
+        if self._clauses is None:
+            # The leading space makes the first clause look like every other one: " text".
+            clauses = set(f" {self.key}".translate(_CLAUSE_BREAKS).split("\x00"))
+            clauses.discard("")
+            clauses.discard(" ")
+            self._clauses = clauses
+        return self._clauses
 
     def shingles(self) -> frozenset[tuple[str, ...]]:
         if self._shingles is None:
@@ -247,8 +266,9 @@ class _Signature:
         ``threshold``. Clauses are compared when both texts have at least ``_MIN_CLAUSES`` of
         them, word 3-grams otherwise.
         """
-        if len(self.clauses) >= _MIN_CLAUSES and len(other.clauses) >= _MIN_CLAUSES:
-            return _overlap_at_least(self.clauses, other.clauses, threshold, contained=contained)
+        mine, theirs = self.clauses(), other.clauses()
+        if len(mine) >= _MIN_CLAUSES and len(theirs) >= _MIN_CLAUSES:
+            return _overlap_at_least(mine, theirs, threshold, contained=contained)
         return _overlap_at_least(self.shingles(), other.shingles(), threshold, contained=contained)
 
 
@@ -296,13 +316,24 @@ def _sentence_cuts(text: str) -> list[int]:
     A prefix ends after a sentence terminator (see ``_SENTENCE_END``), trailing whitespace
     removed; empty prefixes and the whole text are left out.
     """
+    starts: list[int] = []
+    for terminator in _TERMINATORS:  # str.find runs far faster than a regex scan
+        position = text.find(terminator)
+        while position >= 0:
+            starts.append(position)
+            position = text.find(terminator, position + 1)
+    starts.sort()
     cuts: list[int] = []
     last = 0
-    for match in _SENTENCE_END.finditer(text):
-        end = match.end()
+    match = _SENTENCE_END.match
+    for start in starts:
+        found = match(text, start)
+        if found is None:
+            continue
+        end = found.end()
         if text[end - 1] == "\n":  # a newline ends the sentence before it
             end = len(text[:end].rstrip())
-        if end > last and end < len(text):
+        if last < end < len(text):
             cuts.append(end)
             last = end
     return cuts
@@ -595,8 +626,8 @@ def trim_chunks(
             dropped.append((position, chunk, "over_budget"))
             continue
         cut_text, cut_tokens = fitted[0], fitted[1]
-        if dedupe:
-            match = duplicate_of(_Signature(cut_text), contained=True)
+        if signature is not None:  # (dedupe is on)
+            match = duplicate_of(signature.prefix(text, len(cut_text)), contained=True)
             if match is not None:
                 dropped.append((position, chunk, match[0]))
                 continue

@@ -382,6 +382,21 @@ def test_normalise_is_split_join(text: str) -> None:
     assert _normalise(text) == " ".join(text.casefold().split())
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(paragraph, st.text()), st.data())
+def test_a_prefix_signature_is_the_signature_of_the_prefix(text: str, data: st.DataObject) -> None:
+    """A cut's signature, taken from its chunk's key, equals one built from the cut's text."""
+    ends = [i for i in range(1, len(text)) if not text[i - 1].isspace()]
+    if not ends:
+        return
+    length = data.draw(st.sampled_from(ends))
+    whole = _Signature(text)
+    cut = whole.prefix(text, length)
+    fresh = _Signature(text[:length])
+    assert cut.key == fresh.key == _normalise(text[:length])
+    assert cut.clauses() == fresh.clauses()
+
+
 # --------------------------------------------------------------------------- unit tests
 
 
