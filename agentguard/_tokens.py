@@ -437,30 +437,39 @@ class _Counting:
                 role, content = message
                 total += TOKENS_PER_MESSAGE + count(str(role)) + self._content(content)
                 continue
-            keep = cache
+            keep = None
             if type(message) is dict:  # plain field lookups; often built afresh per request,
                 get: Any = message.get  # so not kept
-                keep = None
             else:
+                # A message object seen before (an agent re-sends its whole history on every
+                # call) is not read again: its count is kept with the objects it was counted
+                # from — the message (held, so its id cannot be reused) and its ``content``,
+                # ``tool_calls`` and ``additional_kwargs`` — and used only while each is still
+                # the same object. Only for messages whose attributes are their ``__dict__``
+                # entries (LangChain's; see _reader), so those objects are what was counted.
+                fields = getattr(message, "__dict__", None)
+                if (
+                    cache is not None
+                    and type(fields) is dict
+                    and "content" in fields
+                    and _PLAIN_MESSAGES.get(type(message))
+                    and not getattr(message, "__pydantic_extra__", None)
+                ):
+                    keep = cache
+                    hit = cache.get(id(message))
+                    if (
+                        hit is not None
+                        and hit[0] is message
+                        and hit[1] is fields["content"]
+                        and hit[2] is fields.get("tool_calls")
+                        and hit[3] is fields.get("additional_kwargs")
+                    ):
+                        total += hit[4]
+                        continue
                 get = _reader(message)
             content = get("content")
             calls = get("tool_calls")
             extra = get("additional_kwargs")
-            if keep is not None:
-                # A message seen before (an agent re-sends its whole history on every call)
-                # is not read again: its count is kept with the very objects it was counted
-                # from — the message (held, so its id cannot be reused), its content, tool calls
-                # and additional kwargs — and is used only while each is still the same object.
-                hit = keep.get(id(message))
-                if (
-                    hit is not None
-                    and hit[0] is message
-                    and hit[1] is content
-                    and hit[2] is calls
-                    and hit[3] is extra
-                ):
-                    total += hit[4]
-                    continue
             n = TOKENS_PER_MESSAGE
             role = get("role") or get("type") or ""
             if type(role) is not str:

@@ -83,3 +83,24 @@ def test_the_cache_is_bounded(monkeypatch: Any) -> None:
     total = c.count_messages(msgs)
     assert len(c._msgs) <= 8
     assert c.count_messages(msgs) == total == CharEstimateCounter().count_messages(msgs)
+
+
+class BlockMsg:
+    """A message whose ``content`` is a property over its blocks (LlamaIndex's shape)."""
+
+    def __init__(self, role: str, blocks: list[str]) -> None:
+        self.role = role
+        self.blocks = blocks
+
+    @property
+    def content(self) -> str:
+        return " ".join(self.blocks)
+
+
+def test_a_computed_content_is_read_every_time() -> None:
+    c = counter_for("gpt-4o")
+    m = BlockMsg("user", ["Where is my parcel?"])
+    first = c.count_messages([m])
+    assert c.count_messages([m]) == first
+    m.blocks.append("It is for order 1182 and it was due three days ago.")  # edited in place
+    assert c.count_messages([m]) > first
