@@ -27,20 +27,19 @@ from __future__ import annotations
 
 PRELUDE = r"""
 local B = 1000000000000
-local byte, sub, fmt = string.byte, string.sub, string.format
-local S, R, D, order = {}, {}, {}, {}
-local SIDES = {'c', 'C', 'r', 'R'}
--- a budget line as a table {c =, C =, r =, R =}; read once per script
+local call, tonumber, next, byte, sub = redis.call, tonumber, next, string.byte, string.sub
+local decode, encode = cjson.decode, cjson.encode
+local S, R, D, order, dirty = {}, {}, {}, {}, {}
+-- a budget line as a table {c =, C =, r =, R =} (a side may be absent); read once per script
 local function load(key)
   local t = S[key]
   if t then return t end
-  local v = redis.call('GET', key)
+  local v = call('GET', key)
   if v then
-    t = cjson.decode(v)
+    t = decode(v)
     R[key] = v
-    t.c, t.C, t.r, t.R = t.c or {}, t.C or {}, t.r or {}, t.R or {}
   else
-    t = {c = {}, C = {}, r = {}, R = {}}
+    t = {}
   end
   S[key] = t
   order[#order + 1] = key
@@ -50,40 +49,48 @@ end
 -- |l| < B, so one carry; a total below zero is kept as zero
 local function add(t, p, P, c, h, l)
   local lo, hs = t[p], t[P]
-  local nl = (lo[c] or 0) + l
-  local nh = (tonumber(hs[c]) or 0) + h
+  if not lo then lo = {}; t[p] = lo end
+  local nl, nh = (lo[c] or 0) + l, h
+  if hs then
+    local x = hs[c]
+    if x then nh = nh + tonumber(x) end
+  end
   if nl >= B then nh, nl = nh + 1, nl - B elseif nl < 0 then nh, nl = nh - 1, nl + B end
   if nh <= 0 then
-    hs[c] = nil
+    if hs then hs[c] = nil end
     if nh < 0 or nl == 0 then nl = nil end
     lo[c] = nl
   else
-    hs[c] = nh < 1e14 and nh or fmt('%.0f', nh)
+    if not hs then hs = {}; t[P] = hs end
+    hs[c] = nh < 1e14 and nh or string.format('%.0f', nh)
     lo[c] = nl
   end
-  t.dirty = true
+  dirty[t] = true
 end
+-- write each changed line once: SET (KEEPTTL), or DEL when nothing is left
 local function flush()
-  for _, key in ipairs(order) do
+  for j = 1, #order do
+    local key = order[j]
     local t = S[key]
-    if t.dirty then
-      t.dirty = nil
-      for _, p in ipairs(SIDES) do
-        if next(t[p]) == nil then t[p] = nil end
-      end
+    if dirty[t] then
+      dirty[t] = nil
+      if t.c and next(t.c) == nil then t.c = nil end
+      if t.C and next(t.C) == nil then t.C = nil end
+      if t.r and next(t.r) == nil then t.r = nil end
+      if t.R and next(t.R) == nil then t.R = nil end
       if next(t) == nil then
-        redis.call('DEL', key)
+        call('DEL', key)
         D[key] = '{}'
       else
-        local doc = cjson.encode(t)
-        redis.call('SET', key, doc, 'KEEPTTL')
+        local doc = encode(t)
+        call('SET', key, doc, 'KEEPTTL')
         D[key] = doc
       end
-      t.c, t.C, t.r, t.R = t.c or {}, t.C or {}, t.r or {}, t.R or {}
     end
   end
 end
--- the reply: the head list, then each budget document as JSON text, spliced in as is
+-- the reply: the head (JSON text of a list, without its closing bracket), then each budget
+-- document as stored, spliced in as is
 local function reply(head, first)
   local parts = {}
   for i = first, #KEYS do
@@ -92,33 +99,33 @@ local function reply(head, first)
     if not d and not S[key] then load(key); d = R[key] end
     parts[#parts + 1] = d or '{}'
   end
-  if #parts == 0 then return cjson.encode(head) end
-  if #head == 0 then return '[' .. table.concat(parts, ',') .. ']' end
-  local h = cjson.encode(head)
-  return sub(h, 1, -2) .. ',' .. table.concat(parts, ',') .. ']'
+  if #parts == 0 then return head .. ']' end
+  if head == '[' then return '[' .. table.concat(parts, ',') .. ']' end
+  return head .. ',' .. table.concat(parts, ',') .. ']'
 end
 -- a held record ('h' .. JSON): free its reserved amounts; false if not held
 local function free(v)
   if not v or byte(v, 1) ~= 104 then return false end
-  local h = cjson.decode(sub(v, 2))
+  local h = decode(sub(v, 2))
   local a = h[2]
-  for _, key in ipairs(h[1]) do
-    local t = load(key)
+  local keys = h[1]
+  for k = 1, #keys do
+    local t = load(keys[k])
     for j = 1, #a, 3 do add(t, 'r', 'R', a[j], -a[j + 1], -a[j + 2]) end
   end
   return true
 end
 -- free up to 64 leases whose deadline passed; returns how many there were
 local function reclaim(leases, now, tomb)
-  local ids = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
+  local ids = call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
   for _, rec in ipairs(ids) do
-    if free(redis.call('GET', rec)) then redis.call('SET', rec, 'x', 'PX', tomb) end
-    redis.call('ZREM', leases, rec)
+    if free(call('GET', rec)) then call('SET', rec, 'x', 'PX', tomb) end
+    call('ZREM', leases, rec)
   end
   return #ids
 end
 local function now_ms()
-  local t = redis.call('TIME')
+  local t = call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 -- amounts: ARGV[i] = n, then n triples (counter, hi, lo); returns counters, his, los, the
@@ -126,34 +133,40 @@ end
 local function amounts(i)
   local n = tonumber(ARGV[i])
   local C, H, L, idx = {}, {}, {}, {}
+  local b = i + 1
   for j = 1, n do
-    local b = i + 3 * j - 2
     local c = ARGV[b]
     C[j], H[j], L[j], idx[c] = c, tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), j
+    b = b + 3
   end
-  return C, H, L, idx, i + 1 + 3 * n
+  return C, H, L, idx, b
 end
 -- limits of each line from ARGV[i]: nlimits, triples (counter, hi, lo), expire-at (ms, '0' =
--- none). Returns the expiries when every limit holds, else nil and the refusal.
+-- none). Returns the expiries when every limit holds, else nil and the refusal (JSON head).
 local function check(first, i, H, L, idx, enforce)
   local exp = {}
   for li = first, #KEYS do
     local nl = tonumber(ARGV[i]); i = i + 1
     if nl > 0 and enforce then
       local t = load(KEYS[li])
+      local tc, tC, tr, tR = t.c, t.C, t.r, t.R
       for _ = 1, nl do
         local c = ARGV[i]
         local k = idx[c]
         if k then
-          local uh = (tonumber(t.C[c]) or 0) + (tonumber(t.R[c]) or 0)
-          local ul = (t.c[c] or 0) + (t.r[c] or 0)
+          local uh, ul = 0, 0
+          if tC then uh = tonumber(tC[c]) or 0 end
+          if tR then uh = uh + (tonumber(tR[c]) or 0) end
+          if tc then ul = tc[c] or 0 end
+          if tr then ul = ul + (tr[c] or 0) end
           if ul >= B then uh, ul = uh + 1, ul - B end
           local nh, nl2 = uh + H[k], ul + L[k]
           if nl2 >= B then nh, nl2 = nh + 1, nl2 - B end
           local lh = tonumber(ARGV[i + 1])
           if nh > lh or (nh == lh and nl2 > tonumber(ARGV[i + 2])) then
-            if uh >= 1e14 then uh = fmt('%.0f', uh) end
-            return nil, {0, li - first + 1, c, uh, ul}
+            if uh >= 1e14 then uh = string.format('%.0f', uh) end
+            local head = encode({0, li - first + 1, c, uh, ul})
+            return nil, sub(head, 1, -2)
           end
         end
         i = i + 3
@@ -166,7 +179,7 @@ local function check(first, i, H, L, idx, enforce)
   return exp, nil
 end
 local function expire(key, at)
-  if at ~= '0' then redis.call('PEXPIREAT', key, at) end
+  if at ~= '0' then call('PEXPIREAT', key, at) end
 end
 """
 
@@ -176,29 +189,29 @@ RESERVE = (
     PRELUDE
     + r"""
 local leases, rec = KEYS[1], KEYS[2]
-local st = redis.call('GET', rec)
+local st = call('GET', rec)
 if st then
-  if byte(st, 1) == 104 and ARGV[2] == '1' then return reply({1, 0, '', 0, 0}, 3) end
+  if byte(st, 1) == 104 and ARGV[2] == '1' then return reply('[1,0,"",0,0', 3) end
   return '[-1]'
 end
-local now = now_ms()
 local C, H, L, idx, i = amounts(5)
+local n = #C
 local exp, denied = check(3, i, H, L, idx, true)
 if denied then
   -- expired leases (a dead worker's) are reclaimed before a refusal, then checked again;
   -- snapshots (each task start) and lease renewals reclaim them too
-  if reclaim(leases, now, ARGV[3]) > 0 then exp, denied = check(3, i, H, L, idx, true) end
+  if reclaim(leases, now_ms(), ARGV[3]) > 0 then exp, denied = check(3, i, H, L, idx, true) end
   if denied then flush(); return reply(denied, 3) end
 end
 for li = 3, #KEYS do
   local t = load(KEYS[li])
-  for k = 1, #C do add(t, 'r', 'R', C[k], H[k], L[k]) end
+  for k = 1, n do add(t, 'r', 'R', C[k], H[k], L[k]) end
 end
 flush()
 for li = 3, #KEYS do expire(KEYS[li], exp[li]) end
-redis.call('SET', rec, 'h' .. ARGV[4])
-redis.call('ZADD', leases, now + tonumber(ARGV[1]), rec)
-return reply({1, 0, '', 0, 0}, 3)
+call('SET', rec, 'h' .. ARGV[4])
+call('ZADD', leases, now_ms() + tonumber(ARGV[1]), rec)
+return reply('[1,0,"",0,0', 3)
 """
 )
 
@@ -208,26 +221,27 @@ COMMIT = (
     PRELUDE
     + r"""
 local leases, rec, stats = KEYS[1], KEYS[2], KEYS[3]
-local st = redis.call('GET', rec)
-if st == 'd' then return reply({2, 0}, 4) end
+local st = call('GET', rec)
+if st == 'd' then return reply('[2,0', 4) end
 -- late: the lease ran out and was reclaimed before this commit (its spend still counts)
 local late = 0
 if st and byte(st, 1) == 104 then
   free(st)
-  redis.call('ZREM', leases, rec)
+  call('ZREM', leases, rec)
 elseif st == 'x' then
   late = 1
 end
 local C, H, L, idx, i = amounts(2)
+local n = #C
 for li = 4, #KEYS do
   local t = load(KEYS[li])
-  for k = 1, #C do add(t, 'c', 'C', C[k], H[k], L[k]) end
+  for k = 1, n do add(t, 'c', 'C', C[k], H[k], L[k]) end
 end
 flush()
 for li = 4, #KEYS do expire(KEYS[li], ARGV[i]); i = i + 1 end
-redis.call('SET', rec, 'd', 'PX', ARGV[1])
-if late == 1 then redis.call('HINCRBY', stats, 'late_commits', 1) end
-return reply({1, late}, 4)
+call('SET', rec, 'd', 'PX', ARGV[1])
+if late == 1 then call('HINCRBY', stats, 'late_commits', 1) end
+return reply(late == 1 and '[1,1' or '[1,0', 4)
 """
 )
 
@@ -236,10 +250,10 @@ RELEASE = (
     PRELUDE
     + r"""
 local leases, rec = KEYS[1], KEYS[2]
-if free(redis.call('GET', rec)) then
+if free(call('GET', rec)) then
   flush()
-  redis.call('SET', rec, 'r', 'PX', ARGV[1])
-  redis.call('ZREM', leases, rec)
+  call('SET', rec, 'r', 'PX', ARGV[1])
+  call('ZREM', leases, rec)
 end
 return '[1]'
 """
@@ -255,7 +269,7 @@ local now = now_ms()
 local deadline = now + tonumber(ARGV[1])
 local n = 0
 for i = 2, #KEYS do
-  n = n + redis.call('ZADD', KEYS[1], 'XX', 'CH', deadline, KEYS[i])
+  n = n + call('ZADD', KEYS[1], 'XX', 'CH', deadline, KEYS[i])
 end
 reclaim(KEYS[1], now, ARGV[2])
 flush()
@@ -268,18 +282,19 @@ CHARGE = (
     PRELUDE
     + r"""
 local marker = KEYS[1]
-if redis.call('EXISTS', marker) == 1 then return reply({2, 0, '', 0, 0}, 2) end
+if call('EXISTS', marker) == 1 then return reply('[2,0,"",0,0', 2) end
 local C, H, L, idx, i = amounts(3)
+local n = #C
 local exp, denied = check(2, i, H, L, idx, ARGV[1] == '1')
 if denied then return reply(denied, 2) end
 for li = 2, #KEYS do
   local t = load(KEYS[li])
-  for k = 1, #C do add(t, 'c', 'C', C[k], H[k], L[k]) end
+  for k = 1, n do add(t, 'c', 'C', C[k], H[k], L[k]) end
 end
 flush()
 for li = 2, #KEYS do expire(KEYS[li], exp[li]) end
-redis.call('SET', marker, '1', 'PX', ARGV[2])
-return reply({1, 0, '', 0, 0}, 2)
+call('SET', marker, '1', 'PX', ARGV[2])
+return reply('[1,0,"",0,0', 2)
 """
 )
 
@@ -289,7 +304,7 @@ SNAPSHOT = (
     + r"""
 reclaim(KEYS[1], now_ms(), ARGV[1])
 flush()
-return reply({}, 2)
+return reply('[', 2)
 """
 )
 
