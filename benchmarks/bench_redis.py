@@ -9,6 +9,14 @@ redis-py's per-command machinery); ``evalsha`` is ``store.trivial()``, a trivial
 Goals (issue 6): reserve + commit <= 2.3x a PING round trip; >= 0.9x raw EVALSHA throughput with
 4 client processes.
 
+Floors, to tell the store's own cost from what any store of this shape must pay:
+``evalsha+args`` is the trivial script sent with a reserve's keys and arguments (packed per call,
+as the store does: the transport of one operation, no work); ``floor`` is a script that only
+reads, decodes, re-encodes and writes each of the reserve's three budget lines and returns them
+(``GET`` + ``cjson.decode`` + ``cjson.encode`` + ``SET`` per line, the least a read-modify-write
+of these lines costs whatever the encoding: ``bench_redis_lua.py`` times the hash variants),
+with the reply decoded by ``json.loads``. ``floor+floor`` is the floor of reserve + commit.
+
 Throughput is defined **per operation**: each reserve and each commit is one ``EVALSHA``, so a
 worker alternating reserve and commit counts two operations per model call; its ops/s is
 compared with the ops/s of workers sending the trivial script, at 1, 2, 4 and 8 processes
@@ -24,6 +32,7 @@ Usage: ``.venv/bin/python benchmarks/bench_redis.py [--quick]``. Starts its own 
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -38,8 +47,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import redis_servers
 
-from agentguard._redis_store import RedisStore
+from agentguard import _redis_store
+from agentguard._redis_store import RedisStore, _Req
 from agentguard._store import BudgetLine
+
+FLOOR = r"""
+local parts = {}
+for i = 3, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  local doc = v and cjson.encode(cjson.decode(v)) or '{}'
+  redis.call('SET', KEYS[i], doc, 'KEEPTTL')
+  parts[#parts + 1] = doc
+end
+return '[' .. table.concat(parts, ',') .. ']'
+"""
+_redis_store._SCRIPTS["floor"] = FLOOR  # benchmark-only script, loaded on NOSCRIPT like the rest
 
 LINES = [
     BudgetLine("task:bench", {"cost_usd": Decimal("1000000"), "model_calls": 10**12}),
@@ -58,8 +80,11 @@ ACTUAL = {**AMOUNTS, "output_tokens": 180, "tokens": 1380, "cost_usd": Decimal("
 
 def _store(url: str, cluster: bool, ns: str) -> RedisStore:
     if cluster:
-        return RedisStore.from_cluster(url, namespace=ns)
-    return RedisStore.from_url(url, namespace=ns)
+        store = RedisStore.from_cluster(url, namespace=ns)
+    else:
+        store = RedisStore.from_url(url, namespace=ns)
+    store._shas["floor"] = _redis_store._sha1(FLOOR)
+    return store
 
 
 class _Ops:
@@ -67,6 +92,9 @@ class _Ops:
 
     def __init__(self, store: RedisStore, tag: str) -> None:
         self.store, self.tag, self.n, self.held = store, tag, 0, False
+        shape = store._reserve_req(f"{tag}-shape", LINES, AMOUNTS)
+        self.args_req = _Req("trivial", shape.keys, shape.args)
+        self.floor_req = _Req("floor", shape.keys, shape.args)
 
     def reserve_commit(self) -> None:
         """Alternately a reserve and the commit of it: one EVALSHA per call."""
@@ -83,11 +111,24 @@ class _Ops:
         self.store.reserve(rid, LINES, AMOUNTS)
         self.store.commit(rid, LINES, ACTUAL)
 
+    def evalsha_args(self) -> None:
+        self.store._call(self.args_req)
+
+    def floor(self) -> None:
+        json.loads(self.store._call(self.floor_req))
+
+    def floor_pair(self) -> None:
+        self.floor()
+        self.floor()
+
     def table(self) -> dict[str, Callable[[], Any]]:
         return {
             "ping": self.store.client.ping,
             "evalsha": self.store.trivial,
+            "evalsha+args": self.evalsha_args,
+            "floor": self.floor,
             "reserve|commit": self.reserve_commit,
+            "floor+floor": self.floor_pair,
             "reserve+commit": self.pair,
         }
 
@@ -118,13 +159,18 @@ def _server_us(store: RedisStore, n: int) -> dict[str, float]:
 
     out = {}
     tag = uuid.uuid4().hex[:6]
+    ops = _Ops(store, f"s{tag}")
     for name, fn in (
         ("trivial", lambda i: store.trivial()),
+        ("trivial+args", lambda i: ops.evalsha_args()),
+        ("floor", lambda i: ops.floor()),
         ("reserve", lambda i: store.reserve(f"s{tag}-{i}", LINES, AMOUNTS)),
         ("commit", lambda i: store.commit(f"s{tag}-{i}", LINES, ACTUAL)),
         ("charge", lambda i: store.charge(LINES, {"steps": 1})),
         ("snapshot", lambda i: store.snapshot([ln.key for ln in LINES])),
     ):
+        for i in range(5):  # loads the script (a NOSCRIPT, then SCRIPT LOAD) on first use
+            fn(n + i)
         cmd("CONFIG", "RESETSTAT")
         for i in range(n):
             fn(i)
@@ -132,6 +178,14 @@ def _server_us(store: RedisStore, n: int) -> dict[str, float]:
         text = stats.decode() if isinstance(stats, bytes) else str(stats)
         line = next(x for x in text.splitlines() if x.startswith("cmdstat_evalsha:"))
         out[name] = float(line.split("usec_per_call=")[1].split(",")[0])
+        # script-cache misses would show as EVAL / SCRIPT calls next to EVALSHA
+        misses = [
+            x.split(":")[0]
+            for x in text.splitlines()
+            if x.startswith(("cmdstat_eval:", "cmdstat_script"))
+        ]
+        if misses:
+            out[name + " (cache misses: " + ",".join(misses) + ")"] = 0.0
     node.free.append(conn)
     return out
 
@@ -201,32 +255,55 @@ def main() -> None:
             lat = {op: statistics.median(v) for op, v in rounds.items()}
             ping, raw, ev = lat["ping"], lat["ping (raw)"], lat["evalsha"]
             print(f"\n{name}: latency, one client (µs, median of {repeats} interleaved rounds)")
-            for op in ("ping (raw)", "ping", "evalsha", "reserve|commit", "reserve+commit"):
+            for op in (
+                "ping (raw)",
+                "ping",
+                "evalsha",
+                "evalsha+args",
+                "floor",
+                "reserve|commit",
+                "floor+floor",
+                "reserve+commit",
+            ):
                 us = lat[op]
                 print(
                     f"  {op:<16} {us:8.1f}   {us / ping:5.2f}x PING   {us / raw:5.2f}x raw PING"
                     f"   {us / ev:5.2f}x EVALSHA"
                 )
-            print(f"  goal: reserve+commit <= 2.3x PING -> {lat['reserve+commit'] / ping:.2f}x")
+            print(
+                f"  goal: reserve+commit <= 2.3x PING -> {lat['reserve+commit'] / ping:.2f}x"
+                f" (floor+floor: {lat['floor+floor'] / ping:.2f}x;"
+                f" 2x evalsha+args: {2 * lat['evalsha+args'] / ping:.2f}x)"
+            )
             server = _server_us(store, max(200, n // 2))
             print("  server µs per script: " + ", ".join(f"{k} {v:.1f}" for k, v in server.items()))
             print(
                 f"\n{name}: throughput per operation (ops/s; a reserve and a commit are one op"
                 f" each), median of {repeats} interleaved repeats"
             )
-            print(f"  {'procs':>5} {'EVALSHA':>10} {'res|commit':>11} {'ratio':>7}   repeats")
+            print(
+                f"  {'procs':>5} {'EVALSHA':>9} {'+args':>9} {'floor':>9} {'res|commit':>10}"
+                f" {'ratio':>6} {'args':>6} {'floor':>6}   ratio per repeat"
+            )
             ns = f"bench-{uuid.uuid4().hex[:8]}"
             for procs in (1, 2, 4, 8):
-                ev_tp: list[float] = []
-                st_tp: list[float] = []
+                tp: dict[str, list[float]] = {}
                 for _ in range(repeats):
-                    ev_tp.append(_throughput(pool, url, cluster, ns, "evalsha", procs, seconds))
-                    st_tp.append(
-                        _throughput(pool, url, cluster, ns, "reserve|commit", procs, seconds)
-                    )
-                e, r = statistics.median(ev_tp), statistics.median(st_tp)
-                each = " ".join(f"{b / a:.2f}" for a, b in zip(ev_tp, st_tp, strict=True))
-                print(f"  {procs:>5} {e:>10.0f} {r:>11.0f} {r / e:>7.2f}   {each}")
+                    for op in ("evalsha", "evalsha+args", "floor", "reserve|commit"):
+                        tp.setdefault(op, []).append(
+                            _throughput(pool, url, cluster, ns, op, procs, seconds)
+                        )
+                e, a, f, r = (
+                    statistics.median(tp[op])
+                    for op in ("evalsha", "evalsha+args", "floor", "reserve|commit")
+                )
+                each = " ".join(
+                    f"{y / x:.2f}" for x, y in zip(tp["evalsha"], tp["reserve|commit"], strict=True)
+                )
+                print(
+                    f"  {procs:>5} {e:>9.0f} {a:>9.0f} {f:>9.0f} {r:>10.0f}"
+                    f" {r / e:>6.2f} {a / e:>6.2f} {f / e:>6.2f}   {each}"
+                )
             print("  goal: >= 0.9x EVALSHA at 4 processes")
             store.close()
 
