@@ -11,7 +11,9 @@ What :func:`trim_chunks` does, in order:
 2. walks the ranking, dropping empty chunks, exact duplicates and near-duplicates of chunks
    already kept, and keeping every chunk that still fits the budget;
 3. at the first chunk that does not fit, cuts it at a sentence boundary to the tokens left (or
-   drops it) and stops: every chunk ranked after it is dropped without being tokenised.
+   drops it) and stops: every chunk ranked after it is dropped without being tokenised. A
+   chunk that looks too big (by the tokens per character seen so far) is not tokenised whole:
+   only the candidate cuts and the sentences between them are counted.
 
 The kept chunks are therefore always a best-first prefix of the ranking (minus the duplicates),
 with at most one truncated chunk at its end, and their tokens plus separators never exceed the
@@ -151,8 +153,9 @@ class TrimResult:
         budget_tokens: the budget asked for.
         tokens_in: tokens of every input chunk (for a truncated chunk, its full text).
         tokens_kept: tokens of the kept texts, separators not included.
-        tokens_in_estimated: ``True`` when some dropped chunks were never tokenised and their
-            share of ``tokens_in`` was estimated from the observed characters per token.
+        tokens_in_estimated: ``True`` when some chunks were never tokenised whole (dropped
+            ones, or the one cut) and their share of ``tokens_in`` was estimated from the
+            observed characters per token.
     """
 
     kept: list[Chunk]
@@ -447,6 +450,7 @@ def trim_chunks(
     cut_last: bool = True,
     min_cut_tokens: int = 16,
     separator_tokens: int = 0,
+    extra_tokens: Callable[[Chunk], int] | None = None,
 ) -> TrimResult:
     """Keep the best chunks that fit ``budget_tokens``, dropping duplicates on the way.
 
@@ -459,22 +463,29 @@ def trim_chunks(
     ``. , ; : ! ?`` and their CJK forms) when both have at least four, else over their word
     3-grams (character 3-grams for scripts written without spaces, such as CJK). Clauses keep
     deduplication far cheaper than tokenising. Every other chunk is kept while it fits: each
-    kept chunk costs ``counter.count(text) + separator_tokens``.
+    kept chunk costs ``counter.count(text) + extra_tokens(chunk) + separator_tokens``.
 
     At the first chunk that does not fit, the budget is full. With ``cut_last`` that chunk is
-    cut to the tokens left, at the last sentence end (``.``, ``!``, ``?``, ``。``, ``！``, ``？``
-    or a newline) inside them, re-counted, and kept with ``truncated=True``; when the cut would
-    be shorter than ``min_cut_tokens`` or has no sentence end it is dropped instead, and when at
-    least ``near_duplicate_threshold`` of the cut's clauses (3-grams) already appear in a kept
-    chunk it is dropped as a (near-)duplicate. Either way the walk stops there: every chunk
-    ranked after it is dropped as ``"over_budget"`` without being tokenised, and its share of
-    ``tokens_in`` is estimated from the characters per token seen so far. No text is counted
-    twice (counts are cached by text for the call).
+    cut at a sentence end (``.``, ``!``, ``?``, ``。``, ``！``, ``？`` or a newline) to fit the
+    tokens left, and kept with ``truncated=True``; when the cut would be shorter than
+    ``min_cut_tokens`` or has no sentence end it is dropped instead, and when at least
+    ``near_duplicate_threshold`` of the cut's clauses (3-grams) already appear in a kept chunk it
+    is dropped as a (near-)duplicate. The cut is found by exact counts of candidate prefixes:
+    the first is aimed by the tokens per character seen so far, the sentences next to it are
+    counted one by one to move towards the longest that fits; it may stop up to 1/25 of the
+    room short of that longest cut (a sentence or two) rather than count most of the chunk
+    again. A chunk that the tokens per character seen so far say is too big is never counted
+    whole unless the search finds it may fit after all (then it is counted and, if it fits,
+    kept whole); its share of ``tokens_in`` is then estimated. Either way the walk stops there:
+    every chunk ranked after it is dropped as ``"over_budget"`` without being tokenised, and
+    its share of ``tokens_in`` is estimated from the characters per token seen so far. No text
+    is counted twice (counts are cached by text for the call).
 
-    Guarantees: the kept tokens plus ``separator_tokens`` per kept chunk never exceed
-    ``budget_tokens``; every input chunk appears exactly once in ``kept`` or ``dropped``; kept
-    chunks rank before every chunk dropped as ``"over_budget"``; trimming the kept chunks again
-    with the same arguments keeps the same texts.
+    Guarantees: the kept tokens (each counted exactly, by ``counter.count``) plus
+    ``extra_tokens`` and ``separator_tokens`` per kept chunk never exceed ``budget_tokens``;
+    every input chunk appears exactly once in ``kept`` or ``dropped``; kept chunks rank before
+    every chunk dropped as ``"over_budget"``; trimming the kept chunks again with the same
+    arguments keeps the same texts.
 
     Args:
         chunks: the candidates, as :class:`Chunk` or plain strings (score ``None``).
@@ -487,15 +498,18 @@ def trim_chunks(
         cut_last: cut the first chunk that does not fit instead of dropping it.
         min_cut_tokens: the fewest tokens a cut chunk may keep.
         separator_tokens: tokens added per kept chunk for the separator that joins them.
+        extra_tokens: tokens a chunk costs beyond its text (a metadata header the reader sees
+            with it), charged to it when kept; called once per chunk the walk reaches (not for
+            empty chunks, duplicates, nor chunks after the budget is full).
 
     Returns:
         The kept and dropped chunks (each with ``index`` set to its input position when it was
         ``-1``) and the token accounting.
 
     Raises:
-        PolicyError: (a ``ValueError``) when ``budget_tokens``, ``min_cut_tokens`` or
-            ``separator_tokens`` is negative or not an integer, or ``near_duplicate_threshold``
-            is outside (0, 1].
+        PolicyError: (a ``ValueError``) when ``budget_tokens``, ``min_cut_tokens``,
+            ``separator_tokens`` or a value ``extra_tokens`` returns is negative or not an
+            integer, or ``near_duplicate_threshold`` is outside (0, 1].
         TypeError: when a chunk is neither a :class:`Chunk` nor a ``str``.
 
     Example:
@@ -591,6 +605,11 @@ def trim_chunks(
                 dropped.append((position, chunk, reason))
                 continue
         room = remaining - separator
+        if extra_tokens is not None:
+            extra = _check_int(f"extra_tokens(chunks[{position}])", extra_tokens(chunk))
+            room -= extra
+        else:
+            extra = 0
         least = max(min_cut, 1)
         can_cut = cut_last and room >= least
         n = counts.get(text)
@@ -609,7 +628,7 @@ def trim_chunks(
             seen_chars += len(text)
             if n <= room:
                 kept.append((position, chunk, n))
-                remaining -= n + separator
+                remaining -= n + separator + extra
                 full = remaining - separator < 1
                 if signature is not None:
                     signature.tokens_per_char = n / len(text)
@@ -632,7 +651,7 @@ def trim_chunks(
                 dropped.append((position, chunk, match[0]))
                 continue
         kept.append((position, replace(chunk, text=cut_text, truncated=True), cut_tokens))
-        remaining -= cut_tokens + separator
+        remaining -= cut_tokens + separator + extra
 
     if unseen:
         estimated = True

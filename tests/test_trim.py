@@ -376,6 +376,51 @@ def stop_candidates(result: TrimResult) -> list[Chunk]:
     ]
 
 
+@PROPERTY
+@given(chunk_lists(), budgets, options)
+def test_extra_tokens_are_charged_to_each_kept_chunk_and_asked_only_of_reached_ones(
+    chunks: list[Chunk | str], budget: int, opts: dict[str, Any]
+) -> None:
+    """A per-chunk extra cost (a metadata header) counts against the budget for kept chunks."""
+    asked: list[int] = []
+
+    def header(chunk: Chunk) -> int:
+        asked.append(chunk.index)
+        return (chunk.index * 7) % 13
+
+    result = trim_chunks(chunks, budget, TiktokenCounter(), extra_tokens=header, **opts)
+    charged = sum((c.index * 7) % 13 + opts["separator_tokens"] for c in result.kept)
+    assert sum(tokens(c.text) for c in result.kept) + charged <= budget
+    assert len(asked) == len(set(asked))
+    assert {c.index for c in result.kept} <= set(asked)
+    # never asked of blank chunks, nor of chunks dropped after the budget was full
+    skipped = {c.index for c, why in result.dropped if why == "empty"}
+    over = [c for c, why in result.dropped if why == "over_budget"]
+    skipped |= {c.index for c in over if c.index not in stop_indices(result)}
+    assert not skipped & set(asked)
+
+
+def stop_indices(result: TrimResult) -> set[int]:
+    return {c.index for c in stop_candidates(result)}
+
+
+def test_extra_tokens_must_be_a_non_negative_integer() -> None:
+    with pytest.raises(ValueError, match=r"extra_tokens\(chunks\[0\]\)=-1") as caught:
+        trim_chunks(["Some text."], 100, COUNTER, extra_tokens=lambda chunk: -1)
+    assert isinstance(caught.value, PolicyError)
+    with pytest.raises(ValueError, match=r"extra_tokens\(chunks\[1\]\)=2.5"):
+        trim_chunks(["", "Text."], 100, COUNTER, extra_tokens=lambda chunk: 2.5)  # type: ignore[arg-type,return-value]
+
+
+def test_extra_tokens_change_what_fits() -> None:
+    texts = [" ".join(paragraph_of(4, seed=s)) for s in range(3)]
+    budget = sum(tokens(t) for t in texts)
+    assert len(trim_chunks(texts, budget, COUNTER).kept) == 3
+    result = trim_chunks(texts, budget, COUNTER, extra_tokens=lambda c: 5 if c.index == 2 else 0)
+    assert [c.truncated for c in result.kept] == [False, False, True]
+    assert result.tokens_kept + 5 <= budget
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text())
 def test_normalise_is_split_join(text: str) -> None:

@@ -61,9 +61,11 @@ class TokenBudgetPostprocessor(BaseNodePostprocessor):
 
     The budget is ``budget_tokens`` if set, else the current task's policy
     ``context_budget_tokens``, else ``guard``'s. It covers every kept node as the LLM reads it
-    (``node.get_content(metadata_mode)``) plus ``separator_tokens`` per node: each node's text
-    is counted exactly, and the metadata header of the largest one is charged to every kept
-    node (plus one token for the seam), so the kept context never exceeds the budget.
+    (``node.get_content(metadata_mode)``) plus ``separator_tokens`` per node: each kept node's
+    text is counted exactly and its own metadata header is charged to it (plus one token for
+    the seam), so the kept context never exceeds the budget. Headers are counted only for the
+    nodes the trimmer reaches (not for duplicates, nor for nodes ranked after the budget is
+    full).
 
     Inside a task of ``guard`` (or, with no ``guard``, of any guard) the trim is recorded on
     that task: a ``trim`` span with the tokens and dollars saved (dollars need ``model``, the
@@ -149,8 +151,6 @@ class TokenBudgetPostprocessor(BaseNodePostprocessor):
             return []
         counter = counter_for(self.model)
         chunks: list[Chunk] = []
-        header_tokens = 0
-        headers = self.metadata_mode != MetadataMode.NONE
         for i, item in enumerate(nodes):
             if not isinstance(item, NodeWithScore):
                 raise TypeError(f"nodes[{i}] must be a NodeWithScore, got {type(item)!r}")
@@ -158,18 +158,21 @@ class TokenBudgetPostprocessor(BaseNodePostprocessor):
             # TextNode.get_content(NONE) is its text; other node types render it themselves
             text = node.text if isinstance(node, TextNode) else node.get_content(MetadataMode.NONE)
             chunks.append(Chunk(text, item.score, node.node_id, i))
-            if headers:
-                n = self._header_tokens(node, text, counter)
-                if n > header_tokens:
-                    header_tokens = n
         options: dict[str, Any] = {
             "keep_order": self.keep_order,
             "dedupe": self.dedupe,
             "near_duplicate_threshold": self.near_duplicate_threshold,
             "cut_last": self.cut_last,
             "min_cut_tokens": self.min_cut_tokens,
-            "separator_tokens": self.separator_tokens + header_tokens,
+            "separator_tokens": self.separator_tokens,
         }
+        if self.metadata_mode != MetadataMode.NONE:
+            # Each node's header is counted only if the trimmer reaches the node (not for
+            # duplicates, nor for nodes ranked after the budget is full).
+            def header_tokens(chunk: Chunk) -> int:
+                return self._header_tokens(nodes[chunk.index].node, chunk.text, counter)
+
+            options["extra_tokens"] = header_tokens
         task = current_task()
         result: TrimResult
         if task is not None and (self.guard is None or task.guard is self.guard):
