@@ -146,17 +146,10 @@ def _limit_decision(
     )
 
 
-def _min_cap(*caps: int | None) -> int | None:
-    present = [c for c in caps if c is not None]
-    return min(present) if present else None
-
-
-def _ladder_model(policy: Policy, fraction: float) -> str | None:
-    chosen = None
-    for rung in policy.downgrade:
-        if rung.at <= fraction:
-            chosen = rung.to
-    return chosen
+def _min_cap(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    return a if b is None or a <= b else b
 
 
 def _candidates(
@@ -168,36 +161,40 @@ def _candidates(
     ladder never moves a call *up* in price.
     """
     requested = request.model
-    if not policy.downgrade:
+    ladder = policy.downgrade
+    if not ladder:
         return [requested]
     base = rates.get(requested)
-    base_unit = _unit_cost(base) if base is not None else None
-
-    def cheaper(m: str) -> bool:
-        if m == requested or base_unit is None:
-            return True
-        r = rates.get(m)
-        return r is not None and _unit_cost(r) < base_unit
-
-    rungs = [r.to for r in policy.downgrade]
-    picked = _ladder_model(policy, headroom.fraction_spent)
-    if picked is not None and picked != requested and cheaper(picked):
-        order = [picked, *rungs[rungs.index(picked) + 1 :]]
-    else:
-        order = [requested, *rungs]
-    out: list[str] = []
-    for m in order:
-        if m not in out and cheaper(m):
-            out.append(m)
+    base_unit = None if base is None else base.input + base.output
+    fraction = headroom.fraction_spent
+    start = -1  # the ladder's pick for the current spend, if any
+    for i, rung in enumerate(ladder):
+        if rung.at <= fraction:
+            start = i
+    if start >= 0:
+        picked = ladder[start].to
+        r = rates.get(picked)
+        if picked == requested or (
+            base_unit is not None and (r is None or r.input + r.output >= base_unit)
+        ):
+            start = -1  # not really cheaper: the requested model first
+    if start >= 0:  # from the first rung naming the picked model, as it is ordered
+        start = next(i for i, rung in enumerate(ladder) if rung.to == ladder[start].to)
+    out: list[str] = [] if start >= 0 else [requested]
+    for rung in ladder[start if start >= 0 else 0 :]:
+        m = rung.to
+        if m in out:
+            continue
+        if m != requested and base_unit is not None:
+            r = rates.get(m)
+            if r is None or r.input + r.output >= base_unit:
+                continue
+        out.append(m)
     return out
 
 
 def _rung_at(policy: Policy, model: str) -> float:
     return next((r.at for r in policy.downgrade if r.to == model), 0.0)
-
-
-def _unit_cost(r: ModelRates) -> Decimal:
-    return r.input + r.output
 
 
 def decide_model_call(

@@ -74,6 +74,7 @@ _current: ContextVar[Task | None] = ContextVar("agentguard_task", default=None)
 # (``areserve``, ...), so an async app never blocks its event loop on store I/O.
 _Op = tuple[str, tuple[Any, ...], dict[str, Any]]
 _T = TypeVar("_T")
+_NO_KW: dict[str, Any] = {}  # the kwargs of most operations (only ever unpacked, never changed)
 
 
 def _run(store: BudgetStore, steps: Generator[_Op, Any, _T]) -> _T:
@@ -532,6 +533,10 @@ class Task:
         self._key = f"task:{self.id}"
         self._lines_until = float("inf")
         self._lines = self._build_lines(self.started)
+        # (lines, money limits, token limits) of _line_limits, for the current list of lines
+        self._limits_of: (
+            tuple[list[BudgetLine], list[tuple[str, Decimal]], list[tuple[str, int]]] | None
+        ) = None
         self._balances: dict[str, Balance] = {}
         if load:  # else the opener awaits _aload()
             self._balances.update(guard.store.snapshot([ln.key for ln in self._lines]))
@@ -622,6 +627,27 @@ class Task:
             self._blocked,
         )
 
+    def _line_limits(
+        self,
+    ) -> tuple[list[tuple[str, Decimal]], list[tuple[str, int]]]:
+        """The money limits and the token limits of the task's lines (the task's own token
+        limit is in :meth:`_spent`), read once per list of lines."""
+        lines = self._lines
+        got = self._limits_of
+        if got is None or got[0] is not lines:
+            money: list[tuple[str, Decimal]] = [
+                (ln.key, ln.limits["cost_usd"])  # type: ignore[misc]  # money is Decimal
+                for ln in lines
+                if "cost_usd" in ln.limits
+            ]
+            tokens = [
+                (ln.key, int(ln.limits["tokens"]))
+                for ln in lines
+                if "tokens" in ln.limits and ln.key != self._key
+            ]
+            got = self._limits_of = (lines, money, tokens)
+        return got[1], got[2]
+
     def _headroom(self) -> Headroom:
         remaining: Decimal | None = None
         fraction = 0.0
@@ -629,21 +655,27 @@ class Task:
         budget = None
         tokens_left: int | None = None
         tokens_budget = None
-        for ln in self._lines:
-            lim: Decimal | None = ln.limits.get("cost_usd")  # type: ignore[assignment]
-            bal = self._balances.get(ln.key)
-            if lim is not None:
-                used = bal.used("cost_usd") if bal else _ZERO
-                left = lim - used
-                if remaining is None or left < remaining:
-                    remaining, limit_usd, budget = left, lim, ln.key
-                if self._needs_fraction:
-                    fraction = max(fraction, float(used / lim)) if lim > 0 else 1.0
-            tl = ln.limits.get("tokens")
-            if tl is not None and ln.key != self._key:  # the task's own is in Spent
-                left_t = int(tl) - (int(bal.used("tokens")) if bal else 0)
-                if tokens_left is None or left_t < tokens_left:
-                    tokens_left, tokens_budget = left_t, ln.key
+        money, tokens = self._line_limits()
+        balances = self._balances
+        needs_fraction = self._needs_fraction
+        for key, lim in money:
+            bal = balances.get(key)
+            if bal is None:
+                used = _ZERO
+            else:
+                used = bal.committed.get("cost_usd", _ZERO) + bal.reserved.get(  # type: ignore[assignment]
+                    "cost_usd", _ZERO
+                )
+            left = lim - used
+            if remaining is None or left < remaining:
+                remaining, limit_usd, budget = left, lim, key
+            if needs_fraction:
+                fraction = max(fraction, float(used / lim)) if lim > 0 else 1.0
+        for key, tl in tokens:
+            bal = balances.get(key)
+            left_t = tl - (int(bal.used("tokens")) if bal else 0)
+            if tokens_left is None or left_t < tokens_left:
+                tokens_left, tokens_budget = left_t, key
         if remaining is not None and remaining < 0:
             remaining = _ZERO
         return Headroom(remaining, fraction, limit_usd, budget, tokens_left, tokens_budget)
@@ -652,15 +684,18 @@ class Task:
         _run(self.guard.store, self._refresh_steps())
 
     def _refresh_steps(self) -> Generator[_Op, Any, None]:
-        self._balances.update((yield ("snapshot", ([ln.key for ln in self._lines],), {})))
+        self._balances.update((yield ("snapshot", ([ln.key for ln in self._lines],), _NO_KW)))
 
     def _update(self, balances: Mapping[str, Balance]) -> None:
-        before = self._headroom().fraction_spent if self.policy.soft_limits else 0.0
+        soft = self.policy.soft_limits
+        if not soft:
+            self._balances.update(balances)
+            return
+        before = self._headroom().fraction_spent
         self._balances.update(balances)
-        if self.policy.soft_limits:
-            after = self._headroom().fraction_spent
-            for f in crossed_soft_limits(self.policy.soft_limits, before, after):
-                self._soft_limit(f, after)
+        after = self._headroom().fraction_spent
+        for f in crossed_soft_limits(soft, before, after):
+            self._soft_limit(f, after)
 
     def _soft_limit(self, fraction: float, now_fraction: float) -> None:
         key = (self._headroom().budget or self._key, fraction)
@@ -891,7 +926,7 @@ class Task:
             if d.reserve_usd is not None:
                 amounts["cost_usd"] = d.reserve_usd
             rid = guard._next_id()
-            res = yield ("reserve", (rid, lines, amounts), {})
+            res = yield ("reserve", (rid, lines, amounts), _NO_KW)
             if res.ok:
                 self._update(res.balances)
                 break
@@ -960,7 +995,7 @@ class Task:
         amounts: dict[str, Decimal | int] = {"tool_calls": 1, f"tool:{name}": 1}
         d = decide_tool_call(self.policy, self._spent(tools=True), name)
         if d.action == "allow":
-            res = yield ("charge", (self._current_lines(), amounts), {})
+            res = yield ("charge", (self._current_lines(), amounts), _NO_KW)
             if res.ok:
                 self._update(res.balances)
             else:
@@ -1323,7 +1358,7 @@ class ModelCall:
         span = self.span
         reserved = self.decision.reserve_usd
         if self.reservation_id is not None:
-            balances = yield ("commit", (self.reservation_id, self.lines, actual), {})
+            balances = yield ("commit", (self.reservation_id, self.lines, actual), _NO_KW)
         else:
             balances = (yield ("charge", (self.lines, actual), {"check": False})).balances
         self.done = True
@@ -1393,7 +1428,7 @@ class ModelCall:
         self.done = True
         task = self.task
         if self.reservation_id is not None:
-            yield ("release", (self.reservation_id,), {})
+            yield ("release", (self.reservation_id,), _NO_KW)
             yield from task._refresh_steps()
         with task._lock:
             task._open.pop(self.reservation_id or "", None)

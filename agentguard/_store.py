@@ -150,12 +150,13 @@ class MemoryStore:
 
     def _balances(self, lines: Sequence[BudgetLine]) -> dict[str, Balance]:
         com, res = self._committed, self._reserved
-        return {
-            ln.key: Balance(com[ln.key].copy(), res[ln.key].copy())
-            if ln.key in com and ln.key in res
-            else Balance(dict(com.get(ln.key, {})), dict(res.get(ln.key, {})))
-            for ln in lines
-        }
+        out = {}
+        for ln in lines:
+            key = ln.key
+            c = com.get(key)
+            r = res.get(key)
+            out[key] = Balance({} if c is None else c.copy(), {} if r is None else r.copy())
+        return out
 
     def _balance(self, key: str) -> Balance:
         return Balance(dict(self._committed.get(key, {})), dict(self._reserved.get(key, {})))

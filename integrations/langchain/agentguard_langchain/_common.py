@@ -3,8 +3,7 @@ and the flag that keeps one model call from being charged twice."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -18,14 +17,20 @@ __all__ = ["already_metered", "metered_here", "usage_of"]
 _METERED: ContextVar[bool] = ContextVar("agentguard_langchain_metered", default=False)
 
 
-@contextlib.contextmanager
-def metered_here() -> Iterator[None]:
-    """Mark the model calls made inside this block as metered by the caller."""
-    token = _METERED.set(True)
-    try:
-        yield
-    finally:
-        _METERED.reset(token)
+class metered_here:  # noqa: N801 - used as a function: ``with metered_here():``
+    """Mark the model calls made inside this block as metered by the caller.
+
+    A plain class, not ``contextlib.contextmanager`` (a generator per use): it is entered on
+    every metered model and tool call.
+    """
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _METERED.set(True)
+
+    def __exit__(self, *exc: object) -> None:
+        _METERED.reset(self._token)
 
 
 def already_metered() -> bool:
