@@ -97,7 +97,8 @@ def _retry_attempt(tags: Sequence[str] | None) -> int | None:
 
 
 def _message_dicts(messages: Sequence[Any]) -> list[Any]:
-    """LangChain messages as the plain mappings the token counter reads fastest.
+    """LangChain messages as plain mappings (the handler now hands the guard the message
+    objects, whose counts the counter keeps; this is the same count, read from mappings).
 
     Same count as the message objects (role, content, name, tool calls, tool call id), but
     read from each model's field dict: looking up a field a pydantic message does not have
@@ -415,9 +416,9 @@ class _Meter:
             task = self._task_for(root)
             # the reservation is the last step that can raise: LangChain sends no
             # on_llm_error for a start that raised, so nothing after it may fail unhandled
-            call = task.start_model_call(
-                model, messages=_message_dicts(messages), tools=tools, max_tokens=cap
-            )
+            # the message objects themselves: the counter keeps each one's count, so an
+            # agent's history is read once, not on every call
+            call = task.start_model_call(model, messages=messages, tools=tools, max_tokens=cap)
             if _needs_change(call.decision, cap):
                 call.fail()
                 raise _refusal(task, call.decision, cap)

@@ -88,7 +88,6 @@ class _Run:
     checked: set[str] = field(default_factory=set)
     model_id: str | None = None  # the model of the run's last call (tokenizer for trimming)
     # each message of the conversation as the mapping the guard counts, made once per run
-    forms: dict[int, tuple[BaseMessage, dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -131,7 +130,8 @@ def _forms(
     messages: Sequence[BaseMessage],
     system: BaseMessage | None,
 ) -> list[dict[str, Any]]:
-    """The request's messages as counted mappings, each converted once per run."""
+    """The request's messages as counted mappings, each converted once per ``cache``
+    (the same count as the message objects, which the guard is now given directly)."""
     out = []
     for m in (system, *messages) if system is not None else messages:
         hit = cache.get(id(m))
@@ -533,7 +533,10 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         model_id, own_cap = self._model_info(request.model)
         run.model_id = model_id
         self._check_run(run, model_id, request)
-        messages = _forms(run.forms, request.messages, request.system_message)
+        # the message objects themselves: the counter keeps each one's count, so an agent's
+        # history is read once, not on every call
+        system = request.system_message
+        messages = [system, *request.messages] if system is not None else request.messages
         tools = self._schemas(request.tools) if request.tools else None
         settings = request.model_settings
         cap = settings.get("max_tokens", settings.get("max_completion_tokens", own_cap))
