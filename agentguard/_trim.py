@@ -79,6 +79,10 @@ _CLAUSE_BREAKS = str.maketrans(
     )
 )
 
+# Both at once: what clauses are cut from (the maps share no character, so the order of the
+# two translations, and of collapsing spaces, does not matter).
+_CLAUSE_KEY = {**_WHITESPACE, **_CLAUSE_BREAKS}
+
 # Scripts written without spaces between words: each character is a shingle token on its own.
 _UNSPACED = (
     "\u0e00-\u0eff"  # Thai, Lao
@@ -197,6 +201,14 @@ def _normalise(text: str) -> str:
     return key.strip(" ")
 
 
+def _clause_key(text: str) -> str:
+    """Return ``_normalise(text)`` with clause punctuation made NUL, in one translation."""
+    key = text.casefold().translate(_CLAUSE_KEY)
+    while "  " in key:
+        key = key.replace("  ", " ")
+    return key.strip(" ")
+
+
 def _word_shingles(key: str) -> frozenset[tuple[str, ...]]:
     """Return the token 3-grams of a normalised text.
 
@@ -224,32 +236,43 @@ class _Signature:
     first one walked) only needs its key.
     """
 
-    __slots__ = ("_clauses", "_shingles", "key", "tokens_per_char")
+    __slots__ = ("_clauses", "_key", "_shingles", "_text", "clause_key", "tokens_per_char")
 
-    def __init__(self, text: str, key: str | None = None) -> None:
-        self.key = _normalise(text) if key is None else key
+    def __init__(self, text: str, clause_key: str | None = None) -> None:
+        self._text = text
+        #: The key with clause punctuation made NUL: equal for exact duplicates, and what the
+        #: clauses are split from (one translation of the text instead of two).
+        self.clause_key = _clause_key(text) if clause_key is None else clause_key
+        self._key: str | None = None
         self._clauses: AbstractSet[str] | None = None
         self._shingles: frozenset[tuple[str, ...]] | None = None
         self.tokens_per_char = 0.0
 
+    @property
+    def key(self) -> str:
+        """The exact-duplicate key (see :func:`_normalise`), built on first use."""
+        if self._key is None:
+            self._key = _normalise(self._text)
+        return self._key
+
     def prefix(self, text: str, length: int) -> _Signature:
         """Return the signature of ``text[:length]``, ``text`` being this signature's text.
 
-        ``text[:length]`` must end in a character that is not whitespace: its key is then a
-        prefix of this key (case folding, whitespace mapping and collapsing all work character
-        by character), and only the rest of the text is normalised to find where it ends.
+        ``text[:length]`` must end in a character that is not whitespace: its clause key is then
+        a prefix of this one (case folding, character mapping and space collapsing all work
+        character by character), and only the rest of the text is normalised to find its end.
         """
-        rest = _normalise(text[length:])
-        size = len(self.key) - len(rest)
+        rest = _clause_key(text[length:])
+        size = len(self.clause_key) - len(rest)
         if rest and text[length].isspace():
             size -= 1  # the space that joins the two parts in the key
-        return _Signature(text[:length], self.key[:size])
+        return _Signature(text[:length], self.clause_key[:size])
 
     def clauses(self) -> AbstractSet[str]:
         """The set of clauses, built on first use."""
         if self._clauses is None:
             # The leading space makes the first clause look like every other one: " text".
-            clauses = set(f" {self.key}".translate(_CLAUSE_BREAKS).split("\x00"))
+            clauses = set(f" {self.clause_key}".split("\x00"))
             clauses.discard("")
             clauses.discard(" ")
             self._clauses = clauses
@@ -561,7 +584,8 @@ def trim_chunks(
 
     kept: list[tuple[int, Chunk, int]] = []  # (input position, chunk, tokens)
     dropped: list[tuple[int, Chunk, DropReason]] = []
-    kept_by_key: dict[str, _Signature] = {}
+    kept_signatures: list[_Signature] = []
+    kept_by_key: dict[str, list[_Signature]] = {}  # by clause key
     tokens_in = 0
     seen_tokens = seen_chars = 0  # over the chunks tokenised, for the chars-per-token estimate
     unseen: list[str] = []  # texts dropped over budget without being tokenised
@@ -572,10 +596,10 @@ def trim_chunks(
     def duplicate_of(
         signature: _Signature, *, contained: bool = False
     ) -> tuple[DropReason, _Signature] | None:
-        twin = kept_by_key.get(signature.key)
-        if twin is not None:
-            return "duplicate", twin
-        for other in kept_by_key.values():
+        for twin in kept_by_key.get(signature.clause_key, ()):
+            if twin.key == signature.key:
+                return "duplicate", twin
+        for other in kept_signatures:
             if signature.near(other, threshold, contained=contained):
                 return "near_duplicate", other
         return None
@@ -632,7 +656,8 @@ def trim_chunks(
                 full = remaining - separator < 1
                 if signature is not None:
                     signature.tokens_per_char = n / len(text)
-                    kept_by_key[signature.key] = signature
+                    kept_signatures.append(signature)
+                    kept_by_key.setdefault(signature.clause_key, []).append(signature)
                 continue
             if can_cut:
                 fitted = _fit(text, room, n / len(text), count, least, n)

@@ -438,6 +438,7 @@ def test_a_prefix_signature_is_the_signature_of_the_prefix(text: str, data: st.D
     whole = _Signature(text)
     cut = whole.prefix(text, length)
     fresh = _Signature(text[:length])
+    assert cut.clause_key == fresh.clause_key
     assert cut.key == fresh.key == _normalise(text[:length])
     assert cut.clauses() == fresh.clauses()
 
