@@ -84,6 +84,10 @@ CASES = {
         " redis.call('SET', KEYS[i], d, 'KEEPTTL') end return 1"
     ),
     "3x HGETALL (10 fields)": ("for i = 6, 8 do redis.call('HGETALL', KEYS[i]) end return 1"),
+    "3x HGETALL + HSET 5 fields (as read)": (
+        "for i = 6, 8 do local f = redis.call('HGETALL', KEYS[i])"
+        " redis.call('HSET', KEYS[i], unpack(f, 1, 10)) end return 1"
+    ),
     "15x HINCRBY (5 fields x 3 hashes)": (
         "for i = 6, 8 do for f = 1, 5 do redis.call('HINCRBY', KEYS[i], 'f' .. f, 0) end end"
         " return 1"
@@ -95,7 +99,11 @@ CASES = {
 }
 
 
-HASHES = {"3x HGETALL (10 fields)", "15x HINCRBY (5 fields x 3 hashes)"}
+HASHES = {
+    "3x HGETALL (10 fields)",
+    "3x HGETALL + HSET 5 fields (as read)",
+    "15x HINCRBY (5 fields x 3 hashes)",
+}
 
 
 def main() -> None:
