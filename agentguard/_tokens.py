@@ -400,6 +400,7 @@ class _Counting:
     name: str
     exact: bool
     margin: float
+    _msg_chars: int  # characters the message cache (``_msgs``, if any) keeps alive
 
     def count(self, text: str) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -492,8 +493,13 @@ class _Counting:
             if isinstance(call_id, str) and call_id:
                 n += count(call_id)
             if keep is not None:
-                if len(keep) >= _MESSAGE_CACHE_MAX:
+                # bounded by entries and by the characters of the contents it keeps alive
+                size = (len(content) if type(content) is str else 1000) + _CACHE_ENTRY_CHARS
+                held = self._msg_chars + size
+                if len(keep) >= _MESSAGE_CACHE_MAX or held > _CACHE_MAX_CHARS:
                     keep.clear()  # racing threads may both clear: harmless
+                    held = size
+                self._msg_chars = held
                 keep[id(message)] = (message, content, calls, extra, n)
             total += n
         if tools:
@@ -583,7 +589,8 @@ def _tool_json(tool: Any) -> str:
 
 
 #: Messages (and bound tools) whose counts a counter keeps, each with the objects it was
-#: counted from; the cache is dropped when full (an agent's history is re-counted then).
+#: counted from; the cache is dropped when full (an agent's history is re-counted then), or
+#: when the contents it keeps alive pass ``_CACHE_MAX_CHARS`` characters.
 _MESSAGE_CACHE_MAX = 4096
 
 #: What one cached count costs the cache's bound on top of its text, in characters (a dict
@@ -607,6 +614,7 @@ class TiktokenCounter(_Counting):
         "_cache",
         "_cached_chars",
         "_encode",
+        "_msg_chars",
         "_msgs",
         "_tools",
         "encoding",
@@ -626,6 +634,7 @@ class TiktokenCounter(_Counting):
         self._cache: dict[str, int] = {}
         self._cached_chars = 0
         self._msgs: dict[int, tuple[Any, Any, Any, Any, int]] = {}
+        self._msg_chars = 0
         self._tools: dict[int, tuple[Any, int]] = {}
 
     def count(self, text: str) -> int:
@@ -670,13 +679,14 @@ class CharEstimateCounter(_Counting):
         3
     """
 
-    __slots__ = ("_msgs", "_tools", "exact", "margin", "name")
+    __slots__ = ("_msg_chars", "_msgs", "_tools", "exact", "margin", "name")
 
     def __init__(self, margin: float = ESTIMATE_MARGIN) -> None:
         self.name = "chars/4 (estimate)"
         self.exact = False
         self.margin = margin
         self._msgs: dict[int, tuple[Any, Any, Any, Any, int]] = {}
+        self._msg_chars = 0
         self._tools: dict[int, tuple[Any, int]] = {}
 
     def count(self, text: str) -> int:

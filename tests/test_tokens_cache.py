@@ -104,3 +104,13 @@ def test_a_computed_content_is_read_every_time() -> None:
     assert c.count_messages([m]) == first
     m.blocks.append("It is for order 1182 and it was due three days ago.")  # edited in place
     assert c.count_messages([m]) > first
+
+
+def test_the_cache_is_bounded_by_the_characters_it_keeps(monkeypatch: Any) -> None:
+    monkeypatch.setattr(tokens_module, "_CACHE_MAX_CHARS", 2_000)
+    c = CharEstimateCounter()
+    msgs = [Msg("tool", f"result {i} " + "x" * 500) for i in range(20)]
+    total = c.count_messages(msgs)  # first sight: the class is learnt, nothing kept
+    assert c.count_messages(msgs) == total
+    assert 0 < len(c._msgs) <= 4
+    assert c._msg_chars <= 2_000
