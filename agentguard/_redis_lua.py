@@ -20,7 +20,10 @@ Cost model (server time is the shared resource): each script reads every budget 
 once (``GET`` + ``cjson.decode``, in C), adds numbers in Lua (no string arithmetic), and writes
 each changed line back once (``cjson.encode`` + ``SET``). The reply is one bulk string, JSON:
 ``[status, a, b, c, d, line...]`` (commit: ``[status, late, line...]``) with each line's
-document spliced in as stored, which the client decodes with one ``json.loads``.
+document spliced in as stored, which the client decodes with one ``json.loads``. What a script
+costs is mostly moving values between Redis and Lua — formatting a number (``cjson.encode``,
+``tostring``) ≈ 0.5 µs, each ``redis.call`` ≈ 1.5 µs on a small VM — not the Lua around it: see
+``benchmarks/bench_redis_lua.py`` and *Sizing* in ``docs/redis.md``.
 """
 
 from __future__ import annotations
