@@ -59,6 +59,9 @@ _SEAM_SLACK = 2
 #: or two) when getting closer would take another exact count of most of the chunk.
 _CUT_SPARE = 25
 
+#: The cut search first looks for sentence ends past this share of the aimed length only.
+_CUT_WINDOW = 0.85
+
 #: At most this many exact counts of candidate cuts per chunk; past it, the best fit found wins.
 _MAX_CUT_COUNTS = 6
 
@@ -336,15 +339,15 @@ def _heuristic_tokens(text: str) -> int:
     return max(1, round((len(text) - non_ascii) / _ASCII_CHARS_PER_TOKEN + non_ascii))
 
 
-def _sentence_cuts(text: str) -> list[int]:
+def _sentence_cuts(text: str, start: int = 0) -> list[int]:
     """Return the lengths of the sentence-end prefixes of ``text``, ascending, without repeats.
 
-    A prefix ends after a sentence terminator (see ``_SENTENCE_END``), trailing whitespace
-    removed; empty prefixes and the whole text are left out.
+    A prefix ends after a sentence terminator (see ``_SENTENCE_END``) found at ``start`` or
+    later, trailing whitespace removed; empty prefixes and the whole text are left out.
     """
     starts: list[int] = []
     for terminator in _TERMINATORS:  # str.find runs far faster than a regex scan
-        position = text.find(terminator)
+        position = text.find(terminator, start)
         while position >= 0:
             starts.append(position)
             position = text.find(terminator, position + 1)
@@ -386,12 +389,52 @@ def _fit(
     whole text, whether that count is exact)``: ``kept`` is ``text`` itself when it fits whole,
     a proper prefix when a cut of at least ``least`` tokens fits, else ``None``.
     """
-    cuts = _sentence_cuts(text)
-    cuts.append(len(text))
-    last = len(cuts) - 1
-    exact: dict[int, int] = {}
+    exact: dict[int, int] = {}  # exact counts of the candidates tried, by length
     if whole is not None:
-        exact[last] = whole
+        exact[len(text)] = whole
+    spare = room // _CUT_SPARE
+    # Aim a little short: a first try that fits by a few tokens is kept as it is, one that
+    # does not fit costs a second count.
+    aim = (room - spare // 2) / tokens_per_char if tokens_per_char > 0 else len(text)
+    # Sentence ends well below the aim are rarely needed: look for them only if the search
+    # reaches down there.
+    window = int(aim * _CUT_WINDOW)
+    fits = -1
+    if window > 0:
+        cuts = _sentence_cuts(text, window)
+        fits = _search(text, cuts, aim, room, count, least, spare, exact, windowed=True)
+    if fits == -1:
+        cuts = _sentence_cuts(text)
+        fits = _search(text, cuts, aim, room, count, least, spare, exact, windowed=False)
+    last = len(text)
+    if last in exact:
+        total, known = exact[last], True
+    else:
+        longest = max(exact)
+        total = exact[longest] + round((last - longest) * exact[longest] / longest)
+        total, known = max(total, exact[longest] + 1), False
+    if fits < 0 or (exact[fits] < least and fits != last):
+        return None, None, total, known
+    return text[:fits], exact[fits], total, known
+
+
+def _search(
+    text: str,
+    cuts: list[int],
+    aim: float,
+    room: int,
+    count: Callable[[str], int],
+    least: int,
+    spare: int,
+    exact: dict[int, int],
+    windowed: bool,
+) -> int:
+    """The search of :func:`_fit` over candidate lengths ``cuts`` (ascending; the whole text is
+    added): the length of the cut found, or -2 when none fits. With ``windowed`` (``cuts``
+    misses the shortest candidates), -1 when no candidate in ``cuts`` fits: search again with
+    them all."""
+    cuts = [*cuts, len(text)]
+    last = len(cuts) - 1
     segments: dict[int, int] = {}
 
     def segment(i: int) -> int:  # tokens of the text between candidate i - 1 and candidate i
@@ -402,17 +445,19 @@ def _fit(
 
     fits = -1  # the longest candidate known to fit
     over = len(cuts)  # the shortest candidate known not to fit
-    spare = room // _CUT_SPARE
-    # Aim a little short: a first try that fits by a few tokens is kept as it is, one that
-    # does not fit costs a second count.
-    aim = (room - spare // 2) / tokens_per_char if tokens_per_char > 0 else len(text)
-    at = max(0, bisect_right(cuts, aim) - 1)
-    if at == last and whole is not None:
-        at = max(0, last - 1)
+    nothing = -1 if windowed else -2
+    at = bisect_right(cuts, aim) - 1
+    if at < 0:
+        if windowed:
+            return -1
+        at = 0
+    if at == last and last - 1 >= 0 and len(text) in exact:
+        at = last - 1
     for _ in range(_MAX_CUT_COUNTS):
-        n = exact.get(at)
+        length = cuts[at]
+        n = exact.get(length)
         if n is None:
-            n = exact[at] = count(text[: cuts[at]])
+            n = exact[length] = count(text[:length])
         if n <= room:
             fits = at
             if at == last:
@@ -451,15 +496,7 @@ def _fit(
         if down <= fits or estimate > room + _SEAM_SLACK or estimate < least:
             break  # nothing longer than the best fit can fit; or nothing can reach ``least``
         at = down
-    if last in exact:
-        total, known = exact[last], True
-    else:
-        longest = max(exact)
-        total = exact[longest] + round((len(text) - cuts[longest]) * exact[longest] / cuts[longest])
-        total, known = max(total, exact[longest] + 1), False
-    if fits < 0 or (exact[fits] < least and fits != last):
-        return None, None, total, known
-    return text[: cuts[fits]], exact[fits], total, known
+    return cuts[fits] if fits >= 0 else nothing
 
 
 def trim_chunks(
