@@ -6,7 +6,9 @@ Run: ``.venv/bin/python benchmarks/bench_guard.py`` (``--json`` for machine outp
   with the memory store and a memory / SQLite trace sink; reported as the median over repeats
   of the mean per call (which includes the SQLite sink's batched writes, done on its
   background thread) and as the median of individually timed calls; ``input_tokens`` given
-  (the adapter knows them) and, separately, counted from a short chat with the tokenizer;
+  (the adapter knows them) and, separately, counted from a short chat with the tokenizer, and
+  from an agent's 11-message history of message objects with a bound tool (what an agent loop
+  re-sends on every call: the counter reads each message once);
 * a tool call and a step, for reference;
 * ``import agentguard`` over a bare interpreter, and the first ``Guard`` built (which loads
   pydantic, genai-prices and structlog) — medians of fresh processes.
@@ -30,6 +32,33 @@ MESSAGES = [
     {"role": "user", "content": "My parcel for order 1182 is late; what can you do?"},
     {"role": "assistant", "content": "Let me look the order up in the carrier's system."},
 ]
+
+
+class Message:
+    """A chat message object read by attribute (as LangChain's and LlamaIndex's are)."""
+
+    def __init__(self, role: str, content: str, **extra: object) -> None:
+        self.role = role
+        self.content = content
+        self.tool_calls = extra.get("tool_calls")
+        self.tool_call_id = extra.get("tool_call_id")
+        self.additional_kwargs: dict[str, object] = {}
+
+
+def agent_history(steps: int) -> list[Message]:
+    """An agent's history after ``steps`` tool-calling steps: what it re-sends on each call."""
+    out = [Message("user", "Where is my parcel for order 1182?")]
+    for i in range(steps):
+        call = {"name": "lookup", "args": {"query": f"order 1182, try {i}"}, "id": f"call_{i}"}
+        out.append(Message("assistant", "", tool_calls=[call]))
+        out.append(
+            Message("tool", "order 1182: paid, shipped 3 days late", tool_call_id=f"call_{i}")
+        )
+    return out
+
+
+HISTORY = agent_history(5)
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
 
 
 def per_call(fn: Callable[[], None], n: int, repeats: int) -> float:
@@ -78,16 +107,23 @@ def bench_calls(n: int, repeats: int) -> dict[str, float]:
                     c = task.start_model_call("gpt-4o", messages=MESSAGES)
                     c.end(usage)
 
+                def history(task: ag.Task = task) -> None:
+                    c = task.start_model_call("gpt-4o", messages=HISTORY, tools=TOOLS)
+                    c.end(usage)
+
                 def tool(task: ag.Task = task) -> None:
                     task.start_tool_call("search").end()
 
-                for fn in (call, counted, tool):  # warm caches (prices, encodings)
+                for fn in (call, counted, history, tool):  # warm caches (prices, encodings)
                     fn()
                 out[f"model call, input_tokens given ({label})"] = per_call(call, n, repeats)
                 out[f"model call, input_tokens given ({label}), per-call median"] = per_call_median(
                     call, n * repeats
                 )
                 out[f"model call, messages counted ({label})"] = per_call(counted, n, repeats)
+                out[f"model call, 11-message agent history + tool ({label})"] = per_call(
+                    history, n, repeats
+                )
                 out[f"tool call ({label})"] = per_call(tool, n, repeats)
                 if label == "memory sink":
                     guard.sink.clear()  # type: ignore[attr-defined]
