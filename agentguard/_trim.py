@@ -207,9 +207,17 @@ def _normalise(text: str) -> str:
 def _clause_key(text: str) -> str:
     """Return ``_normalise(text)`` with clause punctuation made NUL, in one translation."""
     key = text.casefold().translate(_CLAUSE_KEY)
-    while "  " in key:
-        key = key.replace("  ", " ")
+    if "  " in key:
+        # Runs of spaces never span a NUL: collapse them clause by clause, only in the clauses
+        # that have one (str.replace over the whole text costs several times more).
+        key = "\x00".join([_collapse(part) if "  " in part else part for part in key.split("\x00")])
     return key.strip(" ")
+
+
+def _collapse(text: str) -> str:
+    while "  " in text:
+        text = text.replace("  ", " ")
+    return text
 
 
 def _word_shingles(key: str) -> frozenset[tuple[str, ...]]:
@@ -275,7 +283,9 @@ class _Signature:
         """The set of clauses, built on first use."""
         if self._clauses is None:
             # The leading space makes the first clause look like every other one: " text".
-            clauses = set(f" {self.clause_key}".split("\x00"))
+            parts = self.clause_key.split("\x00")
+            parts[0] = f" {parts[0]}"
+            clauses = set(parts)
             clauses.discard("")
             clauses.discard(" ")
             self._clauses = clauses

@@ -19,6 +19,7 @@ from agentguard._errors import PolicyError
 from agentguard._trim import (
     Chunk,
     TrimResult,
+    _clause_key,
     _normalise,
     _Signature,
     trim_chunks,
@@ -425,6 +426,12 @@ def test_extra_tokens_change_what_fits() -> None:
 @given(st.text())
 def test_normalise_is_split_join(text: str) -> None:
     assert _normalise(text) == " ".join(text.casefold().split())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(paragraph, st.text(), st.text(" \n\t.,;!?ab\u3000\u3002")))
+def test_the_clause_key_is_the_key_with_clause_punctuation_made_nul(text: str) -> None:
+    assert _clause_key(text) == _normalise(text).translate(agentguard._trim._CLAUSE_BREAKS)
 
 
 @settings(max_examples=300, deadline=None)
