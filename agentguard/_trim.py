@@ -333,6 +333,8 @@ def _overlap_at_least(
     allowed = len(small) - math.ceil(need - _EPSILON)
     if allowed < 0:
         return False
+    if allowed < len(small) and small.isdisjoint(large):  # unrelated texts, decided in C
+        return False
     misses = 0
     for element in small:
         if element not in large:
@@ -619,7 +621,8 @@ def trim_chunks(
             items.append(chunk)
         else:
             raise TypeError(f"chunks[{position}] must be a Chunk or a str, got {type(chunk)!r}")
-    order = sorted(range(len(items)), key=lambda p: _rank_key(items[p], p))
+    ranks = [_rank_key(chunk, position) for position, chunk in enumerate(items)]
+    order = sorted(range(len(items)), key=ranks.__getitem__)
 
     counts: dict[str, int] = {}
 
@@ -677,7 +680,9 @@ def trim_chunks(
                 continue
         room = remaining - separator
         if extra_tokens is not None:
-            extra = _check_int(f"extra_tokens(chunks[{position}])", extra_tokens(chunk))
+            extra = extra_tokens(chunk)
+            if type(extra) is not int or extra < 0:
+                _check_int(f"extra_tokens(chunks[{position}])", extra)
             room -= extra
         else:
             extra = 0
