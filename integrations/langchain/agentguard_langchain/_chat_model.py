@@ -173,7 +173,7 @@ def _cap_param_of(cls: type[BaseChatModel]) -> str:
 def _default_of(model: BudgetedChatModel) -> str:
     """``model._default_id``, read from pydantic's private dict: the attribute itself goes
     through ``BaseModel.__getattr__`` (~3 µs per read)."""
-    private = cast("dict[str, Any]", model.__pydantic_private__)
+    private: dict[str, Any] = model.__pydantic_private__  # type: ignore[assignment]
     default: str = private["_default_id"]
     return default
 
