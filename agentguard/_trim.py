@@ -85,6 +85,10 @@ _CLAUSE_BREAKS = str.maketrans(
 # Both at once: what clauses are cut from (the maps share no character, so the order of the
 # two translations, and of collapsing spaces, does not matter).
 _CLAUSE_KEY = {**_WHITESPACE, **_CLAUSE_BREAKS}
+# The same for ASCII text as bytes (for ASCII, case folding is lowering).
+_ASCII_CLAUSE_KEY = bytes.maketrans(
+    bytes(range(128)), "".join(_CLAUSE_KEY.get(c, chr(c)) for c in range(128)).encode("ascii")
+)
 
 # Scripts written without spaces between words: each character is a shingle token on its own.
 _UNSPACED = (
@@ -206,7 +210,10 @@ def _normalise(text: str) -> str:
 
 def _clause_key(text: str) -> str:
     """Return ``_normalise(text)`` with clause punctuation made NUL, in one translation."""
-    key = text.casefold().translate(_CLAUSE_KEY)
+    if text.isascii():  # bytes methods run several times faster than their str twins
+        key = text.encode("ascii").lower().translate(_ASCII_CLAUSE_KEY).decode("ascii")
+    else:
+        key = text.casefold().translate(_CLAUSE_KEY)
     if "  " in key:
         # Runs of spaces never span a NUL: collapse them clause by clause, only in the clauses
         # that have one (str.replace over the whole text costs several times more).
