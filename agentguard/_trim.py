@@ -210,15 +210,24 @@ def _normalise(text: str) -> str:
 
 def _clause_key(text: str) -> str:
     """Return ``_normalise(text)`` with clause punctuation made NUL, in one translation."""
+    return "\x00".join(_clause_parts(text))
+
+
+def _clause_parts(text: str) -> list[str]:
+    """Return ``_clause_key(text).split("\\x00")``, without building the key."""
     if text.isascii():  # bytes methods run several times faster than their str twins
         key = text.encode("ascii").lower().translate(_ASCII_CLAUSE_KEY).decode("ascii")
     else:
         key = text.casefold().translate(_CLAUSE_KEY)
+    parts = key.split("\x00")
     if "  " in key:
         # Runs of spaces never span a NUL: collapse them clause by clause, only in the clauses
         # that have one (str.replace over the whole text costs several times more).
-        key = "\x00".join([_collapse(part) if "  " in part else part for part in key.split("\x00")])
-    return key.strip(" ")
+        parts = [_collapse(part) if "  " in part else part for part in parts]
+    # what stripping the whole key would strip
+    parts[0] = parts[0].lstrip(" ")
+    parts[-1] = parts[-1].rstrip(" ")
+    return parts
 
 
 def _collapse(text: str) -> str:
@@ -254,13 +263,22 @@ class _Signature:
     first one walked) only needs its key.
     """
 
-    __slots__ = ("_clauses", "_key", "_shingles", "_text", "clause_key", "tokens_per_char")
+    __slots__ = (
+        "_clauses",
+        "_key",
+        "_parts",
+        "_shingles",
+        "_text",
+        "clause_key",
+        "tokens_per_char",
+    )
 
-    def __init__(self, text: str, clause_key: str | None = None) -> None:
+    def __init__(self, text: str, parts: list[str] | None = None) -> None:
         self._text = text
-        #: The key with clause punctuation made NUL: equal for exact duplicates, and what the
-        #: clauses are split from (one translation of the text instead of two).
-        self.clause_key = _clause_key(text) if clause_key is None else clause_key
+        self._parts = _clause_parts(text) if parts is None else parts
+        #: The clauses of the key in order (clause punctuation removed): equal for exact
+        #: duplicates, and what the clause set is made of (one translation of the text).
+        self.clause_key = tuple(self._parts)
         self._key: str | None = None
         self._clauses: AbstractSet[str] | None = None
         self._shingles: frozenset[tuple[str, ...]] | None = None
@@ -280,19 +298,20 @@ class _Signature:
         a prefix of this one (case folding, character mapping and space collapsing all work
         character by character), and only the rest of the text is normalised to find its end.
         """
+        full = "\x00".join(self._parts)
         rest = _clause_key(text[length:])
-        size = len(self.clause_key) - len(rest)
+        size = len(full) - len(rest)
         if rest and text[length].isspace():
             size -= 1  # the space that joins the two parts in the key
-        return _Signature(text[:length], self.clause_key[:size])
+        return _Signature(text[:length], full[:size].split("\x00"))
 
     def clauses(self) -> AbstractSet[str]:
         """The set of clauses, built on first use."""
         if self._clauses is None:
+            parts = self._parts
+            clauses = set(parts[1:])
             # The leading space makes the first clause look like every other one: " text".
-            parts = self.clause_key.split("\x00")
-            parts[0] = f" {parts[0]}"
-            clauses = set(parts)
+            clauses.add(f" {parts[0]}")
             clauses.discard("")
             clauses.discard(" ")
             self._clauses = clauses
@@ -642,7 +661,7 @@ def trim_chunks(
     kept: list[tuple[int, Chunk, int]] = []  # (input position, chunk, tokens)
     dropped: list[tuple[int, Chunk, DropReason]] = []
     kept_signatures: list[_Signature] = []
-    kept_by_key: dict[str, list[_Signature]] = {}  # by clause key
+    kept_by_key: dict[tuple[str, ...], list[_Signature]] = {}  # by clause key
     tokens_in = 0
     seen_tokens = seen_chars = 0  # over the chunks tokenised, for the chars-per-token estimate
     unseen: list[str] = []  # texts dropped over budget without being tokenised

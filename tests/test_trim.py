@@ -431,7 +431,11 @@ def test_normalise_is_split_join(text: str) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(paragraph, st.text(), st.text(" \n\t.,;!?ab\u3000\u3002")))
 def test_the_clause_key_is_the_key_with_clause_punctuation_made_nul(text: str) -> None:
-    assert _clause_key(text) == _normalise(text).translate(agentguard._trim._CLAUSE_BREAKS)
+    key = _normalise(text).translate(agentguard._trim._CLAUSE_BREAKS)
+    assert _clause_key(text) == key
+    signature = _Signature(text)
+    assert signature.clause_key == tuple(key.split("\x00"))
+    assert signature.clauses() == set(f" {key}".split("\x00")) - {"", " "}
 
 
 @settings(max_examples=300, deadline=None)
