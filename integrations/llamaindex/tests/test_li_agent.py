@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from li_support import clean_llamaindex_state, in_fresh_loop
 from llama_index.core.agent.workflow import AgentWorkflow, FunctionAgent, ReActAgent
 from llama_index.core.tools import FunctionTool
 
@@ -31,15 +32,7 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def _detach_instrumentation() -> Iterator[None]:
-    """guard_agent attaches the guard's handlers to LlamaIndex's global root dispatcher:
-    remove them after each test so no test meters another's calls."""
-    from agentguard_llamaindex import _handler
-
-    before = set(map(id, _handler._REGISTRY.values()))
-    yield
-    for inst in list(_handler._REGISTRY.values()):
-        if id(inst) not in before:
-            inst.detach()
+    yield from clean_llamaindex_state()
 
 
 FINAL = "From what I found: the parcel ships on Monday."
@@ -78,6 +71,7 @@ async def run(agent: Any, how: str = "await") -> Any:
 
 
 @pytest.mark.parametrize("how", ["await", "stream"])
+@in_fresh_loop
 async def test_function_agent_ends_at_the_step_cap_with_a_final_answer(how: str) -> None:
     g = make_guard(max_steps=4, on_limit="finish", max_output_tokens=500, finish_output_tokens=60)
     s = Searches()
@@ -114,6 +108,7 @@ def test_a_runaway_agent_ends_when_run_from_synchronous_code() -> None:
     assert task.status == "finished"
 
 
+@in_fresh_loop
 async def test_a_tool_over_its_cap_is_not_run_and_the_next_call_is_the_final_one() -> None:
     g = make_guard(tool_limits={"search": 2}, on_limit="finish")
     s = Searches()
@@ -133,6 +128,7 @@ async def test_a_tool_over_its_cap_is_not_run_and_the_next_call_is_the_final_one
 
 
 @pytest.mark.parametrize("cap", ["max_tool_calls", "max_steps"])
+@in_fresh_loop
 async def test_under_raise_the_stop_comes_out_of_agent_run(cap: str) -> None:
     g = make_guard(**{cap: 2}, on_limit="raise")
     s = Searches()
@@ -145,6 +141,7 @@ async def test_under_raise_the_stop_comes_out_of_agent_run(cap: str) -> None:
     assert task.status == "stopped"
 
 
+@in_fresh_loop
 async def test_the_money_ceiling_ends_the_run_within_budget() -> None:
     limit = Decimal("0.01")
     g = make_guard(
@@ -163,6 +160,7 @@ async def test_the_money_ceiling_ends_the_run_within_budget() -> None:
     assert llm.seen[-1]["tools"] == []
 
 
+@in_fresh_loop
 async def test_react_agent_ends_at_the_step_cap() -> None:
     g = make_guard(max_steps=3, on_limit="finish")
     s = Searches()
@@ -183,6 +181,7 @@ async def test_react_agent_ends_at_the_step_cap() -> None:
     assert task.status == "finished"
 
 
+@in_fresh_loop
 async def test_agent_workflow_ends_at_the_tool_cap() -> None:
     g = make_guard(max_tool_calls=3, on_limit="finish")
     s = Searches()
@@ -200,6 +199,7 @@ async def test_agent_workflow_ends_at_the_tool_cap() -> None:
     assert task.status == "finished"
 
 
+@in_fresh_loop
 async def test_a_run_outside_any_task_gets_a_task_of_its_own() -> None:
     g = make_guard(max_steps=3, on_limit="finish")
     s = Searches()
@@ -218,6 +218,7 @@ async def test_a_run_outside_any_task_gets_a_task_of_its_own() -> None:
     assert s.ran == 6
 
 
+@in_fresh_loop
 async def test_guarding_twice_changes_nothing() -> None:
     g = make_guard(max_steps=2, on_limit="finish")
     s = Searches()

@@ -8,18 +8,12 @@ import importlib
 from collections.abc import Iterator
 
 import pytest
+from li_support import clean_llamaindex_state
 
 
 @pytest.fixture(autouse=True)
 def _detach_instrumentation() -> Iterator[None]:
-    """Examples attach handlers to LlamaIndex's global root dispatcher: remove them after."""
-    from agentguard_llamaindex import _handler
-
-    before = set(map(id, _handler._REGISTRY.values()))
-    yield
-    for inst in list(_handler._REGISTRY.values()):
-        if id(inst) not in before:
-            inst.detach()
+    yield from clean_llamaindex_state()
 
 
 MODULES = ["_common", "_handler", "_llm", "_agent", "testing"]

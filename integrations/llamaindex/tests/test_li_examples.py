@@ -9,21 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from li_support import clean_llamaindex_state
 
 from agentguard import MemorySink
 
 
 @pytest.fixture(autouse=True)
 def _detach_instrumentation() -> Iterator[None]:
-    """guard_agent attaches the guard's handlers to LlamaIndex's global root dispatcher:
-    remove them after each test so no test meters another's calls."""
-    from agentguard_llamaindex import _handler
-
-    before = set(map(id, _handler._REGISTRY.values()))
-    yield
-    for inst in list(_handler._REGISTRY.values()):
-        if id(inst) not in before:
-            inst.detach()
+    yield from clean_llamaindex_state()
 
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"

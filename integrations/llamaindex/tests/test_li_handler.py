@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from li_support import clean_llamaindex_state, in_fresh_loop
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.embeddings import MockEmbedding
@@ -52,6 +53,11 @@ def guard() -> Iterator[ag.Guard]:
     inst = instrument(g)
     yield g
     inst.detach()
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> Iterator[None]:
+    yield from clean_llamaindex_state()
 
 
 def test_a_mock_llm_chat_is_charged_once(guard: ag.Guard) -> None:
@@ -245,6 +251,7 @@ def test_handler_metering_from_threads_is_exact() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecationWarning")
+@in_fresh_loop
 async def test_an_unwrapped_agent_is_metered_from_its_spans(guard: ag.Guard) -> None:
     """Without guard_agent: tool calls come from FunctionTool.acall spans, steps from
     parse_agent_output spans, model calls from the LLM events."""

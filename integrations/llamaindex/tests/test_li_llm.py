@@ -5,19 +5,29 @@ constructor cap, and the graceful final call goes out without tools and ends the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from li_support import clean_llamaindex_state
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.memory import ChatMemoryBuffer
 from llama_index.core.tools import FunctionTool
 
 import agentguard as ag
 from agentguard_llamaindex import BudgetedLLM
 from agentguard_llamaindex._llm import FINAL_KEY, MODEL_KEY
 from agentguard_llamaindex.testing import ScriptedLLM
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> Iterator[None]:
+    # LlamaIndex's query engine runs private event loops it leaves to the garbage collector
+    yield from clean_llamaindex_state()
+
 
 MSG = [ChatMessage(role="user", content="Where is my parcel? It is order 1182.")]
 
@@ -62,7 +72,11 @@ def test_a_query_engine_runs_within_budget_and_is_charged() -> None:
 def test_a_chat_engine_streams_through_the_wrapper() -> None:
     g = make_guard(max_cost_usd="0.05")
     scripted = ScriptedLLM(replies=["Your parcel ships on Monday."])
-    engine = SimpleChatEngine.from_defaults(llm=BudgetedLLM(guard=g, llm=scripted))
+    # an in-process memory: the default one (an aiosqlite store driven by private event loops)
+    # leaves its loop and connection to the garbage collector
+    engine = SimpleChatEngine.from_defaults(
+        llm=BudgetedLLM(guard=g, llm=scripted), memory=ChatMemoryBuffer.from_defaults()
+    )
     with g.task("t") as task:
         assert str(engine.chat("Where is my parcel?")) == "Your parcel ships on Monday."
         streamed = engine.stream_chat("And the refund?")
