@@ -1,14 +1,14 @@
 """Keep a RAG query engine's context inside a token budget with TokenBudgetPostprocessor.
 
 A help-centre assistant answers a question from a ``VectorStoreIndex`` of 14 articles. The
-retriever returns its 10 best matches, ~650 tokens with their ``source`` headers, but the
-policy allows 280 tokens of context per question: ``TokenBudgetPostprocessor`` drops the
+retriever returns its 10 best matches, ~570 tokens with their ``source`` headers, but the
+policy allows 240 tokens of context per question: ``TokenBudgetPostprocessor`` drops the
 duplicate and the near-duplicate article, keeps the best that fit and cuts the last one at a
-sentence end (the 280 tokens cover each node's ``source: ...`` header too, as the LLM reads
+sentence end (the 240 tokens cover each node's ``source: ...`` header too, as the LLM reads
 it). The guard records the trim (tokens and dollars saved) and meters the LLM call
 (``BudgetedLLM``), so the printout shows what was trimmed and what the question cost.
 
-Offline: a hashed-bag-of-words embedding stands in for an embedding model (use
+Offline: a hashed n-gram embedding (``HashingEmbedding``) stands in for an embedding model (use
 ``OpenAIEmbedding()`` or any other in production) and a scripted LLM for the provider.
 
 Run: ``.venv/bin/python examples/llamaindex_rag.py``
@@ -16,17 +16,13 @@ Run: ``.venv/bin/python examples/llamaindex_rag.py``
 
 from __future__ import annotations
 
-import hashlib
-import math
-import re
 from typing import Any
 
 from llama_index.core import Document, VectorStoreIndex
-from llama_index.core.base.embeddings.base import BaseEmbedding
 
 import agentguard as ag
 from agentguard_llamaindex import BudgetedLLM, TokenBudgetPostprocessor
-from agentguard_llamaindex.testing import ScriptedLLM
+from agentguard_llamaindex.testing import HashingEmbedding, ScriptedLLM
 
 MODEL = "gpt-4o-mini"
 QUESTION = "How long does a refund take after I return an order?"
@@ -99,38 +95,13 @@ ARTICLES = {
 }
 
 
-class BagOfWordsEmbedding(BaseEmbedding):
-    """Hashed word counts in 512 dimensions, L2-normalised: deterministic, offline."""
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "BagOfWordsEmbedding"
-
-    def _embed(self, text: str) -> list[float]:
-        vector = [0.0] * 512
-        for word in re.findall(r"[a-z]{3,}", text.lower()):
-            digest = hashlib.blake2b(word[:6].encode(), digest_size=4).digest()
-            vector[int.from_bytes(digest, "little") % 512] += 1.0
-        norm = math.sqrt(sum(x * x for x in vector)) or 1.0
-        return [x / norm for x in vector]
-
-    def _get_query_embedding(self, query: str) -> list[float]:
-        return self._embed(query)
-
-    async def _aget_query_embedding(self, query: str) -> list[float]:
-        return self._embed(query)
-
-    def _get_text_embedding(self, text: str) -> list[float]:
-        return self._embed(text)
-
-
 def main() -> dict[str, Any]:
     guard = ag.Guard(
-        ag.Policy(max_cost_usd="0.01", context_budget_tokens=280, max_output_tokens=200),
+        ag.Policy(max_cost_usd="0.01", context_budget_tokens=240, max_output_tokens=200),
         traces="memory",
     )
     docs = [Document(text=t, metadata={"source": f"help/{k}"}) for k, t in ARTICLES.items()]
-    index = VectorStoreIndex.from_documents(docs, embed_model=BagOfWordsEmbedding())
+    index = VectorStoreIndex.from_documents(docs, embed_model=HashingEmbedding())
     answer = "Refunds reach your card three to five business days after inspection."
     llm = BudgetedLLM(guard=guard, llm=ScriptedLLM(model=MODEL, replies=[answer]))
     engine = index.as_query_engine(

@@ -30,9 +30,9 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import PrivateAttr
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
-from rag_embedding import features
 
 import agentguard as ag
+from agentguard_llamaindex.testing import features
 
 _DOCUMENT = re.compile(r"^Document (\d+):\n", re.MULTILINE)
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]")

@@ -4,8 +4,8 @@
 ``SimpleDirectoryReader``; each carries ``source`` metadata (``kb/<file name>``), which the LLM
 sees in front of the text. Among them: ``coffee_roasting_copy.txt`` repeats
 ``coffee_roasting.txt`` exactly, and ``coffee_roasting_revised.txt`` is a near-duplicate of it
-(two words changed). The index embeds with :class:`rag_embedding.HashingEmbedding`, so
-retrieval is deterministic everywhere.
+(two words changed). The index embeds with
+:class:`agentguard_llamaindex.testing.HashingEmbedding`, so retrieval is deterministic everywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 
 from llama_index.core import SimpleDirectoryReader, VectorStoreIndex
 from llama_index.core.schema import NodeWithScore
-from rag_embedding import HashingEmbedding
+
+from agentguard_llamaindex.testing import HashingEmbedding
 
 CORPUS = Path(__file__).resolve().parent / "rag_corpus"
 QUESTION = "How does roasting change the flavour of coffee beans?"

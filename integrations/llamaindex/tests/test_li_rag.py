@@ -20,13 +20,13 @@ from typing import Any
 from llama_index.core.postprocessor import LLMRerank, SimilarityPostprocessor
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import MetadataMode
-from rag_embedding import HashingEmbedding
 from rag_llm import ScriptedRagLLM
 from rag_pipeline import MODEL, QUESTION, build_index, sources
 
 import agentguard as ag
 from agentguard_llamaindex import TokenBudgetPostprocessor
 from agentguard_llamaindex._postprocess import TRUNCATED_KEY
+from agentguard_llamaindex.testing import HashingEmbedding
 
 COUNTER = ag.counter_for(MODEL)
 INPUT_USD = Decimal("0.15") / 1_000_000  # gpt-4o-mini, per token
@@ -184,7 +184,7 @@ def test_the_embedding_is_the_same_in_another_process_with_another_hash_seed() -
     here = Path(__file__).resolve().parent
     script = (
         "import json, sys; sys.path.insert(0, sys.argv[1]);"
-        "from rag_embedding import HashingEmbedding;"
+        "from agentguard_llamaindex.testing import HashingEmbedding;"
         "print(json.dumps(HashingEmbedding().get_text_embedding(sys.argv[2])))"
     )
     text = "Roasting turns green coffee beans into brown beans."

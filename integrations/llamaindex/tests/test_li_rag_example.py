@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import runpy
 from decimal import Decimal
 from pathlib import Path
@@ -27,13 +28,13 @@ def test_the_rag_example_trims_to_budget_and_reports_the_spend(
     assert len(out["retrieved"]) == 10
     # one copy of the refunds article is kept; its exact copy and its revision are dropped
     assert sum(s.startswith("help/refunds") for s in sources) == 1
-    assert "help/returns" in sources
+    assert "help/returns" in sources and "help/exchanges" in sources
     (cut,) = [n for n in kept if n.node.metadata.get("agentguard_truncated")]
-    assert cut.node.metadata["source"] == "help/returns"
+    assert cut.node.metadata["source"] == "help/exchanges"
     counter = ag.counter_for("gpt-4o-mini")
-    assert sum(counter.count(n.node.get_content(MetadataMode.LLM)) for n in kept) <= 280
+    assert sum(counter.count(n.node.get_content(MetadataMode.LLM)) for n in kept) <= 240
 
-    assert trim.attrs["budget_tokens"] == 280
+    assert trim.attrs["budget_tokens"] == 240
     assert trim.attrs["chunks_in"] == 10
     assert trim.attrs["chunks_kept"] == len(kept)
     assert trim.attrs["tokens_saved"] > 300
@@ -49,6 +50,6 @@ def test_the_rag_example_trims_to_budget_and_reports_the_spend(
     )
     assert usage.input_tokens < 450  # the trimmed context, not the ~650 tokens retrieved
 
-    assert "help/returns" in printed and " cut" in printed
+    assert re.search(r"help/exchanges +cut", printed)
     assert f"{trim.attrs['tokens_saved']} saved" in printed
     assert f"spend: ${task.cost_usd}" in printed
