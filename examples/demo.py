@@ -1,4 +1,4 @@
-"""agentguard demo: three runaway workloads under one guard, on the embedded defaults.
+"""agentguard demo: four runaway workloads under one guard, on the embedded defaults.
 
 * ``ticket-42`` — a LangChain v1 agent (``create_agent``) whose model never stops calling
   tools; ``AgentGuardMiddleware`` downgrades it to a cheaper model at 60% of its budget and
@@ -6,11 +6,15 @@
 * ``rag-7`` — an LCEL RAG chain whose retriever returns 21 chunks of ~600 tokens (one a
   duplicate); ``trim_documents`` fits them into a 3,000-token context budget and the
   callback handler meters the answer.
+* ``kb-3`` — a LlamaIndex query engine over a ``VectorStoreIndex``: its retriever returns 20
+  nodes of ~400 tokens; ``TokenBudgetPostprocessor`` trims them to the context budget and
+  ``BudgetedLLM`` meters (and would downgrade or stop) the answering call.
 * ``digest-*`` — an always-on agent that loops on steps, capped per run, sharing a daily team
   budget with its siblings.
 
 Everything is offline: memory budgets, a SQLite trace file, a scripted model (no API key, no
-server). Run it with ``bash scripts/demo.sh``; it ends with the ``agentguard report`` table.
+server). Run it with ``bash scripts/demo.sh``; it ends with the ``agentguard report`` table and
+writes the same report as a self-contained HTML page (``agentguard-demo.html``).
 """
 
 from __future__ import annotations
@@ -26,12 +30,16 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 from langchain_core.tools import tool
+from llama_index.core import Document as LlamaDocument
+from llama_index.core import VectorStoreIndex
 
 import agentguard as ag
 from agentguard._cli import main as cli
 from agentguard.testing import ScriptedModel
 from agentguard_langchain import AgentGuardCallbackHandler, AgentGuardMiddleware, trim_documents
 from agentguard_langchain.testing import ScriptedChatModel
+from agentguard_llamaindex import BudgetedLLM, TokenBudgetPostprocessor
+from agentguard_llamaindex.testing import HashingEmbedding, ScriptedLLM
 
 
 def handler(guard: ag.Guard) -> AgentGuardCallbackHandler:
@@ -140,6 +148,28 @@ def bloated_rag(guard: ag.Guard) -> ag.Task:
     return task
 
 
+def llamaindex_rag(guard: ag.Guard) -> ag.Task:
+    """A LlamaIndex query engine: 20 retrieved nodes trimmed to the context budget."""
+    rng = random.Random(11)
+    docs = [
+        LlamaDocument(text=_chunk(rng, 30), metadata={"source": f"kb/article-{i}"})
+        for i in range(24)
+    ]
+    index = VectorStoreIndex.from_documents(docs, embed_model=HashingEmbedding())
+    llm = BudgetedLLM(
+        guard=guard,
+        llm=ScriptedLLM(model="gpt-4o-mini", replies=["Damaged items are replaced at no cost."]),
+    )
+    engine = index.as_query_engine(
+        llm=llm,
+        similarity_top_k=20,
+        node_postprocessors=[TokenBudgetPostprocessor(guard=guard, model="gpt-4o-mini")],
+    )
+    with guard.task("kb-3", feature="kb-search", team="search") as task:
+        engine.query("Which carrier handles damaged items on priority orders?")
+    return task
+
+
 def always_on_digest(guard: ag.Guard, runs: int) -> list[ag.Task]:
     model = ScriptedModel("gpt-4o-mini", reply_tokens=300)
     tasks = []
@@ -165,7 +195,11 @@ def always_on_digest(guard: ag.Guard, runs: int) -> list[ag.Task]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--db", default="agentguard-demo.db", help="SQLite trace file")
+    parser.add_argument(
+        "--db",
+        default="agentguard-demo.db",
+        help="SQLite trace file (the HTML report is written beside it, as .html)",
+    )
     args = parser.parse_args(argv)
     db = Path(args.db)
     for suffix in ("", "-wal", "-shm"):
@@ -195,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print("agentguard demo — scripted model, memory budgets, traces in", db)
     print()
-    results = [runaway_agent(guard), bloated_rag(guard), *always_on_digest(guard, 4)]
+    results = [
+        runaway_agent(guard),
+        bloated_rag(guard),
+        llamaindex_rag(guard),
+        *always_on_digest(guard, 4),
+    ]
     guard.close()
 
     for t in results:
@@ -213,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         if moves:
             print(f"{'':>12}{moves}")
     print()
-    return cli(["report", "--db", str(db)])
+    code = cli(["report", "--db", str(db)])
+    html = db.with_suffix(".html")
+    if code == 0:
+        code = cli(["report", "--db", str(db), "--html", str(html)])
+    return code
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "demo.db"
     assert demo["main"](["--db", str(db)]) == 0
     out = capsys.readouterr().out
-    assert "agentguard report: 6 tasks" in out
+    assert "agentguard report: 7 tasks" in out
     reader = SQLiteTraceReader(db)
     tasks = {t.task_id: t for t in reader.tasks()}
     ticket = tasks["ticket-42"]
@@ -30,6 +30,14 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rag = tasks["rag-7"]
     assert rag.tokens_saved > 5000
     assert rag.usage.input_tokens <= 3000 + 200  # the trimmed context plus the question
+    kb = tasks["kb-3"]  # LlamaIndex: 20 nodes trimmed by TokenBudgetPostprocessor
+    assert kb.tokens_saved > 3000
+    assert kb.usage.input_tokens <= 3000 + 200
+    assert kb.decisions["trim"] == 1
+    assert kb.model_calls == 1
+    html = db.with_suffix(".html").read_text()
+    assert f"wrote {db.with_suffix('.html')}" in out
+    assert "kb-3" in html and "ticket-42" in html
     ops = [t for t in tasks.values() if t.tags.get("team") == "ops"]
     assert len(ops) == 4
     assert sum(t.cost_usd or 0 for t in ops) <= Decimal("0.0055")
