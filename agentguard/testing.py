@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from agentguard._openai_server import OpenAIServer
 from agentguard._usage import Usage
 
 if TYPE_CHECKING:
     from agentguard._decide import Decision
     from agentguard._guard import Task
 
-__all__ = ["Reply", "ScriptedModel"]
+__all__ = ["OpenAIServer", "Reply", "ScriptedModel"]
 
 _FILLER = "The agent considers the retrieved evidence, weighs the options and plans its next step. "
 

@@ -1,9 +1,9 @@
 """The real ``ChatOpenAI`` (langchain-openai) against a local OpenAI-compatible server.
 
-The server (``openai_server.py``) reports usage the way OpenAI does, cache reads and reasoning
-tokens included; each test checks that the guard recorded exactly genai-prices' price of the
-tokens the server reported — for plain calls and for streams — and that a stream sent without
-usage is estimated and marked.
+The server (``agentguard.testing.OpenAIServer``) reports usage the way OpenAI does, cache reads
+and reasoning tokens included; each test checks that the guard recorded exactly genai-prices'
+price of the tokens the server reported — for plain calls and for streams — and that a stream
+sent without usage is estimated and marked.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
-from openai_server import OpenAIServer
 
 import agentguard as ag
 from agentguard import MemorySink
+from agentguard.testing import OpenAIServer
 from agentguard_langchain._callbacks import AgentGuardCallbackHandler
 
 MODEL = "gpt-4o-mini"

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from genai_prices import Usage as PriceUsage
 from genai_prices import calc_price
-from li_openai_server import OpenAIServer
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.llms.openai import OpenAI
 
 import agentguard as ag
 from agentguard import MemorySink
+from agentguard.testing import OpenAIServer
 from agentguard_llamaindex import BudgetedLLM, instrument
 
 MODEL = "gpt-4o-mini"

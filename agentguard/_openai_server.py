@@ -1,5 +1,8 @@
-"""A local stand-in for the OpenAI Chat Completions API, for tests of LlamaIndex's real
-``OpenAI`` LLM (a copy of the LangChain tests' server: test packages do not import each other).
+"""A local stand-in for the OpenAI Chat Completions API, for tests of real OpenAI clients.
+
+Test code reaches it as :class:`agentguard.testing.OpenAIServer`: point LangChain's
+``ChatOpenAI(base_url=server.base_url)``, LlamaIndex's ``OpenAI(api_base=server.base_url)`` or
+the ``openai`` SDK at it to test a guarded application end to end without an API key.
 
 Standard library only (``http.server`` on ``127.0.0.1``, a free port, its own thread). It
 speaks ``POST /v1/chat/completions`` as JSON and as server-sent events, and reports ``usage``
