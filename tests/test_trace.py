@@ -531,7 +531,9 @@ def test_committed_batches_survive_sigkill_of_the_writer(
     conn.close()
     n = len(seqs)
     assert n >= kill_after_rows
-    assert n % 50 == 0, "a batch was committed partially"
+    # A transaction holds whatever was buffered when the flusher took the buffer: 50 spans, or
+    # more when the writing loop outpaced it. What survives is every span of every committed
+    # transaction: a contiguous prefix of the sequence, with no gap and no torn row.
     assert sorted(seqs) == list(range(n)), "committed batches must be complete and contiguous"
 
     reader = SQLiteTraceReader(db)
