@@ -602,18 +602,20 @@ class Task:
             self._lines = self._build_lines(now)
         return self._lines
 
-    def _spent(self, *, tools: bool = False) -> Spent:
+    def _spent(self, *, tool: str | None = None) -> Spent:
+        """The task's spend from its balances; with ``tool``, ``tool_calls_by_name`` holds that
+        tool's count (all a tool decision reads), not every tool's."""
         b = self._balances.get(self._key)
         if b is None:
             return Spent(finished=self.finished, blocked=self._blocked)
         com, res = b.committed, b.reserved
-        by_name: dict[str, int] = {}
-        if tools:
-            for src in (com, res):
-                for k, v in src.items():
-                    if k.startswith("tool:"):
-                        by_name[k[5:]] = by_name.get(k[5:], 0) + int(v)
         g0, g1 = com.get, res.get  # stores hand back Decimal money and int counts
+        by_name: dict[str, int] = {}
+        if tool is not None:
+            key = "tool:" + tool
+            n = int(g0(key, 0)) + int(g1(key, 0))
+            if n:
+                by_name[tool] = n
         return Spent(
             g0("cost_usd", _ZERO) + g1("cost_usd", _ZERO),  # type: ignore[arg-type]
             g0("input_tokens", 0) + g1("input_tokens", 0),  # type: ignore[arg-type]
@@ -993,14 +995,14 @@ class Task:
             parent_id=self._parent_span_id(parent_span),
         )
         amounts: dict[str, Decimal | int] = {"tool_calls": 1, f"tool:{name}": 1}
-        d = decide_tool_call(self.policy, self._spent(tools=True), name)
+        d = decide_tool_call(self.policy, self._spent(tool=name), name)
         if d.action == "allow":
             res = yield ("charge", (self._current_lines(), amounts), _NO_KW)
             if res.ok:
                 self._update(res.balances)
             else:
                 self._balances.update(res.balances)
-                d = decide_tool_call(self.policy, self._spent(tools=True), name)
+                d = decide_tool_call(self.policy, self._spent(tool=name), name)
                 if d.action == "allow":  # refused on an enclosing line the policy doesn't see
                     d = _denied_decision(res.denied, f"{name!r} tool call")
                     if self.policy.on_limit != "raise":

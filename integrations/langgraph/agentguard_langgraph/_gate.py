@@ -95,11 +95,13 @@ _NOTHING = _Ledger()
 
 
 def _ledger(task: Task) -> _Ledger:
-    usage = task.usage
+    # the task's running token counts, read as they are kept: ``task.usage`` builds (and
+    # validates) a new ``Usage`` on every read, twice per iteration here
+    usage = task._usage
     return _Ledger(
         task.priced_cost_usd,
-        usage.input_tokens,
-        usage.output_tokens,
+        usage[0],
+        usage[1],
         task.model_calls,
         task.tool_calls,
         tuple(task.tool_calls_by_name.items()),
