@@ -975,6 +975,44 @@ class Task:
 
     # -- events: tools, retries, steps, retrieval ------------------------------------------
 
+    def start_unreserved_call(self, model: str, input_tokens: int, *, reason: str) -> ModelCall:
+        """Record a model call already under way, without deciding or reserving for it.
+
+        For adapters whose framework cannot stop or change a call (an instrumentation
+        handler that only observes): the call's spend must still be recorded. ``end`` charges
+        every enclosing budget unconditionally (no reservation to commit); the span carries
+        ``reason`` and the attribute ``unreserved``.
+
+        Example:
+            >>> import agentguard as ag
+            >>> with ag.Guard(traces=False).task("t") as task:
+            ...     call = task.start_unreserved_call("gpt-4o-mini", 1000, reason="observed")
+            ...     call.end(ag.Usage(input_tokens=1000, output_tokens=100))
+            Decimal('0.000210000')
+        """
+        span = Span(
+            span_id=self.guard._next_id(),
+            task_id=self.id,
+            kind="model",
+            name=model,
+            start=time.time(),
+            parent_id=self.current_step_id or self.span_id,
+            model=model,
+            decision="allow",
+            reason=reason,
+            attrs={"unreserved": True, "input_estimate": input_tokens},
+        )
+        return ModelCall(
+            self,
+            span,
+            Decision("allow", model=model, reason=reason),
+            self._current_lines(),
+            None,
+            input_tokens,
+            input_tokens,
+            self.guard.prices.rates(model),
+        )
+
     def start_tool_call(self, name: str, *, parent_span: str | None = None) -> ToolCall:
         """A tool is about to run. Returns a :class:`ToolCall`; check ``decision.action``:
         ``block`` means skip the tool and tell the model why (``decision.reason``).

@@ -13,13 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from agentguard import BudgetExceeded, Decision, InvalidUsage, ModelCall, Span, Usage
+from agentguard import BudgetExceeded, InvalidUsage, Usage
 
 if TYPE_CHECKING:
     from agentguard import Task
@@ -32,7 +31,6 @@ __all__ = [
     "model_of_payload",
     "output_text",
     "pop_deferred_stop",
-    "unreserved_call",
     "usage_of",
 ]
 
@@ -165,39 +163,6 @@ def output_text(response: Any) -> str:
         fn = _get(call, "function")
         text += str(_get(fn, "name") or "") + str(_get(fn, "arguments") or "")
     return text
-
-
-def unreserved_call(task: Task, model: str, input_tokens: int, *, why: str) -> ModelCall:
-    """A :class:`ModelCall` that charges a call already under way without reserving for it.
-
-    For calls the guard decided to stop, finish or move that go ahead anyway (a LlamaIndex
-    instrumentation handler cannot stop or change a call): their spend must still be
-    recorded. ``end`` charges the store unconditionally (no reservation to commit);
-    the span is marked ``unreserved``.
-    """
-    guard = task.guard
-    span = Span(
-        span_id=guard._next_id(),  # the guard's own id sequence, like its other spans
-        task_id=task.id,
-        kind="model",
-        name=model,
-        start=time.time(),
-        parent_id=task.current_step_id or task.span_id,
-        model=model,
-        decision="allow",
-        reason=why,
-        attrs={"unreserved": True, "input_estimate": input_tokens},
-    )
-    return ModelCall(
-        task,
-        span,
-        Decision("allow", model=model, reason=why),
-        task._current_lines(),
-        None,
-        input_tokens,
-        input_tokens,
-        guard.prices.rates(model),
-    )
 
 
 # -- stops decided where LlamaIndex swallows exceptions ---------------------------------------

@@ -47,7 +47,6 @@ from agentguard_llamaindex._common import (
     output_text,
     parsed_or_raw,
     pop_deferred_stop,
-    unreserved_call,
     usage_of,
 )
 
@@ -358,11 +357,10 @@ class _Meter:
             refusal = BudgetExceeded("max_cost_usd", None, None, task_id=task.id, detail=str(exc))
         if call is None or call.done:
             counter = counter_for(model)
-            call = unreserved_call(
-                task,
+            call = task.start_unreserved_call(
                 model,
                 counter.count_messages(messages, tools),
-                why=str(refusal) if refusal is not None else "metered",
+                reason=str(refusal) if refusal is not None else "metered",
             )
         if refusal is not None:
             _log.warning("agentguard.unenforced task_id=%s model=%s: %s", task.id, model, refusal)
@@ -439,7 +437,7 @@ class _Meter:
         counter = counter_for(model)
         tokens = sum(counter.count(c) for c in chunks)
         # EmbeddingEndEvent carries no token counts: the input is counted here, marked estimated
-        call = unreserved_call(task, model, tokens, why="embedding (tokens estimated)")
+        call = task.start_unreserved_call(model, tokens, reason="embedding (tokens estimated)")
         call.span.attrs["embedding"] = True
         call.span.attrs["chunks"] = len(chunks)
         call.end(Usage(tokens, 0, estimated=True))
