@@ -327,8 +327,13 @@ _REASONING_BLOCKS = frozenset({"thinking", "reasoning"})
 _ROLES = {"human": "user", "ai": "assistant", "aimessagechunk": "assistant", "chat": "user"}
 
 
+#: ``json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)``, built once
+#: (``json.dumps`` builds an encoder per call); ``encode`` keeps no state between calls.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    return _ENCODE(value)
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -405,6 +410,7 @@ class _Counting:
     exact: bool
     margin: float
     _msg_chars: int  # characters the message cache (``_msgs``, if any) keeps alive
+    _roles: dict[str, int]  # role -> its tokens plus TOKENS_PER_MESSAGE
 
     def count(self, text: str) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -433,56 +439,87 @@ class _Counting:
         """
         count = self.count
         total = REPLY_PRIMING_TOKENS
-        cache: dict[int, tuple[Any, Any, Any, Any, int]] | None = getattr(self, "_msgs", None)
+        cache: dict[int, tuple[Any, Any, Any, Any, int, bool]] | None = getattr(self, "_msgs", None)
+        cache_get = cache.get if cache is not None else None
+        # role -> its tokens plus the per-message ones (a handful of roles recur)
+        role_tokens: dict[str, int] = self._roles
         for message in messages:
-            if isinstance(message, str):
+            cls = type(message)
+            if cls is dict:  # plain field lookups; often built afresh per request, so not kept
+                keep = None
+                get: Any = message.get
+            elif cls is str:
                 total += TOKENS_PER_MESSAGE + 1 + count(message)  # a bare string: a user message
                 continue
-            if isinstance(message, tuple) and len(message) == 2:
-                role, content = message
-                total += TOKENS_PER_MESSAGE + count(str(role)) + self._content(content)
-                continue
-            keep = None
-            if type(message) is dict:  # plain field lookups; often built afresh per request,
-                get: Any = message.get  # so not kept
             else:
                 # A message object seen before (an agent re-sends its whole history on every
                 # call) is not read again: its count is kept with the objects it was counted
                 # from — the message (held, so its id cannot be reused) and its ``content``,
                 # ``tool_calls`` and ``additional_kwargs`` — and used only while each is still
-                # the same object. Only for messages whose attributes are their ``__dict__``
-                # entries (LangChain's; see _reader), so those objects are what was counted.
+                # the same object (and no pydantic extra appeared). Only messages whose
+                # attributes are their ``__dict__`` entries are kept (LangChain's; see
+                # _reader), so those objects are what was counted. A hit reads the message's
+                # ``__dict__`` with subscripts only: two calls (``id``, ``get``) per message.
+                if cache_get is not None:
+                    hit = cache_get(id(message))
+                    if hit is not None and hit[0] is message:
+                        fields = message.__dict__
+                        # subscripts, not ``fields.get``: no call per kept message
+                        calls = fields["tool_calls"] if "tool_calls" in fields else None  # noqa: SIM401
+                        extra = (
+                            fields["additional_kwargs"] if "additional_kwargs" in fields else None  # noqa: SIM401
+                        )
+                        if (
+                            "content" in fields
+                            and fields["content"] is hit[1]
+                            and calls is hit[2]
+                            and extra is hit[3]
+                            and not (hit[5] and message.__pydantic_extra__)
+                        ):
+                            total += hit[4]
+                            continue
+                if isinstance(message, str):
+                    total += TOKENS_PER_MESSAGE + 1 + count(message)
+                    continue
+                if isinstance(message, tuple) and len(message) == 2:
+                    role, content = message
+                    total += TOKENS_PER_MESSAGE + count(str(role)) + self._content(content)
+                    continue
+                keep = None
+                pydantic = False
                 fields = getattr(message, "__dict__", None)
-                if (
-                    cache is not None
-                    and type(fields) is dict
-                    and "content" in fields
-                    and _PLAIN_MESSAGES.get(type(message))
-                    and not getattr(message, "__pydantic_extra__", None)
-                ):
-                    keep = cache
-                    hit = cache.get(id(message))
-                    if (
-                        hit is not None
-                        and hit[0] is message
-                        and hit[1] is fields["content"]
-                        and hit[2] is fields.get("tool_calls")
-                        and hit[3] is fields.get("additional_kwargs")
-                    ):
-                        total += hit[4]
-                        continue
-                get = _reader(message)
+                if _PLAIN_MESSAGES.get(cls) and type(fields) is dict:
+                    extra_attr = getattr(message, "__pydantic_extra__", None)
+                    if not extra_attr:  # what _reader returns for it, without asking again
+                        get = fields.get
+                        if cache is not None and "content" in fields:
+                            keep = cache
+                            pydantic = extra_attr is not None
+                    else:
+                        get = _reader(message)
+                else:
+                    get = _reader(message)
             content = get("content")
             calls = get("tool_calls")
             extra = get("additional_kwargs")
-            n = TOKENS_PER_MESSAGE
             role = get("role") or get("type") or ""
-            if type(role) is not str:
-                role = str(getattr(role, "value", role))  # LlamaIndex MessageRole enum
-            n += count(_ROLES.get(role.lower(), role))
-            n += count(content) if type(content) is str else self._content(content)
+            n = role_tokens.get(role) if type(role) is str else None
+            if n is None:
+                key = role
+                if type(role) is not str:
+                    role = str(getattr(role, "value", role))  # LlamaIndex MessageRole enum
+                n = TOKENS_PER_MESSAGE + count(_ROLES.get(role.lower(), role))
+                if type(key) is str:
+                    if len(role_tokens) >= _MESSAGE_CACHE_MAX:
+                        role_tokens.clear()
+                    role_tokens[key] = n
+            if type(content) is str:
+                if content:  # an empty text counts 0 tokens
+                    n += count(content)
+            else:
+                n += self._content(content)
             name = get("name")
-            if isinstance(name, str) and name:
+            if name is not None and isinstance(name, str) and name:
                 n += count(name) + TOKENS_PER_NAME
             found = calls
             if not found:
@@ -494,7 +531,7 @@ class _Counting:
                 for call in found:
                     n += self._call(call)
             call_id = get("tool_call_id")
-            if isinstance(call_id, str) and call_id:
+            if call_id is not None and isinstance(call_id, str) and call_id:
                 n += count(call_id)
             if keep is not None:
                 # bounded by entries and by the characters of the contents it keeps alive
@@ -504,22 +541,24 @@ class _Counting:
                     keep.clear()  # racing threads may both clear: harmless
                     held = size
                 self._msg_chars = held
-                keep[id(message)] = (message, content, calls, extra, n)
+                keep[id(message)] = (message, content, calls, extra, n, pydantic)
             total += n
         if tools:
             tool_cache: dict[int, tuple[Any, int]] | None = getattr(self, "_tools", None)
             total += TOOLS_PREAMBLE_TOKENS
             for tool in tools:
+                # a bound tool (a schema dict, a tool object) is passed again on every call:
+                # its JSON is built once per object (held, so its id cannot be reused)
+                seen = tool_cache.get(id(tool)) if tool_cache is not None else None
+                if seen is not None and seen[0] is tool:
+                    total += seen[1]
+                    continue
                 if tool_cache is None or isinstance(tool, str):
                     total += TOKENS_PER_TOOL + count(_tool_json(tool))
                     continue
-                # a bound tool (a schema dict, a tool object) is passed again on every call:
-                # its JSON is built once per object (held, so its id cannot be reused)
-                seen = tool_cache.get(id(tool))
-                if seen is None or seen[0] is not tool:
-                    if len(tool_cache) >= _MESSAGE_CACHE_MAX:
-                        tool_cache.clear()
-                    seen = tool_cache[id(tool)] = (tool, TOKENS_PER_TOOL + count(_tool_json(tool)))
+                if len(tool_cache) >= _MESSAGE_CACHE_MAX:
+                    tool_cache.clear()
+                seen = tool_cache[id(tool)] = (tool, TOKENS_PER_TOOL + count(_tool_json(tool)))
                 total += seen[1]
         return total
 
@@ -558,6 +597,23 @@ class _Counting:
         return self.count(str(block))
 
     def _call(self, call: Any) -> int:
+        if type(call) is dict and "function" not in call:  # LangChain's {"name", "args", "id"}
+            get = call.get
+            name = get("name") or get("tool_name") or ""
+            args = get("arguments")
+            if args is None:
+                args = get("args")
+            if args is None:
+                args = get("input")
+            if args is None:
+                args = get("tool_kwargs")
+            call_id = get("id") or get("tool_id") or ""
+            count = self.count
+            total = TOKENS_PER_TOOL_CALL + count(name if type(name) is str else str(name))
+            total += count(call_id if type(call_id) is str else str(call_id))
+            if args is not None:
+                total += count(args if isinstance(args, str) else _dumps(args))
+            return total
         fn = _get(call, "function")
         src = fn if fn is not None else call
         name = _get(src, "name") or _get(call, "tool_name") or ""
@@ -620,6 +676,7 @@ class TiktokenCounter(_Counting):
         "_encode",
         "_msg_chars",
         "_msgs",
+        "_roles",
         "_tools",
         "encoding",
         "exact",
@@ -637,9 +694,10 @@ class TiktokenCounter(_Counting):
         self._encode = encoding.encode_ordinary
         self._cache: dict[str, int] = {}
         self._cached_chars = 0
-        self._msgs: dict[int, tuple[Any, Any, Any, Any, int]] = {}
+        self._msgs: dict[int, tuple[Any, Any, Any, Any, int, bool]] = {}
         self._msg_chars = 0
         self._tools: dict[int, tuple[Any, int]] = {}
+        self._roles: dict[str, int] = {}
 
     def count(self, text: str) -> int:
         """Tokens in ``text`` (special-token strings are counted as plain text).
@@ -683,15 +741,16 @@ class CharEstimateCounter(_Counting):
         3
     """
 
-    __slots__ = ("_msg_chars", "_msgs", "_tools", "exact", "margin", "name")
+    __slots__ = ("_msg_chars", "_msgs", "_roles", "_tools", "exact", "margin", "name")
 
     def __init__(self, margin: float = ESTIMATE_MARGIN) -> None:
         self.name = "chars/4 (estimate)"
         self.exact = False
         self.margin = margin
-        self._msgs: dict[int, tuple[Any, Any, Any, Any, int]] = {}
+        self._msgs: dict[int, tuple[Any, Any, Any, Any, int, bool]] = {}
         self._msg_chars = 0
         self._tools: dict[int, tuple[Any, int]] = {}
+        self._roles: dict[str, int] = {}
 
     def count(self, text: str) -> int:
         """Estimated tokens in ``text``."""

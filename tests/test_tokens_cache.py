@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 import agentguard._tokens as tokens_module
 from agentguard import counter_for
 from agentguard._tokens import CharEstimateCounter
@@ -114,3 +116,47 @@ def test_the_cache_is_bounded_by_the_characters_it_keeps(monkeypatch: Any) -> No
     assert c.count_messages(msgs) == total
     assert 0 < len(c._msgs) <= 4
     assert c._msg_chars <= 2_000
+
+
+class PydanticMsg(BaseModel):
+    """A pydantic message that keeps unknown attributes as extras (LangChain's shape)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: Any
+    tool_calls: list[dict[str, Any]] | None = None
+    additional_kwargs: dict[str, Any] = {}
+
+
+def test_pydantic_messages_reuse_counts_until_an_extra_appears() -> None:
+    c = counter_for("gpt-4o")
+    call = {"name": "lookup", "args": {"query": "order 1182"}, "id": "call_1"}
+    msgs = [
+        PydanticMsg(role="user", content="Where is my parcel for order 1182?"),
+        PydanticMsg(role="assistant", content="", tool_calls=[call]),
+    ]
+    first = c.count_messages(msgs)
+    assert first == fresh_count(msgs)  # type: ignore[arg-type]
+    assert c.count_messages(msgs) == first
+    assert all(id(m) in c._msgs for m in msgs)  # type: ignore[attr-defined]  # kept
+    msgs[0].name = "Maria Lopez"  # an extra the count reads: the kept count is stale
+    named = c.count_messages(msgs)
+    assert named == fresh_count(msgs) > first  # type: ignore[arg-type]
+    msgs[1].tool_calls = None  # a field replaced
+    assert c.count_messages(msgs) == fresh_count(msgs) < named  # type: ignore[arg-type]
+
+
+def test_roles_strings_tuples_and_dicts_mixed_with_kept_messages() -> None:
+    c = CharEstimateCounter()
+    msgs: list[Any] = [
+        "a bare string",
+        ("system", "be brief"),
+        {"role": "user", "content": "hello"},
+        Msg("ai", "hi there"),
+        Msg("human", "and again"),
+    ]
+    first = c.count_messages(msgs)
+    assert c.count_messages(msgs) == first == CharEstimateCounter().count_messages(msgs)
+    # the roles are mapped as OpenAI counts them (ai -> assistant, human -> user)
+    assert c.count_messages([Msg("ai", "x")]) == c.count_messages([Msg("assistant", "x")])
