@@ -66,6 +66,7 @@ _RAW_TOOLS = "agentguard_tools"
 # Output-cap parameters LangChain chat models understand, in the order a cap is looked for.
 _CAP_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict")
 _CAP_FIELDS = ("max_tokens", "max_output_tokens", "num_predict", "max_new_tokens")
+_CAP_KEY_SET = frozenset(_CAP_KEYS)
 
 # Keys ``bind_tools`` may carry that are for tracing only (popped by BaseChatModel before
 # ``_generate``): not part of how a delegate should format tools.
@@ -147,6 +148,22 @@ def _model_id(model: BaseChatModel) -> str:
         if isinstance(value, str) and value:
             return value
     return model._llm_type
+
+
+def _delegate_ls_params(model: BaseChatModel, private: dict[str, Any]) -> LangSmithParams:
+    """A copy of the wrapped model's own tracing params (no call kwargs), kept while the
+    model and its ``temperature`` are the same: a provider's ``_get_ls_params`` probes
+    attributes (``hasattr`` on a pydantic model raises and catches for each one it lacks),
+    ~8 µs per call. The wrapper sets the model name, cap, stop and a call's temperature."""
+    temperature = getattr(model, "__dict__", {}).get("temperature")
+    held = private.get("_ls_base")
+    if held is None or held[0] is not model or held[1] != temperature:
+        try:
+            base = model._get_ls_params()
+        except Exception:  # pragma: no cover - a provider's tracing params are best effort
+            base = LangSmithParams(ls_provider="agentguard")
+        held = private["_ls_base"] = (model, temperature, base)
+    return cast("LangSmithParams", dict(held[2]))
 
 
 def _int_cap(value: Any) -> int | None:
@@ -318,6 +335,7 @@ class BudgetedChatModel(BaseChatModel):
     task_tags: dict[str, str] = Field(default_factory=dict)
 
     _default_id: str = PrivateAttr(default="")
+    _ls_base: tuple[BaseChatModel, Any, LangSmithParams] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _read_default_id(self) -> Self:
@@ -351,10 +369,10 @@ class BudgetedChatModel(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         kwargs.pop(_RAW_TOOLS, None)
-        try:
-            params = self.model._get_ls_params(stop=stop, **kwargs)
-        except Exception:  # pragma: no cover - a provider's tracing params are best effort
-            params = LangSmithParams(ls_provider="agentguard")
+        params = _delegate_ls_params(self.model, self.__pydantic_private__)  # type: ignore[arg-type]
+        temperature = kwargs.get("temperature")
+        if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+            params["ls_temperature"] = temperature
         requested = kwargs.get("model")
         params["ls_model_name"] = requested if isinstance(requested, str) else _default_of(self)
         params["ls_model_type"] = "chat"
@@ -373,7 +391,15 @@ class BudgetedChatModel(BaseChatModel):
         self, stop: list[str] | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         kwargs.pop(_RAW_TOOLS, None)
-        return super()._get_invocation_params(stop=stop, **kwargs)
+        if type(self).dict is not BaseChatModel.dict:  # a subclass's own dict(): LangChain's way
+            return super()._get_invocation_params(stop=stop, **kwargs)
+        # what BaseChatModel builds (``dict()`` + stop + kwargs), without the warnings filter
+        # it sets around ``dict()`` for deprecated overrides (~7 µs per call)
+        params = self._identifying_params
+        params["_type"] = "agentguard-budgeted"
+        params["stop"] = stop
+        params.update(kwargs)
+        return params
 
     # -- tools -------------------------------------------------------------------------------
 
@@ -415,13 +441,15 @@ class BudgetedChatModel(BaseChatModel):
 
     def _caller_cap(self, model: BaseChatModel, kwargs: Mapping[str, Any]) -> int | None:
         cap = self.max_tokens
-        for k in _CAP_KEYS:
-            v = kwargs.get(k)
+        if not _CAP_KEY_SET.isdisjoint(kwargs):
+            for k in _CAP_KEYS:
+                v = kwargs.get(k)
+                if v is not None and (c := _int_cap(v)) is not None and (cap is None or c < cap):
+                    cap = c
+        attrs = _CAP_ATTRS.get(type(model))
+        for k in attrs if attrs is not None else _cap_attrs(type(model)):
+            v = getattr(model, k, None)
             if v is not None and (c := _int_cap(v)) is not None and (cap is None or c < cap):
-                cap = c
-        for k in _cap_attrs(type(model)):
-            c = _int_cap(getattr(model, k, None))
-            if c is not None and (cap is None or c < cap):
                 cap = c
         return cap
 
@@ -437,7 +465,10 @@ class BudgetedChatModel(BaseChatModel):
         *,
         final: bool,
     ) -> dict[str, Any]:
-        """The call kwargs for ``model``: tools formatted by it, forced to text when final."""
+        """The call kwargs for ``model``: tools formatted by it, forced to text when final
+        (``kwargs`` itself when nothing changes)."""
+        if not final and (spec is None or model is self.model):
+            return kwargs
         kw = dict(kwargs)
         if spec is not None and (model is not self.model or final):
             extra = dict(spec.kwargs)
@@ -463,9 +494,12 @@ class BudgetedChatModel(BaseChatModel):
         own = _int_cap(getattr(model, param, None)) if declared else None
         if own is not None:  # a rung's own constructor cap is never raised
             cap = min(cap, own)
-        present = [k for k in _CAP_KEYS if k in kw]
-        for key in present or (param,):
-            kw[key] = cap
+        if _CAP_KEY_SET.isdisjoint(kw):
+            kw[param] = cap
+            return
+        for key in _CAP_KEYS:
+            if key in kw:
+                kw[key] = cap
 
     def _begin(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
@@ -474,7 +508,7 @@ class BudgetedChatModel(BaseChatModel):
         agent middleware) meters it already."""
         if already_metered():
             return None
-        kwargs = dict(kwargs)
+        # ``kwargs`` is the call's own ``**kwargs`` dict (never the caller's): edited in place
         spec: _BoundTools | None = kwargs.pop(_RAW_TOOLS, None)
         asked = kwargs.pop("model", None)
         default_id = _default_of(self)
@@ -485,7 +519,7 @@ class BudgetedChatModel(BaseChatModel):
             open_task: Callable[..., Task] = self.guard.open_task  # tags are plain **kwargs
             task = open_task(self.task_id, **self.task_tags)
         try:
-            first, _ = self._resolve(requested, default_id)
+            first, first_select = self._resolve(requested, default_id)
             cap = self._caller_cap(first, kwargs)
             tools = kwargs.get("tools")
             call = task.start_model_call(requested, messages=messages, tools=tools, max_tokens=cap)
@@ -500,11 +534,14 @@ class BudgetedChatModel(BaseChatModel):
             if owned:
                 task.close(exc)
             raise
-        model, select = self._resolve(call.model, default_id)
+        model, select = (
+            (first, first_select) if call.model == requested else self._resolve(call.model)
+        )
         plan = _Plan(task, owned, call, model, stop or self.stop or None, kwargs, final)
         try:
             kw = self._kwargs_for(model, spec, kwargs, final=final)
-            kw.update(select)
+            if select:
+                kw.update(select)
             self._apply_cap(model, kw, call.max_tokens)
         except BaseException as exc:
             self._abort(plan, exc)

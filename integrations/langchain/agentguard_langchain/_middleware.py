@@ -107,6 +107,23 @@ def _thread_id(runtime: Any) -> str | None:
     return str(tid) if tid else None
 
 
+def refused_tool_call(
+    call: Mapping[str, Any], *, blocked: str | None = None, stopped: object = None
+) -> ToolMessage:
+    """The error ``ToolMessage`` a model gets for a tool call the budget did not let run:
+    ``blocked`` by a tool cap (the decision's reason), or not run because the budget
+    ``stopped`` the run (the ``BudgetExceeded``)."""
+    name = call["name"]
+    if blocked is not None:
+        content = (
+            f"Tool call blocked by the budget: {blocked}. "
+            f"Do not call '{name}' again; answer with what you have."
+        )
+    else:
+        content = f"Not run: the run's budget stopped it ({stopped})."
+    return ToolMessage(content=content, tool_call_id=call["id"] or "", name=name, status="error")
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
@@ -702,38 +719,36 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
     # -- tool calls ----------------------------------------------------------------------------
 
     def _begin_tool(self, run: _Run, request: ToolCallRequest) -> ToolCall | ToolMessage:
-        name = request.tool_call["name"]
-        call_id = request.tool_call["id"] or ""
         if run.stopped is not None:
-            return ToolMessage(
-                content=f"Not run: the run's budget stopped it ({run.stopped}).",
-                tool_call_id=call_id,
-                name=name,
-                status="error",
-            )
+            return refused_tool_call(request.tool_call, stopped=run.stopped)
         try:
-            tool = run.task.start_tool_call(name)
+            tool = run.task.start_tool_call(request.tool_call["name"])
         except BudgetExceeded as exc:
-            if self._exit(run.task) == "error":
-                raise
-            run.stopped = exc
-            return ToolMessage(
-                content=f"Not run: the run's budget stopped it ({exc}).",
-                tool_call_id=call_id,
-                name=name,
-                status="error",
-            )
-        if not tool.allowed:
-            return ToolMessage(
-                content=(
-                    f"Tool call blocked by the budget: {tool.decision.reason}. "
-                    f"Do not call '{name}' again; answer with what you have."
-                ),
-                tool_call_id=call_id,
-                name=name,
-                status="error",
-            )
-        return tool
+            return self._tool_stopped(run, request, exc)
+        return self._tool_allowed(request, tool)
+
+    async def _abegin_tool(self, run: _Run, request: ToolCallRequest) -> ToolCall | ToolMessage:
+        if run.stopped is not None:
+            return refused_tool_call(request.tool_call, stopped=run.stopped)
+        try:
+            tool = await run.task.astart_tool_call(request.tool_call["name"])
+        except BudgetExceeded as exc:
+            return self._tool_stopped(run, request, exc)
+        return self._tool_allowed(request, tool)
+
+    def _tool_stopped(
+        self, run: _Run, request: ToolCallRequest, exc: BudgetExceeded
+    ) -> ToolMessage:
+        if self._exit(run.task) == "error":
+            raise exc
+        run.stopped = exc
+        return refused_tool_call(request.tool_call, stopped=exc)
+
+    @staticmethod
+    def _tool_allowed(request: ToolCallRequest, tool: ToolCall) -> ToolCall | ToolMessage:
+        if tool.allowed:
+            return tool
+        return refused_tool_call(request.tool_call, blocked=tool.decision.reason)
 
     def _trimmed(self, run: _Run, result: ToolMessage | Command[Any]) -> ToolMessage | Command[Any]:
         """The tool result fitted into the context budget (``trim_tool_results``)."""
@@ -795,7 +810,7 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         """Async :meth:`wrap_tool_call`."""
         run = self._run(request.state, request.runtime)
         try:
-            tool = self._begin_tool(run, request)
+            tool = await self._abegin_tool(run, request)
         except BaseException as exc:
             self._abort(run, exc)
             raise
@@ -805,8 +820,8 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
             with metered_here():
                 result = await handler(request)
         except BaseException as exc:
-            tool.fail(exc)
+            await tool.afail(exc)
             self._abort(run, exc)
             raise
-        tool.end()
+        await tool.aend()
         return self._trimmed(run, result)

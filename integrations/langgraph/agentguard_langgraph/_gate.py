@@ -30,12 +30,11 @@ import itertools
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias, cast
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph import END
@@ -47,7 +46,7 @@ from agentguard import BudgetExceeded, PolicyError, current_task
 from agentguard_langchain import AgentGuardMiddleware, BudgetedChatModel
 from agentguard_langchain._chat_model import _model_id, _usage_or_raw
 from agentguard_langchain._common import metered_here
-from agentguard_langchain._middleware import DEFAULT_FINISH_MESSAGE, _note
+from agentguard_langchain._middleware import DEFAULT_FINISH_MESSAGE, _note, refused_tool_call
 from agentguard_langgraph._state import (
     COST_KEY,
     DECISIONS_KEY,
@@ -63,6 +62,7 @@ from agentguard_langgraph._state import (
 
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
+    from langgraph.prebuilt.tool_node import ToolCallRequest
 
     from agentguard import Guard, Policy, Task
     from agentguard_langgraph._run import GuardedGraph
@@ -76,8 +76,7 @@ _STOP_MESSAGE = "[agentguard: the run's budget stopped the run — {error}]"
 _NodeFn: TypeAlias = Callable[..., Any]
 
 
-@dataclass(slots=True, frozen=True)
-class _Ledger:
+class _Ledger(NamedTuple):
     """What of a task's spend is already in the graph state (so each node adds the rest)."""
 
     cost: Decimal = Decimal(0)
@@ -98,13 +97,14 @@ def _ledger(task: Task) -> _Ledger:
     # the task's running token counts, read as they are kept: ``task.usage`` builds (and
     # validates) a new ``Usage`` on every read, twice per iteration here
     usage = task._usage
+    by_name = task.tool_calls_by_name
     return _Ledger(
         task.priced_cost_usd,
         usage[0],
         usage[1],
         task.model_calls,
         task.tool_calls,
-        tuple(task.tool_calls_by_name.items()),
+        tuple(by_name.items()) if by_name else (),
         task.retries,
         task.steps,
         len(task.decisions),
@@ -115,6 +115,8 @@ def _delta(task: Task, was: _Ledger, now: _Ledger) -> dict[str, Any]:
     """The state update adding ``now - was``: only the keys that changed (a key written with
     nothing to add still costs a channel update, and a checkpoint write)."""
     update: dict[str, Any] = {}
+    if now == was:
+        return update
     if now.cost != was.cost:
         update[COST_KEY] = now.cost - was.cost
     d_in, d_out = now.input_tokens - was.input_tokens, now.output_tokens - was.output_tokens
@@ -345,13 +347,58 @@ class GraphGuard:
         ``ToolMessage`` — the same tool gate as the LangChain agent middleware. Its update
         adds the run's new spend to the :class:`~agentguard_langgraph.BudgetState` keys."""
         node = _RecordingToolNode(
-            tools,
-            wrap_tool_call=self._mw.wrap_tool_call,
-            awrap_tool_call=self._mw.awrap_tool_call,
-            **kwargs,
+            tools, wrap_tool_call=self._wrap_tool, awrap_tool_call=self._awrap_tool, **kwargs
         )
         node._gg = self
         return node
+
+    def _tool_refused(
+        self, task: Task, request: ToolCallRequest, exc: BudgetExceeded
+    ) -> ToolMessage:
+        if self._exit(task) == "error":
+            raise exc
+        return refused_tool_call(request.tool_call, stopped=exc)
+
+    def _wrap_tool(
+        self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Any]
+    ) -> Any:
+        """The tool gate of :meth:`tool_node`: counted against the tool caps before it runs;
+        a blocked call answers the model with an error ``ToolMessage``."""
+        task = self._task()
+        try:
+            tool = task.start_tool_call(request.tool_call["name"])
+        except BudgetExceeded as exc:
+            return self._tool_refused(task, request, exc)
+        if not tool.allowed:
+            return refused_tool_call(request.tool_call, blocked=tool.decision.reason)
+        try:
+            with metered_here():  # a callback handler on the same run does not count it again
+                result = handler(request)
+        except BaseException as exc:
+            tool.fail(exc)
+            raise
+        tool.end()
+        return result
+
+    async def _awrap_tool(
+        self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Awaitable[Any]]
+    ) -> Any:
+        """Async :meth:`_wrap_tool` (the store is awaited)."""
+        task = self._task()
+        try:
+            tool = await task.astart_tool_call(request.tool_call["name"])
+        except BudgetExceeded as exc:
+            return self._tool_refused(task, request, exc)
+        if not tool.allowed:
+            return refused_tool_call(request.tool_call, blocked=tool.decision.reason)
+        try:
+            with metered_here():
+                result = await handler(request)
+        except BaseException as exc:
+            await tool.afail(exc)
+            raise
+        await tool.aend()
+        return result
 
     # -- edges ------------------------------------------------------------------------------------
 
