@@ -75,6 +75,7 @@ _current: ContextVar[Task | None] = ContextVar("agentguard_task", default=None)
 _Op = tuple[str, tuple[Any, ...], dict[str, Any]]
 _T = TypeVar("_T")
 _NO_KW: dict[str, Any] = {}  # the kwargs of most operations (only ever unpacked, never changed)
+_NO_CHECK: dict[str, Any] = {"check": False}  # likewise
 
 
 def _run(store: BudgetStore, steps: Generator[_Op, Any, _T]) -> _T:
@@ -151,6 +152,11 @@ def _logger() -> _Events:
 
 
 _TOKENS: Any = None
+
+# agentguard._sinks.NullSink, set when the first Guard imports the sinks: events skip handing
+# their spans to a guard whose sink (read at each event: ``Alerts.attach`` replaces it) is one
+_NULL_SINK: Any = None
+_INF = float("inf")
 
 
 def _tokens() -> Any:
@@ -232,8 +238,10 @@ class Guard:
 
             prices = PriceBook()
         self.prices: PriceBook = prices
-        from agentguard._sinks import open_sink
+        from agentguard._sinks import NullSink, open_sink
 
+        global _NULL_SINK
+        _NULL_SINK = NullSink
         self.sink: TraceSink = open_sink(traces)
         self.tags: dict[str, str] = {**policy.tags, **(tags or {})}
         self.capture_content = capture_content
@@ -521,6 +529,7 @@ class Task:
         self._rate_maps: dict[str, dict[str, ModelRates | None]] = {}
         self._has_cost_limit = self.policy.has_cost_limit
         self._needs_fraction = bool(self.policy.downgrade or self.policy.soft_limits)
+        self._soft = bool(self.policy.soft_limits)  # else a balance update is a dict update
         self.span: Span = Span(
             span_id=guard._next_id(),
             task_id=self.id,
@@ -609,8 +618,26 @@ class Task:
         if b is None:
             return Spent(finished=self.finished, blocked=self._blocked)
         com, res = b.committed, b.reserved
-        g0, g1 = com.get, res.get  # stores hand back Decimal money and int counts
+        g0 = com.get  # stores hand back Decimal money and int counts
         by_name: dict[str, int] = {}
+        if not res:  # nothing in flight (the usual case between calls): committed is all
+            if tool is not None:
+                n = int(g0("tool:" + tool, 0))
+                if n:
+                    by_name[tool] = n
+            return Spent(
+                g0("cost_usd", _ZERO),  # type: ignore[arg-type]
+                g0("input_tokens", 0),  # type: ignore[arg-type]
+                g0("output_tokens", 0),  # type: ignore[arg-type]
+                g0("model_calls", 0),  # type: ignore[arg-type]
+                g0("tool_calls", 0),  # type: ignore[arg-type]
+                by_name,
+                g0("retries", 0),  # type: ignore[arg-type]
+                g0("steps", 0),  # type: ignore[arg-type]
+                self.finished,
+                self._blocked,
+            )
+        g1 = res.get
         if tool is not None:
             key = "tool:" + tool
             n = int(g0(key, 0)) + int(g1(key, 0))
@@ -657,7 +684,11 @@ class Task:
         budget = None
         tokens_left: int | None = None
         tokens_budget = None
-        money, tokens = self._line_limits()
+        got = self._limits_of
+        if got is None or got[0] is not self._lines:
+            money, tokens = self._line_limits()
+        else:
+            money, tokens = got[1], got[2]
         balances = self._balances
         needs_fraction = self._needs_fraction
         for key, lim in money:
@@ -884,16 +915,23 @@ class Task:
             if policy.finish_model is not None:
                 rate_map[policy.finish_model] = guard._rates(policy.finish_model)
             self._rate_maps[model] = rate_map
-        estimate, raw = self._estimate_input(model, messages, tools, input_tokens)
+        if input_tokens is None and messages is not None:  # _estimate_input, inline
+            counter = (_TOKENS or _tokens()).counter_for(model)
+            raw = counter.count_messages(messages, tools)
+            estimate = _TOKENS.reservation_tokens(counter, raw) if counter.margin else raw
+        else:
+            estimate, raw = self._estimate_input(model, messages, tools, input_tokens)
         request = CallRequest(model, estimate, max_tokens)
-        lines = self._current_lines()
+        lines = self._lines  # _current_lines(), without a clock read for lines with no window
+        if self._lines_until != _INF:
+            lines = self._current_lines()
         span = Span(
-            span_id=guard._next_id(),
-            task_id=self.id,
-            kind="model",
-            name=name or model,
-            start=time.time(),
-            parent_id=self._parent_span_id(parent_span),
+            f"{guard._prefix}-{next(guard._ids)}",
+            self.id,
+            "model",
+            name or model,
+            time.time(),
+            parent_span or self.current_step_id or self.span.span_id,
             model=model,
         )
         for _attempt in range(4):
@@ -927,10 +965,13 @@ class Task:
             }
             if d.reserve_usd is not None:
                 amounts["cost_usd"] = d.reserve_usd
-            rid = guard._next_id()
+            rid = f"{guard._prefix}-{next(guard._ids)}"
             res = yield ("reserve", (rid, lines, amounts), _NO_KW)
             if res.ok:
-                self._update(res.balances)
+                if self._soft:
+                    self._update(res.balances)
+                else:
+                    self._balances.update(res.balances)
                 break
             self._balances.update(res.balances)  # someone else took it: decide again
         else:
@@ -1024,20 +1065,25 @@ class Task:
         return await _arun(self.guard.store, self._tool_call_steps(name, parent_span))
 
     def _tool_call_steps(self, name: str, parent_span: str | None) -> Generator[_Op, Any, ToolCall]:
+        guard = self.guard
         span = Span(
-            span_id=self.guard._next_id(),
-            task_id=self.id,
-            kind="tool",
-            name=name,
-            start=time.time(),
-            parent_id=self._parent_span_id(parent_span),
+            f"{guard._prefix}-{next(guard._ids)}",
+            self.id,
+            "tool",
+            name,
+            time.time(),
+            parent_span or self.current_step_id or self.span.span_id,
         )
         amounts: dict[str, Decimal | int] = {"tool_calls": 1, f"tool:{name}": 1}
         d = decide_tool_call(self.policy, self._spent(tool=name), name)
         if d.action == "allow":
-            res = yield ("charge", (self._current_lines(), amounts), _NO_KW)
+            lines = self._lines if self._lines_until == _INF else self._current_lines()
+            res = yield ("charge", (lines, amounts), _NO_KW)
             if res.ok:
-                self._update(res.balances)
+                if self._soft:
+                    self._update(res.balances)
+                else:
+                    self._balances.update(res.balances)
             else:
                 self._balances.update(res.balances)
                 d = decide_tool_call(self.policy, self._spent(tool=name), name)
@@ -1046,10 +1092,10 @@ class Task:
                     if self.policy.on_limit != "raise":
                         d.action = "block"
         elif d.action == "warn":
-            res = yield ("charge", (self._current_lines(), amounts), {"check": False})
+            res = yield ("charge", (self._current_lines(), amounts), _NO_CHECK)
             self._update(res.balances)
         span.decision, span.reason = d.action, d.reason
-        if d.action in ("stop", "block"):
+        if d.action == "stop" or d.action == "block":
             span.status = "stopped" if d.action == "stop" else "blocked"
             span.end = span.start
             self.guard._write([span])
@@ -1089,25 +1135,30 @@ class Task:
     def _counted_steps(
         self, kind: str, counter: str, decide: Any, name: str, parent_span: str | None
     ) -> Generator[_Op, Any, Decision]:
+        guard = self.guard
         span = Span(
-            span_id=self.guard._next_id(),
-            task_id=self.id,
-            kind=kind,  # type: ignore[arg-type]
-            name=name or kind,
-            start=time.time(),
-            parent_id=self._parent_span_id(parent_span)
+            f"{guard._prefix}-{next(guard._ids)}",
+            self.id,
+            kind,  # type: ignore[arg-type]
+            name or kind,
+            time.time(),
+            (parent_span or self.current_step_id or self.span.span_id)
             if kind != "step"
             else (parent_span or self.span.span_id),
         )
         d: Decision = decide(self.policy, self._spent())
-        if d.action in ("allow", "warn"):
+        if d.action == "allow" or d.action == "warn":
+            lines = self._lines if self._lines_until == _INF else self._current_lines()
             res = yield (
                 "charge",
-                (self._current_lines(), {counter: 1}),
-                {"check": d.action == "allow"},
+                (lines, {counter: 1}),
+                _NO_KW if d.action == "allow" else _NO_CHECK,
             )
             if res.ok:
-                self._update(res.balances)
+                if self._soft:
+                    self._update(res.balances)
+                else:
+                    self._balances.update(res.balances)
             else:
                 self._balances.update(res.balances)
                 d = decide(self.policy, self._spent())
@@ -1115,7 +1166,7 @@ class Task:
                     d = _denied_decision(res.denied, kind)
         span.decision, span.reason = d.action, d.reason
         span.end = span.start
-        if d.action in ("allow", "warn"):
+        if d.action == "allow" or d.action == "warn":
             with self._lock:
                 if kind == "retry":
                     self.retries += 1
@@ -1126,12 +1177,13 @@ class Task:
             span.status = "stopped"
             self.guard._write([span])
             raise self._stop(d, kind, span)
-        if d.action in ("finish", "warn"):
+        if d.action == "finish" or d.action == "warn":
             if d.action == "finish":
                 self.finished = True
                 self.limit_hit = self.limit_hit or d.limit
             self._record(kind, d.action, d.reason, span, limit=d.limit)
-        self.guard._write([span])
+        if guard.sink.__class__ is not _NULL_SINK:
+            guard._write([span])
         return d
 
     def record_retrieval(
@@ -1364,7 +1416,11 @@ class ModelCall:
             return self.span.cost_usd
         task = self.task
         guard = task.guard
-        if usage is None:
+        decision = self.decision
+        span = self.span
+        if type(usage) is Usage:  # already valid: Usage.parse would return it as it is
+            u = usage
+        elif usage is None:
             out = 0
             if output_text:
                 out = guard._counter(self.model).count(output_text)
@@ -1384,23 +1440,22 @@ class ModelCall:
                     "agentguard.invalid_usage", task_id=task.id, model=self.model, error=str(exc)
                 )
         rates = self.rates
-        if model is not None and model != self.model:
-            rates = guard._rates(model) or rates
+        if model is not None and model != (decision.model or span.model or span.name):
+            rates = guard.prices.rates(model) or rates
         cost = rates.cost(u) if rates is not None else None
         actual: dict[str, Decimal | int] = {
             "model_calls": 1,
             "input_tokens": u.input_tokens,
             "output_tokens": u.output_tokens,
-            "tokens": u.total_tokens,
+            "tokens": u.input_tokens + u.output_tokens,
         }
         if cost is not None:
             actual["cost_usd"] = cost
-        span = self.span
-        reserved = self.decision.reserve_usd
+        reserved = decision.reserve_usd
         if self.reservation_id is not None:
             balances = yield ("commit", (self.reservation_id, self.lines, actual), _NO_KW)
         else:
-            balances = (yield ("charge", (self.lines, actual), {"check": False})).balances
+            balances = (yield ("charge", (self.lines, actual), _NO_CHECK)).balances
         self.done = True
         with task._lock:
             task._open.pop(self.reservation_id or "", None)
@@ -1416,12 +1471,17 @@ class ModelCall:
                 task.unpriced_calls += 1
             else:
                 task.priced_cost_usd += cost
-        saved = self._downgrade_saving(u, cost)
-        if saved is not None:
-            span.attrs["saved_usd"] = saved
-            with task._lock:
-                task.saved_usd += saved
-        task._update(balances)
+        attrs = span.attrs
+        if "requested_model" in attrs:  # a downgraded call: what it saved
+            saved = self._downgrade_saving(u, cost)
+            if saved is not None:
+                attrs["saved_usd"] = saved
+                with task._lock:
+                    task.saved_usd += saved
+        if task._soft:
+            task._update(balances)
+        else:
+            task._balances.update(balances)
         span.end = time.time()
         span.usage = u
         span.cost_usd = cost
@@ -1441,7 +1501,8 @@ class ModelCall:
                 span,
                 model=self.model,
             )
-        guard._write([span])
+        if guard.sink.__class__ is not _NULL_SINK:
+            guard._write([span])
         return cost
 
     def _downgrade_saving(self, u: Usage, cost: Decimal | None) -> Decimal | None:
@@ -1494,27 +1555,42 @@ class ToolCall:
 
     def end(self, *, cost_usd: Decimal | None = None) -> None:
         """The tool finished. ``cost_usd`` for paid tools (search APIs...), if known."""
-        _run(self.task.guard.store, self._end_steps(cost_usd))
+        if cost_usd is None:  # nothing to charge: no store operation, no steps to drive
+            self._end_unpaid()
+        else:
+            _run(self.task.guard.store, self._end_steps(cost_usd))
 
     async def aend(self, *, cost_usd: Decimal | None = None) -> None:
         """The async twin of :meth:`end` (a paid tool's cost is charged with the store's
         async methods)."""
-        await _arun(self.task.guard.store, self._end_steps(cost_usd))
+        if cost_usd is None:
+            self._end_unpaid()
+        else:
+            await _arun(self.task.guard.store, self._end_steps(cost_usd))
 
-    def _end_steps(self, cost_usd: Decimal | None) -> Generator[_Op, Any, None]:
+    def _end_unpaid(self) -> None:
         if self.done:
             return
         self.done = True
         self.span.end = time.time()
-        if cost_usd is not None:
-            self.span.cost_usd = cost_usd
-            task = self.task
-            lines = task._current_lines()
-            res = yield ("charge", (lines, {"cost_usd": cost_usd}), {"check": False})
-            with task._lock:
-                task.priced_cost_usd += cost_usd
-            task._update(res.balances)
-        self.task.guard._write([self.span])
+        guard = self.task.guard
+        if guard.sink.__class__ is not _NULL_SINK:
+            guard._write([self.span])
+
+    def _end_steps(self, cost_usd: Decimal) -> Generator[_Op, Any, None]:
+        """A paid tool finished: charge its cost (what :meth:`_end_unpaid` does, plus that)."""
+        if self.done:
+            return
+        self.done = True
+        self.span.end = time.time()
+        self.span.cost_usd = cost_usd
+        task = self.task
+        lines = task._current_lines()
+        res = yield ("charge", (lines, {"cost_usd": cost_usd}), _NO_CHECK)
+        with task._lock:
+            task.priced_cost_usd += cost_usd
+        task._update(res.balances)
+        task.guard._write([self.span])
 
     def fail(self, error: BaseException | None = None) -> None:
         """The tool raised."""

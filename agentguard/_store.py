@@ -41,6 +41,8 @@ __all__ = [
 
 Amount = Decimal | int
 
+_EMPTY: Mapping[str, Amount] = {}  # read only
+
 
 @dataclass(frozen=True, slots=True)
 class BudgetLine:
@@ -147,6 +149,9 @@ class MemoryStore:
         self._holds: dict[str, tuple[tuple[str, ...], dict[str, Amount]]] = {}
 
     # -- internals (called with the lock held) -------------------------------------------------
+    #
+    # reserve, commit and charge run once or twice per agent event: their checks, additions and
+    # balance read-outs are written inline (a helper call per step costs more than the step).
 
     def _balances(self, lines: Sequence[BudgetLine]) -> dict[str, Balance]:
         com, res = self._committed, self._reserved
@@ -176,28 +181,25 @@ class MemoryStore:
                     del res[counter]
 
     def _check(self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]) -> Denied | None:
-        empty: dict[str, Amount] = {}
         committed, reserved = self._committed, self._reserved
         for line in lines:
             limits = line.limits
             if not limits:
                 continue
-            com = committed.get(line.key, empty)
-            res = reserved.get(line.key, empty)
+            key = line.key
+            # ``in`` and subscripts rather than ``get`` calls: this runs on every reservation
+            com = committed[key] if key in committed else _EMPTY  # noqa: SIM401
+            res = reserved[key] if key in reserved else _EMPTY  # noqa: SIM401
             for counter, limit in limits.items():
-                amount = amounts.get(counter)
-                if amount:
-                    used = com.get(counter, 0) + res.get(counter, 0)
-                    if used + amount > limit:
-                        return Denied(line.key, counter, limit, used, amount)
+                if counter in amounts:
+                    amount = amounts[counter]
+                    if amount:
+                        used = com[counter] if counter in com else 0  # noqa: SIM401
+                        if counter in res:
+                            used += res[counter]
+                        if used + amount > limit:
+                            return Denied(key, counter, limit, used, amount)
         return None
-
-    def _add(self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]) -> None:
-        for line in lines:
-            com = self._committed.setdefault(line.key, {})
-            for counter, amount in amounts.items():
-                if amount:
-                    com[counter] = com.get(counter, 0) + amount
 
     # -- the contract -------------------------------------------------------------------------
 
@@ -211,32 +213,49 @@ class MemoryStore:
             if denied is not None:
                 return ReserveResult(False, denied, self._balances(lines))
             held = {c: a for c, a in amounts.items() if a}
-            reserved = self._reserved
+            committed, reserved = self._committed, self._reserved
+            keys = []
+            out = {}
             for line in lines:
-                res = reserved.get(line.key)
-                if res is None:
-                    res = reserved[line.key] = {}
-                for counter, amount in held.items():
-                    res[counter] = res.get(counter, 0) + amount
-            self._holds[reservation_id] = (tuple([ln.key for ln in lines]), held)
-            return ReserveResult(True, None, self._balances(lines))
+                key = line.key
+                keys.append(key)
+                if key in reserved:
+                    res = reserved[key]
+                    for counter, amount in held.items():
+                        res[counter] = (res[counter] + amount) if counter in res else amount
+                else:
+                    res = reserved[key] = held.copy()
+                out[key] = Balance(committed[key].copy() if key in committed else {}, res.copy())
+            self._holds[reservation_id] = (tuple(keys), held)
+            return ReserveResult(True, None, out)
 
     def commit(
         self, reservation_id: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
     ) -> Mapping[str, Balance]:
         with self._lock:
-            self._free(reservation_id)
-            committed = self._committed
+            committed, reserved = self._committed, self._reserved
+            hold = self._holds.pop(reservation_id, None)
+            if hold is not None:  # free it (as _free does)
+                held = hold[1]
+                for key in hold[0]:
+                    res = reserved[key]
+                    for counter, amount in held.items():
+                        left = res[counter] - amount
+                        if left:
+                            res[counter] = left
+                        else:
+                            del res[counter]
             out = {}
             for line in lines:
                 key = line.key
-                com = committed.get(key)
-                if com is None:
+                if key in committed:
+                    com = committed[key]
+                else:
                     com = committed[key] = {}
                 for counter, amount in actual.items():
                     if amount:
-                        com[counter] = com.get(counter, 0) + amount
-                out[key] = Balance(com.copy(), self._reserved.get(key, {}).copy())
+                        com[counter] = (com[counter] + amount) if counter in com else amount
+                out[key] = Balance(com.copy(), reserved[key].copy() if key in reserved else {})
             return out
 
     def release(self, reservation_id: str) -> None:
@@ -247,10 +266,23 @@ class MemoryStore:
         self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount], *, check: bool = True
     ) -> ReserveResult:
         with self._lock:
-            denied = self._check(lines, amounts) if check else None
-            if denied is None:
-                self._add(lines, amounts)
-            return ReserveResult(denied is None, denied, self._balances(lines))
+            if check:
+                denied = self._check(lines, amounts)
+                if denied is not None:
+                    return ReserveResult(False, denied, self._balances(lines))
+            committed, reserved = self._committed, self._reserved
+            out = {}
+            for line in lines:
+                key = line.key
+                if key in committed:
+                    com = committed[key]
+                else:
+                    com = committed[key] = {}
+                for counter, amount in amounts.items():
+                    if amount:
+                        com[counter] = (com[counter] + amount) if counter in com else amount
+                out[key] = Balance(com.copy(), reserved[key].copy() if key in reserved else {})
+            return ReserveResult(True, None, out)
 
     def snapshot(self, keys: Sequence[str]) -> Mapping[str, Balance]:
         with self._lock:
