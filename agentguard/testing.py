@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import Iterable, Sequence
@@ -26,13 +27,14 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from agentguard._openai_server import OpenAIServer
+from agentguard._store import MemoryStore
 from agentguard._usage import Usage
 
 if TYPE_CHECKING:
     from agentguard._decide import Decision
     from agentguard._guard import Task
 
-__all__ = ["OpenAIServer", "Reply", "ScriptedModel"]
+__all__ = ["LoopCheckingStore", "OpenAIServer", "Reply", "ScriptedModel"]
 
 _FILLER = "The agent considers the retrieved evidence, weighs the options and plans its next step. "
 
@@ -144,3 +146,66 @@ class ScriptedModel:
         if self.tool_call is not None and not final:
             tool_calls = [dict(self.tool_call, id=f"call_{self.calls}")]
         return Reply(text, model, usage, cost, decision, tool_calls, finished=final)
+
+
+_SYNC_OPS = ("reserve", "commit", "release", "charge", "snapshot")
+
+
+class LoopCheckingStore(MemoryStore):
+    """A :class:`~agentguard.MemoryStore` that notes every *sync* operation made while an
+    asyncio event loop is running on the calling thread — what, on a networked store
+    (``RedisStore``), would block that loop for a round trip. An async app (or adapter) should
+    leave ``blocking`` empty; ``ops`` counts every operation by name (``"areserve"``...).
+
+    Example:
+        >>> import asyncio, agentguard as ag
+        >>> from agentguard.testing import LoopCheckingStore
+        >>> store = LoopCheckingStore()
+        >>> guard = ag.Guard(ag.Policy(max_cost_usd="1"), store=store, traces=False)
+        >>> async def run() -> None:
+        ...     async with guard.task("t") as task:
+        ...         call = task.start_model_call("gpt-4o-mini", input_tokens=10)  # sync: blocks
+        ...         await call.aend({"prompt_tokens": 10, "completion_tokens": 2})
+        >>> asyncio.run(run())
+        >>> store.blocking
+        ['reserve']
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocking: list[str] = []
+        self.ops: dict[str, int] = {}
+        self._async_depth = 0  # inside an async operation (which may use the sync bodies)
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = super().__getattribute__(name)
+        if name in _SYNC_OPS:
+            return self._sync_op(name, attr)
+        if name[:1] == "a" and name[1:] in _SYNC_OPS:
+            return self._async_op(name, attr)
+        return attr
+
+    def _sync_op(self, name: str, fn: Any) -> Any:
+        def op(*args: Any, **kwargs: Any) -> Any:
+            self.ops[name] = self.ops.get(name, 0) + 1
+            if not self._async_depth:
+                try:
+                    asyncio.get_running_loop()
+                except RuntimeError:
+                    pass
+                else:
+                    self.blocking.append(name)
+            return fn(*args, **kwargs)
+
+        return op
+
+    def _async_op(self, name: str, fn: Any) -> Any:
+        async def op(*args: Any, **kwargs: Any) -> Any:
+            self.ops[name] = self.ops.get(name, 0) + 1
+            self._async_depth += 1
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                self._async_depth -= 1
+
+        return op

@@ -25,6 +25,7 @@ import json
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
+    Awaitable,
     Callable,
     Generator,
     Iterator,
@@ -81,6 +82,17 @@ class _BoundTools:
     tools: tuple[Any, ...]
     kwargs: Mapping[str, Any]
     keys: frozenset[str]  # the binding kwargs the default model's bind_tools produced
+
+
+@dataclass(slots=True)
+class _Ask:
+    """What a call asks for, before the guard decides."""
+
+    spec: _BoundTools | None
+    requested: str
+    first: BaseChatModel  # the chat model serving ``requested``
+    select: dict[str, Any]  # the kwargs that select it
+    cap: int | None  # the caller's own output cap
 
 
 @dataclass(slots=True)
@@ -501,6 +513,41 @@ class BudgetedChatModel(BaseChatModel):
             if key in kw:
                 kw[key] = cap
 
+    def _ask(self, kwargs: dict[str, Any]) -> _Ask:
+        """What the call asks for, read from its kwargs (``kwargs`` is the call's own
+        ``**kwargs`` dict, never the caller's: the wrapper's keys are popped from it)."""
+        spec: _BoundTools | None = kwargs.pop(_RAW_TOOLS, None)
+        asked = kwargs.pop("model", None)
+        default_id = _default_of(self)
+        requested = asked if isinstance(asked, str) else default_id
+        first, select = self._resolve(requested, default_id)
+        return _Ask(spec, requested, first, select, self._caller_cap(first, kwargs))
+
+    def _own_task(self) -> Task | None:
+        """The current task of this guard, or ``None``: the call opens (and closes) its own."""
+        task = current_task()
+        return task if task is not None and task.guard is self.guard else None
+
+    def _plan(
+        self,
+        ask: _Ask,
+        task: Task,
+        owned: bool,
+        call: ModelCall,
+        final: bool,
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
+    ) -> _Plan:
+        """The call as it goes out, once the guard has decided it (raises on a bad rung)."""
+        model, select = (
+            (ask.first, ask.select) if call.model == ask.requested else self._resolve(call.model)
+        )
+        kw = self._kwargs_for(model, ask.spec, kwargs, final=final)
+        if select:
+            kw.update(select)
+        self._apply_cap(model, kw, call.max_tokens)
+        return _Plan(task, owned, call, model, stop or self.stop or None, kw, final)
+
     def _begin(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> _Plan | None:
@@ -508,24 +555,19 @@ class BudgetedChatModel(BaseChatModel):
         agent middleware) meters it already."""
         if already_metered():
             return None
-        # ``kwargs`` is the call's own ``**kwargs`` dict (never the caller's): edited in place
-        spec: _BoundTools | None = kwargs.pop(_RAW_TOOLS, None)
-        asked = kwargs.pop("model", None)
-        default_id = _default_of(self)
-        requested = asked if isinstance(asked, str) else default_id
-        task = current_task()
-        owned = task is None or task.guard is not self.guard
-        if task is None or owned:
+        ask = self._ask(kwargs)
+        task = self._own_task()
+        owned = task is None
+        if task is None:
             open_task: Callable[..., Task] = self.guard.open_task  # tags are plain **kwargs
             task = open_task(self.task_id, **self.task_tags)
         try:
-            first, first_select = self._resolve(requested, default_id)
-            cap = self._caller_cap(first, kwargs)
             tools = kwargs.get("tools")
-            call = task.start_model_call(requested, messages=messages, tools=tools, max_tokens=cap)
-            final = False
-            if call.decision.action == "finish":
-                final = True
+            call = task.start_model_call(
+                ask.requested, messages=messages, tools=tools, max_tokens=ask.cap
+            )
+            final = call.decision.action == "finish"
+            if final:  # this call becomes the task's graceful final answer
                 call = task.start_model_call(
                     call.model, messages=messages, tools=tools, max_tokens=call.max_tokens,
                     finish=True,
@@ -534,20 +576,48 @@ class BudgetedChatModel(BaseChatModel):
             if owned:
                 task.close(exc)
             raise
-        model, select = (
-            (first, first_select) if call.model == requested else self._resolve(call.model)
-        )
-        plan = _Plan(task, owned, call, model, stop or self.stop or None, kwargs, final)
         try:
-            kw = self._kwargs_for(model, spec, kwargs, final=final)
-            if select:
-                kw.update(select)
-            self._apply_cap(model, kw, call.max_tokens)
+            return self._plan(ask, task, owned, call, final, stop, kwargs)
         except BaseException as exc:
-            self._abort(plan, exc)
+            call.fail(exc)
+            if owned:
+                task.close(exc)
             raise
-        plan.kwargs = kw
-        return plan
+
+    async def _abegin(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> _Plan | None:
+        """Async :meth:`_begin`: the reservation awaits the budget store."""
+        if already_metered():
+            return None
+        ask = self._ask(kwargs)
+        task = self._own_task()
+        owned = task is None
+        if task is None:
+            open_task: Callable[..., Awaitable[Task]] = self.guard.aopen_task
+            task = await open_task(self.task_id, **self.task_tags)
+        try:
+            tools = kwargs.get("tools")
+            call = await task.astart_model_call(
+                ask.requested, messages=messages, tools=tools, max_tokens=ask.cap
+            )
+            final = call.decision.action == "finish"
+            if final:
+                call = await task.astart_model_call(
+                    call.model, messages=messages, tools=tools, max_tokens=call.max_tokens,
+                    finish=True,
+                )  # fmt: skip
+        except BaseException as exc:
+            if owned:
+                await task.aclose(exc)
+            raise
+        try:
+            return self._plan(ask, task, owned, call, final, stop, kwargs)
+        except BaseException as exc:
+            await call.afail(exc)
+            if owned:
+                await task.aclose(exc)
+            raise
 
     def _forward(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
@@ -570,6 +640,11 @@ class BudgetedChatModel(BaseChatModel):
         if plan.owned:
             plan.task.close(exc)
 
+    async def _aabort(self, plan: _Plan, exc: BaseException) -> None:
+        await plan.call.afail(exc)
+        if plan.owned:
+            await plan.task.aclose(exc)
+
     def _commit(self, plan: _Plan, usage: Any, text: str | None, model_name: str | None) -> None:
         try:
             plan.call.end(usage, output_text=text, model=model_name)
@@ -577,10 +652,20 @@ class BudgetedChatModel(BaseChatModel):
             if plan.owned:
                 plan.task.close()
 
-    def _commit_result(self, plan: _Plan, result: ChatResult) -> None:
+    async def _acommit(
+        self, plan: _Plan, usage: Any, text: str | None, model_name: str | None
+    ) -> None:
+        try:
+            await plan.call.aend(usage, output_text=text, model=model_name)
+        finally:
+            if plan.owned:
+                await plan.task.aclose()
+
+    def _reported(self, plan: _Plan, result: ChatResult) -> tuple[Any, str | None, str | None]:
+        """What a result reports to commit: (usage, output text, model name); marks the
+        graceful final answer."""
         if not result.generations:
-            self._commit(plan, None, "", None)
-            return
+            return None, "", None
         message = result.generations[0].message
         usage = _usage_or_raw(message)
         if usage is None and result.llm_output:
@@ -593,12 +678,9 @@ class BudgetedChatModel(BaseChatModel):
             if not isinstance(usage, Usage) or self.guard.capture_content
             else None
         )
-        self._commit(plan, usage, text, name if isinstance(name, str) else None)
         if plan.final:
             message.response_metadata["agentguard_final"] = True
-
-    def _commit_stream(self, plan: _Plan, tally: _Tally) -> None:
-        self._commit(plan, tally.reported(), tally.text, tally.model_name)
+        return usage, text, name if isinstance(name, str) else None
 
     # -- BaseChatModel ---------------------------------------------------------------------------
 
@@ -648,7 +730,7 @@ class BudgetedChatModel(BaseChatModel):
         except BaseException as exc:
             self._abort(plan, exc)
             raise
-        self._commit_result(plan, result)
+        self._commit(plan, *self._reported(plan, result))
         return result
 
     async def _agenerate(
@@ -658,7 +740,7 @@ class BudgetedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        plan = self._begin(messages, stop, kwargs)
+        plan = await self._abegin(messages, stop, kwargs)
         if plan is None:
             model, stops, kw = self._forward(messages, stop, kwargs)
             return await self._acall_generate(model, messages, stops, run_manager, kw)
@@ -667,9 +749,9 @@ class BudgetedChatModel(BaseChatModel):
                 plan.model, messages, plan.stop, run_manager, plan.kwargs
             )
         except BaseException as exc:
-            self._abort(plan, exc)
+            await self._aabort(plan, exc)
             raise
-        self._commit_result(plan, result)
+        await self._acommit(plan, *self._reported(plan, result))
         return result
 
     def _delegate_stream(
@@ -765,12 +847,12 @@ class BudgetedChatModel(BaseChatModel):
             # the consumer stopped reading: the provider has read the prompt and written what
             # was streamed, so the call is charged (estimated when no usage arrived)
             chunks.close()
-            self._commit_stream(plan, tally)
+            self._commit(plan, tally.reported(), tally.text, tally.model_name)
             raise
         except BaseException as exc:
             self._abort(plan, exc)
             raise
-        self._commit_stream(plan, tally)
+        self._commit(plan, tally.reported(), tally.text, tally.model_name)
 
     async def _astream(
         self,
@@ -779,7 +861,7 @@ class BudgetedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        plan = self._begin(messages, stop, kwargs)
+        plan = await self._abegin(messages, stop, kwargs)
         if plan is None:
             model, stops, kw = self._forward(messages, stop, kwargs)
             async for chunk in self._adelegate_stream(model, messages, stops, run_manager, kw):
@@ -796,11 +878,11 @@ class BudgetedChatModel(BaseChatModel):
         except (GeneratorExit, asyncio.CancelledError) as exc:
             await chunks.aclose()
             if tally.chunks:  # charged for what was streamed (see _stream)
-                self._commit_stream(plan, tally)
+                await self._acommit(plan, tally.reported(), tally.text, tally.model_name)
             else:
-                self._abort(plan, exc)
+                await self._aabort(plan, exc)
             raise
         except BaseException as exc:
-            self._abort(plan, exc)
+            await self._aabort(plan, exc)
             raise
-        self._commit_stream(plan, tally)
+        await self._acommit(plan, tally.reported(), tally.text, tally.model_name)

@@ -22,6 +22,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
 import agentguard as ag
+from agentguard.testing import LoopCheckingStore
 from agentguard_langchain._chat_model import METERED_METADATA_KEY, BudgetedChatModel
 from agentguard_langchain._common import metered_here
 from agentguard_langchain.testing import ScriptedChatModel, count_input_tokens
@@ -67,6 +68,9 @@ class FailingChatModel(ScriptedChatModel):
     """A provider that accepts the request, then fails (a 500, a dropped connection)."""
 
     def _generate(self, *args: Any, **kwargs: Any) -> ChatResult:
+        raise ConnectionError("provider unavailable")
+
+    async def _agenerate(self, *args: Any, **kwargs: Any) -> ChatResult:
         raise ConnectionError("provider unavailable")
 
 
@@ -444,6 +448,33 @@ async def test_async_stop_and_finish() -> None:
     assert model.seen[-1]["tool_choice"] == "none"
     assert model.seen[-1]["max_tokens"] <= 20
     assert task.status == "finished"
+
+
+async def test_async_calls_await_the_budget_store() -> None:
+    # on a networked store (Redis) a sync store operation would block the event loop
+    store = LoopCheckingStore()
+    g = ag.Guard(
+        ag.Policy(max_cost_usd="1", max_model_calls=2, on_limit="finish"), store=store, traces=False
+    )
+    model = ScriptedChatModel(model_name="gpt-4o-mini")
+    llm = BudgetedChatModel(guard=g, model=model, task_id="own").bind_tools([lookup])
+    await llm.ainvoke("find")  # outside any task: opens and closes its own, awaited
+    async with g.task("async-store") as task:
+        await llm.ainvoke("find")
+        [c async for c in llm.astream("find")]  # the last call allowed: the final answer
+        with pytest.raises(ag.BudgetExceeded):
+            await llm.ainvoke("find")
+    assert store.blocking == []
+    assert store.ops["areserve"] == 3  # one per call made, in both tasks
+    assert store.ops["acommit"] == 3
+    assert task.model_calls == 2 and task.status == "finished"
+    # a call the provider fails releases its reservation through the async API too
+    broken = BudgetedChatModel(guard=g, model=FailingChatModel(model_name="gpt-4o-mini"))
+    async with g.task("async-fail"):
+        with pytest.raises(ConnectionError):
+            await broken.ainvoke("find")
+    assert store.blocking == []
+    assert store.ops["arelease"] == 1
 
 
 # -- charged once ---------------------------------------------------------------------------------

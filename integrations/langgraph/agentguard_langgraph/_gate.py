@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
     from langgraph.prebuilt.tool_node import ToolCallRequest
 
-    from agentguard import Guard, Policy, Task
+    from agentguard import Decision, Guard, ModelCall, Policy, Spent, Task
     from agentguard_langgraph._run import GuardedGraph
 
 __all__ = ["GraphGuard", "Route"]
@@ -166,6 +166,34 @@ def _merge(result: Any, update: dict[str, Any]) -> Any:
     return result  # other update lists, a pydantic state: the next recording node adds it
 
 
+def _attempt() -> int:
+    """Which attempt of the running node this is (``RetryPolicy`` re-runs: 2, 3...); 1 outside
+    a graph run. A node run again is a retry, counted against ``max_retries`` (raising
+    ``BudgetExceeded`` past it) before the attempt runs."""
+    try:
+        info = getattr(get_runtime(), "execution_info", None)
+    except (RuntimeError, KeyError):  # called outside a graph run
+        return 1
+    attempt = getattr(info, "node_attempt", 1)
+    return attempt if isinstance(attempt, int) else 1
+
+
+def _past_cap(task: Task, d: Decision) -> None:
+    """A wrapped node's step past the cap stops (the cap's last step made the final answer
+    already: the graph came back anyway)."""
+    if d.action == "finish":
+        raise BudgetExceeded(d.limit or "max_steps", None, None, task_id=task.id, detail=d.reason)
+
+
+def _finishes_at_cap(task: Task) -> bool:
+    return task.policy.max_steps is not None and task.policy.on_limit == "finish"
+
+
+def _at_cap(task: Task, spent: Spent) -> bool:
+    cap = task.policy.max_steps
+    return cap is not None and spent.steps >= cap
+
+
 class _Edge(Runnable[Any, Any]):
     """A conditional-edge function as LangGraph takes it: a ``Runnable`` it calls as is.
 
@@ -174,8 +202,11 @@ class _Edge(Runnable[Any, Any]):
     never blocks, so it is called directly, sync and async. Also callable: ``edge(state)``.
     """
 
-    def __init__(self, decide: Callable[[Any], Any], name: str) -> None:
+    def __init__(
+        self, decide: Callable[[Any], Any], adecide: Callable[[Any], Awaitable[Any]], name: str
+    ) -> None:
         self._decide = decide
+        self._adecide = adecide
         self.name = name
 
     def __call__(self, state: Any = None) -> Any:
@@ -185,7 +216,7 @@ class _Edge(Runnable[Any, Any]):
         return self._decide(input)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return self._decide(input)
+        return await self._adecide(input)
 
 
 class _RecordingToolNode(ToolNode):
@@ -268,7 +299,7 @@ class GraphGuard:
         self._ledgers: weakref.WeakKeyDictionary[Task, _Ledger] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
-        self._edge = _Edge(self._route, "agentguard_route")
+        self._edge = _Edge(self._route, self._aroute, "agentguard_route")
 
     # -- tasks ----------------------------------------------------------------------------------
 
@@ -428,18 +459,40 @@ class GraphGuard:
             return "stop"
         try:
             d = task.step("agent")
-        except BudgetExceeded:
-            if self._exit(task) == "error":
-                raise
+            if d.action != "finish" and _finishes_at_cap(task) and _at_cap(task, task.spent):
+                # the last step the cap allows is spent on the final answer: asking for the
+                # next one records the step:finish decision (and marks the task as finishing)
+                task.step("agent")
+                return "finish"
+        except BudgetExceeded as exc:
+            return self._route_stopped(task, exc)
+        return self._route_answer(task, d)
+
+    async def _aroute(self, state: Any = None) -> Route:
+        task = self._task()
+        if task.finished:
             return "stop"
+        try:
+            d = await task.astep("agent")
+            if (
+                d.action != "finish"
+                and _finishes_at_cap(task)
+                and _at_cap(task, await task.aspent())
+            ):
+                await task.astep("agent")
+                return "finish"
+        except BudgetExceeded as exc:
+            return self._route_stopped(task, exc)
+        return self._route_answer(task, d)
+
+    def _route_stopped(self, task: Task, exc: BudgetExceeded) -> Route:
+        if self._exit(task) == "error":
+            raise exc
+        return "stop"
+
+    @staticmethod
+    def _route_answer(task: Task, d: Decision) -> Route:
         if d.action == "finish":
-            return "finish"
-        policy = task.policy
-        cap = policy.max_steps
-        if cap is not None and policy.on_limit == "finish" and task.spent.steps >= cap:
-            # the last step the cap allows is spent on the final answer: asking for the next
-            # one records the step:finish decision (and marks the task as finishing)
-            task.step("agent")
             return "finish"
         if any(r.action == "downgrade" for r in task.decisions):
             return "downgrade"
@@ -490,9 +543,11 @@ class GraphGuard:
             async def anode(*args: Any, **kwargs: Any) -> Any:
                 task = self._task()
                 try:
-                    self._retry(task, name)
+                    attempt = _attempt()
+                    if attempt > 1:
+                        await task.arecord_retry(f"{name}: attempt {attempt}")
                     if step:
-                        self._step(task)
+                        _past_cap(task, await task.astep("agent"))
                     out = await afn(*args, **kwargs)
                 except BudgetExceeded as exc:
                     if self._exit(task) == "error":
@@ -506,9 +561,11 @@ class GraphGuard:
         def snode(*args: Any, **kwargs: Any) -> Any:
             task = self._task()
             try:
-                self._retry(task, name)
+                attempt = _attempt()
+                if attempt > 1:
+                    task.record_retry(f"{name}: attempt {attempt}")
                 if step:
-                    self._step(task)
+                    _past_cap(task, task.step("agent"))
                 out = fn(*args, **kwargs)
             except BudgetExceeded as exc:
                 if self._exit(task) == "error":
@@ -518,26 +575,13 @@ class GraphGuard:
 
         return snode
 
-    @staticmethod
-    def _retry(task: Task, name: str) -> None:
-        """A node run again by its ``RetryPolicy`` is a retry: counted against ``max_retries``
-        (``BudgetExceeded`` past it) before the attempt runs."""
-        try:
-            info = getattr(get_runtime(), "execution_info", None)
-        except (RuntimeError, KeyError):  # called outside a graph run
-            return
-        attempt = getattr(info, "node_attempt", 1)
-        if isinstance(attempt, int) and attempt > 1:
-            task.record_retry(f"{name}: attempt {attempt}")
-
     def _step(self, task: Task) -> None:
-        """Count one agent step of a wrapped node; past the cap, stop (the cap's last step
-        made the final answer already: the graph came back anyway)."""
-        d = task.step("agent")  # raises BudgetExceeded past the cap unless finishing
-        if d.action == "finish":
-            raise BudgetExceeded(
-                d.limit or "max_steps", None, None, task_id=task.id, detail=d.reason
-            )
+        """Count one agent step of a wrapped node (see :func:`_past_cap`)."""
+        _past_cap(task, task.step("agent"))
+
+    async def _astep(self, task: Task) -> None:
+        """Async :meth:`_step` (the store is awaited)."""
+        _past_cap(task, await task.astep("agent"))
 
     def finish_node(
         self, model: BaseChatModel, *, tools: Sequence[Any] | None = None
@@ -550,12 +594,8 @@ class GraphGuard:
         # the tools stay bound (tool_choice="none"): their schemas are part of the input
         schemas = [convert_to_openai_tool(t) for t in tools] if tools else None
 
-        def prepare(state: Any) -> tuple[Task, Any, list[BaseMessage], Any, dict[str, Any]]:
-            task = self._task()
-            messages = list(state[self.messages_key])
-            call = task.start_model_call(
-                own, messages=messages, tools=schemas, max_tokens=None, finish=True
-            )
+        def ask(call: ModelCall) -> tuple[Any, dict[str, Any]]:
+            """The chat model (tools bound, tool_choice="none") and kwargs of the call."""
             chat = self.models.get(call.model, model)
             kwargs: dict[str, Any] = {}
             if call.model not in self.models and call.model != own:
@@ -565,42 +605,53 @@ class GraphGuard:
             runnable: Any = chat
             if tools:
                 runnable = chat.bind_tools(list(tools), tool_choice="none")
-            return task, call, messages, runnable, kwargs
+            return runnable, kwargs
 
-        def done(task: Task, call: Any, ai: BaseMessage) -> dict[str, Any]:
+        def answer(task: Task, ai: BaseMessage) -> tuple[dict[str, Any], Any, str | None]:
+            """The node's update and what the call reports (usage, model name)."""
             name = ai.response_metadata.get("model_name")
-            call.end(
-                _usage_or_raw(ai),
-                output_text=ai.text,
-                model=name if isinstance(name, str) else None,
-            )
-            return {self.messages_key: [self._final(task, ai)], **self._record(task)}
+            update = {self.messages_key: [self._final(task, ai)]}
+            return update, _usage_or_raw(ai), name if isinstance(name, str) else None
 
         def final(state: Any) -> dict[str, Any]:
+            task = self._task()
+            messages = list(state[self.messages_key])
             try:
-                task, call, messages, runnable, kwargs = prepare(state)
+                call = task.start_model_call(
+                    own, messages=messages, tools=schemas, max_tokens=None, finish=True
+                )
             except BudgetExceeded as exc:
                 return self._end(exc)
+            runnable, kwargs = ask(call)
             try:
                 with metered_here():
                     ai = runnable.invoke(messages, **kwargs)
             except BaseException as exc:
                 call.fail(exc)
                 raise
-            return done(task, call, ai)
+            update, usage, name = answer(task, ai)
+            call.end(usage, output_text=ai.text, model=name)
+            return {**update, **self._record(task)}
 
         async def afinal(state: Any) -> dict[str, Any]:
+            task = self._task()
+            messages = list(state[self.messages_key])
             try:
-                task, call, messages, runnable, kwargs = prepare(state)
+                call = await task.astart_model_call(
+                    own, messages=messages, tools=schemas, max_tokens=None, finish=True
+                )
             except BudgetExceeded as exc:
                 return self._end(exc)
+            runnable, kwargs = ask(call)
             try:
                 with metered_here():
                     ai = await runnable.ainvoke(messages, **kwargs)
             except BaseException as exc:
-                call.fail(exc)
+                await call.afail(exc)
                 raise
-            return done(task, call, ai)
+            update, usage, name = answer(task, ai)
+            await call.aend(usage, output_text=ai.text, model=name)
+            return {**update, **self._record(task)}
 
         return RunnableLambda(final, afunc=afinal, name="agentguard_finish")
 
@@ -666,8 +717,8 @@ class GraphGuard:
                 raise exc
             return exc
 
-        def close_out(child: Task, out: Any, stopped: BudgetExceeded | None) -> Any:
-            spent = child.spent  # the child's own and its children's, read from the store
+        def close_out(child: Task, spent: Spent, out: Any, stopped: BudgetExceeded | None) -> Any:
+            # spent: the child's own and its children's, read from the store
             total = _Ledger(
                 spent.cost_usd,
                 spent.input_tokens,
@@ -701,7 +752,7 @@ class GraphGuard:
                 except BudgetExceeded as exc:
                     stopped = stopped_or_raise(exc)
                 assert child is not None
-                return close_out(child, out, stopped)
+                return close_out(child, child.spent, out, stopped)
 
             async def asub(state: Any, config: RunnableConfig) -> Any:
                 child, out, stopped = None, None, None
@@ -711,7 +762,7 @@ class GraphGuard:
                 except BudgetExceeded as exc:
                     stopped = stopped_or_raise(exc)
                 assert child is not None
-                return close_out(child, out, stopped)
+                return close_out(child, await child.aspent(), out, stopped)
 
             return cast("_NodeFn", RunnableLambda(sub, afunc=asub, name=label))
 
@@ -727,7 +778,7 @@ class GraphGuard:
                 except BudgetExceeded as exc:
                     stopped = stopped_or_raise(exc)
                 assert child is not None
-                return close_out(child, out, stopped)
+                return close_out(child, await child.aspent(), out, stopped)
 
             return abranch
 
@@ -742,6 +793,6 @@ class GraphGuard:
             except BudgetExceeded as exc:
                 stopped = stopped_or_raise(exc)
             assert child is not None
-            return close_out(child, out, stopped)
+            return close_out(child, child.spent, out, stopped)
 
         return sbranch

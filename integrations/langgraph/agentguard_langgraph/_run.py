@@ -92,7 +92,7 @@ class _ModelStep(Runnable[Any, Any]):
         task = gg._task()
         try:
             if self.steps:
-                gg._step(task)
+                await gg._astep(task)
             out = await self.bound.ainvoke(input, config, **kwargs)
         except BudgetExceeded as exc:
             if gg._exit(task) == "error":
@@ -152,10 +152,26 @@ class GuardedGraph:
 
     def _seed(self, task: Task, values: Mapping[str, Any] | None) -> None:
         """``budget="thread"``: the task starts from what the thread's state says it spent."""
+        amounts = self._seeded(task, values)
+        if amounts:
+            # only the task's own line: enclosing budgets (team, org) were charged when the
+            # thread spent it
+            self.gg.guard.store.charge([BudgetLine(f"task:{task.id}")], amounts, check=False)
+            _ = task.spent  # re-read the balances
+
+    async def _aseed(self, task: Task, values: Mapping[str, Any] | None) -> None:
+        """Async :meth:`_seed` (the store is awaited)."""
+        amounts = self._seeded(task, values)
+        if amounts:
+            await self.gg.guard.store.acharge([BudgetLine(f"task:{task.id}")], amounts, check=False)
+            await task.aspent()
+
+    def _seeded(self, task: Task, values: Mapping[str, Any] | None) -> dict[str, Decimal | int]:
+        """The counters a thread's state seeds its run's task with (none for run budgets)."""
         self.last_task = task
-        if self.gg.budget != "thread" or not values:
-            return
         amounts: dict[str, Decimal | int] = {}
+        if self.gg.budget != "thread" or not values:
+            return amounts
         for key, counter in _SEEDED:
             value = values.get(key)
             if value:
@@ -165,11 +181,7 @@ class GuardedGraph:
             for tool, n in by_name.items():
                 if n:
                     amounts[f"tool:{tool}"] = n
-        if amounts:
-            # only the task's own line: enclosing budgets (team, org) were charged when the
-            # thread spent it
-            self.gg.guard.store.charge([BudgetLine(f"task:{task.id}")], amounts, check=False)
-            _ = task.spent  # re-read the balances
+        return amounts
 
     def _values(self, config: RunnableConfig | None) -> Mapping[str, Any] | None:
         if self.gg.budget != "thread" or _thread_id(config) is None:
@@ -198,7 +210,7 @@ class GuardedGraph:
         """``graph.ainvoke`` under a task of its own."""
         values = await self._avalues(config)
         async with self._scope(config) as task:
-            self._seed(task, values)
+            await self._aseed(task, values)
             return await self.graph.ainvoke(input, config, **kwargs)
 
     def stream(
@@ -217,6 +229,6 @@ class GuardedGraph:
         """``graph.astream`` under a task of its own (closed when the stream ends)."""
         values = await self._avalues(config)
         async with self._scope(config) as task:
-            self._seed(task, values)
+            await self._aseed(task, values)
             async for chunk in self.graph.astream(input, config, **kwargs):
                 yield chunk
