@@ -242,10 +242,16 @@ def decide_model_call(
         return _finish(policy, request, headroom, rates, d)
 
     # 2. money and the ladder
-    user_cap = _min_cap(policy.max_output_tokens, request.max_tokens)
+    a, b = policy.max_output_tokens, request.max_tokens
+    user_cap = b if a is None else (a if b is None or a <= b else b)  # _min_cap(a, b)
     if finish_call:
         user_cap = _min_cap(user_cap, policy.finish_output_tokens)
-    need = max(1, min(MIN_USEFUL_OUTPUT_TOKENS, user_cap or MIN_USEFUL_OUTPUT_TOKENS))
+    # max(1, min(MIN_USEFUL_OUTPUT_TOKENS, user_cap or MIN_USEFUL_OUTPUT_TOKENS))
+    need = (
+        MIN_USEFUL_OUTPUT_TOKENS
+        if not user_cap or user_cap >= MIN_USEFUL_OUTPUT_TOKENS
+        else max(1, user_cap)
+    )
     cap = user_cap
     tokens_left = headroom.remaining_tokens
     if policy.max_total_tokens is not None:
@@ -380,23 +386,23 @@ def _finish_model(policy: Policy, request: CallRequest) -> str:
     return request.model
 
 
-def _finish_input(request: CallRequest) -> int:
-    """The graceful final call reads what this call reads plus what the turn adds.
-
-    We cannot know the next tool result's size; we assume the final call reads at most twice
-    this call's input (documented in docs/policy.md) and reserve for that.
-    """
-    return request.input_tokens * 2
-
-
 def _keep_back(
     policy: Policy, request: CallRequest, rates: Mapping[str, ModelRates | None], model: str
 ) -> Decimal:
-    fm = _finish_model(policy, request)
+    """The worst case of the graceful final call, kept back from the money a call may use.
+
+    The final call reads what this call reads plus what the turn adds. We cannot know the next
+    tool result's size; we assume the final call reads at most twice this call's input
+    (documented in docs/policy.md) and reserve for that. (Runs on every model call under
+    ``finish``: ``_finish_model`` is written inline.)
+    """
+    fm = policy.finish_model
+    if fm is None:
+        fm = policy.downgrade[-1].to if policy.downgrade else request.model
     r = rates.get(fm) or rates.get(model)
     if r is None:
         return _ZERO
-    return r.worst_case_cost(_finish_input(request), policy.finish_output_tokens)
+    return r.worst_case_cost(request.input_tokens * 2, policy.finish_output_tokens)
 
 
 def _finish(

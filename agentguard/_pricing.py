@@ -152,6 +152,13 @@ class ModelRates:
     peak: tuple[ModelRates, ...] = field(default=(), repr=False, compare=False)
     exact_price: Any = field(default=None, repr=False, compare=False)
     _rows: tuple[_Row, ...] = field(init=False, repr=False, compare=False)
+    # the only row, when there are no tiers (the usual case: no search per call), else None
+    _single: _Row | None = field(init=False, repr=False, compare=False)
+    # (worst-case input rate, output rate for a worst case, per-request fee) when there are no
+    # tiers and no peak rates: worst_case_cost without a helper call
+    _flat: tuple[Decimal, Decimal, Decimal | None] | None = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         rows = [
@@ -178,6 +185,13 @@ class ModelRates:
             for t in sorted(self.tiers, key=lambda t: t.start)
         )
         object.__setattr__(self, "_rows", tuple(rows))
+        single = rows[0] if len(rows) == 1 else None
+        object.__setattr__(self, "_single", single)
+        flat = None
+        if single is not None and not self.peak:
+            _, _, rout, _, _, rreas, rreq, wc_in = single
+            flat = (wc_in, rout if rreas is None else max(rout, rreas), rreq)
+        object.__setattr__(self, "_flat", flat)
 
     def _row_for(self, input_tokens: int) -> _Row:
         rows = self._rows
@@ -198,7 +212,8 @@ class ModelRates:
         if self.exact_price is not None:
             return self._exact_cost(usage)
         i = usage.input_tokens
-        _, rin, rout, rcr, rcw, rreas, rreq, _ = self._row_for(i)
+        row = self._single
+        _, rin, rout, rcr, rcw, rreas, rreq, _ = row if row is not None else self._row_for(i)
         cr = usage.cache_read_tokens
         cw = usage.cache_write_tokens
         total = (i - cr - cw) * rin + cr * rcr + cw * rcw
@@ -238,6 +253,11 @@ class ModelRates:
             >>> PriceBook().require("claude-3-5-haiku").worst_case_cost(1000, 100)
             Decimal('0.001400')
         """
+        flat = self._flat
+        if flat is not None:  # _worst_case, inline
+            wc_in, out_rate, rreq = flat
+            total = input_tokens * wc_in + output_tokens * out_rate
+            return total if rreq is None else total + rreq
         worst = self._worst_case(input_tokens, output_tokens)
         for other in self.peak:
             worst = max(worst, other._worst_case(input_tokens, output_tokens))
