@@ -175,7 +175,8 @@ def _delegate_ls_params(model: BaseChatModel, private: dict[str, Any]) -> LangSm
         except Exception:  # pragma: no cover - a provider's tracing params are best effort
             base = LangSmithParams(ls_provider="agentguard")
         held = private["_ls_base"] = (model, temperature, base)
-    return cast("LangSmithParams", dict(held[2]))
+    params: LangSmithParams = held[2].copy()
+    return params
 
 
 def _int_cap(value: Any) -> int | None:
@@ -396,7 +397,7 @@ class BudgetedChatModel(BaseChatModel):
         stops = stop or self.stop
         if stops:
             params["ls_stop"] = stops
-        cast("dict[str, Any]", params)[METERED_METADATA_KEY] = True
+        params[METERED_METADATA_KEY] = True  # type: ignore[literal-required]
         return params
 
     def _get_invocation_params(

@@ -297,6 +297,7 @@ class GraphGuard:
         self.exit_behavior = exit_behavior
         self.messages_key = messages_key
         self._ledgers: weakref.WeakKeyDictionary[Task, _Ledger] = weakref.WeakKeyDictionary()
+        self._last: tuple[Task, _Ledger] | None = None
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._edge = _Edge(self._route, self._aroute, "agentguard_route")
@@ -328,9 +329,17 @@ class GraphGuard:
     def _record(self, task: Task) -> dict[str, Any]:
         """The state update adding the task's spend not yet in the state (only what changed)."""
         with self._lock:  # parallel nodes of one task: each adds a disjoint share
-            was = self._ledgers.get(task, _NOTHING)
+            # the task that recorded last keeps its ledger here (a weak mapping's get and set
+            # cost a weakref each); the others' are in the weak mapping
+            last = self._last
+            if last is not None and last[0] is task:
+                was = last[1]
+            else:
+                if last is not None:
+                    self._ledgers[last[0]] = last[1]
+                was = self._ledgers.get(task, _NOTHING)
             now = _ledger(task)
-            self._ledgers[task] = now
+            self._last = (task, now)
         return _delta(task, was, now)
 
     def _stopped(self, exc: BudgetExceeded, task: Task) -> dict[str, Any]:
