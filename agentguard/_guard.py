@@ -919,11 +919,13 @@ class Task:
             counter = (_TOKENS or _tokens()).counter_for(model)
             raw = counter.count_messages(messages, tools)
             estimate = _TOKENS.reservation_tokens(counter, raw) if counter.margin else raw
+        elif input_tokens is not None and input_tokens >= 0:
+            estimate = raw = input_tokens
         else:
             estimate, raw = self._estimate_input(model, messages, tools, input_tokens)
         request = CallRequest(model, estimate, max_tokens)
-        lines = self._lines  # _current_lines(), without a clock read for lines with no window
-        if self._lines_until != _INF:
+        lines = self._lines  # _current_lines(), without a call until a window ends
+        if self._lines_until != _INF and time.time() >= self._lines_until:
             lines = self._current_lines()
         span = Span(
             f"{guard._prefix}-{next(guard._ids)}",
@@ -1077,7 +1079,9 @@ class Task:
         amounts: dict[str, Decimal | int] = {"tool_calls": 1, f"tool:{name}": 1}
         d = decide_tool_call(self.policy, self._spent(tool=name), name)
         if d.action == "allow":
-            lines = self._lines if self._lines_until == _INF else self._current_lines()
+            lines = self._lines  # _current_lines(), without a call until a window ends
+            if self._lines_until != _INF and time.time() >= self._lines_until:
+                lines = self._current_lines()
             res = yield ("charge", (lines, amounts), _NO_KW)
             if res.ok:
                 if self._soft:
@@ -1148,7 +1152,9 @@ class Task:
         )
         d: Decision = decide(self.policy, self._spent())
         if d.action == "allow" or d.action == "warn":
-            lines = self._lines if self._lines_until == _INF else self._current_lines()
+            lines = self._lines  # _current_lines(), without a call until a window ends
+            if self._lines_until != _INF and time.time() >= self._lines_until:
+                lines = self._current_lines()
             res = yield (
                 "charge",
                 (lines, {counter: 1}),

@@ -212,7 +212,10 @@ class MemoryStore:
             denied = self._check(lines, amounts)
             if denied is not None:
                 return ReserveResult(False, denied, self._balances(lines))
-            held = {c: a for c, a in amounts.items() if a}
+            held = {}
+            for counter, amount in amounts.items():  # a loop, not a comprehension's frame
+                if amount:
+                    held[counter] = amount  # noqa: PERF403 - see above
             committed, reserved = self._committed, self._reserved
             keys = []
             out = {}

@@ -213,6 +213,23 @@ class Usage:
             ...     "input_token_details": {"cache_read": 32}})
             Usage(input_tokens=50, output_tokens=9, cache_read_tokens=32)
         """
+        if type(usage_metadata) is dict:  # the usual shape: plain look-ups, no _get calls
+            get = usage_metadata.get
+            in_d = get("input_token_details")
+            out_d = get("output_token_details")
+            if (in_d is None or type(in_d) is dict) and (out_d is None or type(out_d) is dict):
+                # a missing count is 0 (what _as_count makes of None): Usage's fast path then
+                i, o = get("input_tokens"), get("output_tokens")
+                cr = in_d.get("cache_read") if in_d else None
+                cw = in_d.get("cache_creation") if in_d else None
+                r = out_d.get("reasoning") if out_d else None
+                return cls(
+                    0 if i is None else i,
+                    0 if o is None else o,
+                    0 if cr is None else cr,
+                    0 if cw is None else cw,
+                    0 if r is None else r,
+                )
         in_d = _get(usage_metadata, "input_token_details") or {}
         out_d = _get(usage_metadata, "output_token_details") or {}
         return cls(

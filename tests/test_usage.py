@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -23,6 +24,49 @@ def test_langchain_usage_metadata() -> None:
     )
     assert (u.input_tokens, u.cache_read_tokens, u.cache_write_tokens) == (1200, 1000, 100)
     assert (u.output_tokens, u.reasoning_tokens, u.uncached_input_tokens) == (300, 200, 100)
+
+
+_COUNT = st.one_of(
+    st.none(),
+    st.integers(-5, 2000),
+    st.sampled_from([True, 1.0, 2.5, "7"]),
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "input_tokens": _COUNT,
+            "output_tokens": _COUNT,
+            "input_token_details": st.one_of(
+                st.none(),
+                st.fixed_dictionaries(
+                    {}, optional={"cache_read": _COUNT, "cache_creation": _COUNT}
+                ),
+            ),
+            "output_token_details": st.one_of(
+                st.none(), st.fixed_dictionaries({}, optional={"reasoning": _COUNT})
+            ),
+        },
+    )
+)
+def test_langchain_dicts_read_as_any_mapping_is(data: dict[str, Any]) -> None:
+    """Plain dicts take a shortcut; the result (or the error) is the general reading's."""
+
+    def general(d: Any) -> Any:
+        if isinstance(d, dict):
+            return MappingProxyType({k: general(v) for k, v in d.items()})
+        return d
+
+    def outcome(raw: Any) -> Any:
+        try:
+            u = Usage.from_langchain(raw)
+        except InvalidUsage as exc:
+            return ("error", exc.field, str(exc))
+        return (u.as_dict(), type(u.input_tokens), type(u.reasoning_tokens))
+
+    assert outcome(data) == outcome(general(data))
 
 
 def test_openai_chat_and_responses_and_sdk_objects() -> None:
