@@ -33,7 +33,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import Any, Self, cast
+from typing import Any, Self
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import (
@@ -185,7 +185,7 @@ def _int_cap(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-_RUN_MANAGER: dict[Callable[..., Any], bool] = {}
+_RUN_MANAGER: dict[tuple[type, str], bool] = {}
 _CAP_ATTRS: dict[type, tuple[str, ...]] = {}
 _CAP_PARAMS: dict[type, str] = {}
 
@@ -208,13 +208,15 @@ def _default_of(model: BudgetedChatModel) -> str:
     return default
 
 
-def _accepts_run_manager(method: Callable[..., Any]) -> bool:
-    fn = getattr(method, "__func__", method)
-    known = _RUN_MANAGER.get(fn) if inspect.isfunction(fn) else None
-    if known is None:  # inspect.signature costs ~20 µs: once per function
-        known = "run_manager" in inspect.signature(method).parameters
-        if inspect.isfunction(fn):
-            _RUN_MANAGER[fn] = known
+def _accepts_run_manager(model: BaseChatModel, method: str) -> bool:
+    """Whether ``model``'s ``method`` (``_generate``...) takes ``run_manager``; read once per
+    class (``inspect.signature`` costs ~20 µs)."""
+    key = (type(model), method)
+    known = _RUN_MANAGER.get(key)
+    if known is None:
+        known = _RUN_MANAGER[key] = (
+            "run_manager" in inspect.signature(getattr(model, method)).parameters
+        )
     return known
 
 
@@ -382,12 +384,15 @@ class BudgetedChatModel(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         kwargs.pop(_RAW_TOOLS, None)
-        params = _delegate_ls_params(self.model, self.__pydantic_private__)  # type: ignore[arg-type]
+        private: dict[str, Any] = self.__pydantic_private__  # type: ignore[assignment]
+        params = _delegate_ls_params(self.model, private)
         temperature = kwargs.get("temperature")
-        if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        if temperature is not None and isinstance(temperature, (int, float)):
             params["ls_temperature"] = temperature
         requested = kwargs.get("model")
-        params["ls_model_name"] = requested if isinstance(requested, str) else _default_of(self)
+        params["ls_model_name"] = (
+            requested if isinstance(requested, str) else private["_default_id"]
+        )
         params["ls_model_type"] = "chat"
         cap = self._caller_cap(self.model, kwargs)
         if cap is not None:
@@ -695,7 +700,7 @@ class BudgetedChatModel(BaseChatModel):
     ) -> ChatResult:
         if model.rate_limiter is not None:
             model.rate_limiter.acquire(blocking=True)
-        if _accepts_run_manager(model._generate):
+        if _accepts_run_manager(model, "_generate"):
             kwargs = {**kwargs, "run_manager": run_manager}
         with metered_here():
             return model._generate(messages, stop=stop, **kwargs)
@@ -710,7 +715,7 @@ class BudgetedChatModel(BaseChatModel):
     ) -> ChatResult:
         if model.rate_limiter is not None:
             await model.rate_limiter.aacquire(blocking=True)
-        if _accepts_run_manager(model._agenerate):
+        if _accepts_run_manager(model, "_agenerate"):
             kwargs = {**kwargs, "run_manager": run_manager}
         with metered_here():
             return await model._agenerate(messages, stop=stop, **kwargs)
@@ -774,7 +779,7 @@ class BudgetedChatModel(BaseChatModel):
             return
         if model.rate_limiter is not None:
             model.rate_limiter.acquire(blocking=True)
-        if _accepts_run_manager(model._stream):
+        if _accepts_run_manager(model, "_stream"):
             kwargs = {**kwargs, "run_manager": run_manager}
         chunks = model._stream(messages, stop=stop, **kwargs)
         try:
@@ -808,7 +813,7 @@ class BudgetedChatModel(BaseChatModel):
             return
         if model.rate_limiter is not None:
             await model.rate_limiter.aacquire(blocking=True)
-        if _accepts_run_manager(model._astream):
+        if _accepts_run_manager(model, "_astream"):
             kwargs = {**kwargs, "run_manager": run_manager}
         chunks = model._astream(messages, stop=stop, **kwargs)
         try:
