@@ -49,6 +49,7 @@ from langgraph.types import Command
 
 from agentguard import BudgetExceeded, InvalidUsage, PolicyError, current_task
 from agentguard_langchain._common import metered_here, usage_of
+from agentguard_langchain._drive import NO_KW, Steps, adrive, drive
 
 if TYPE_CHECKING:
     from langgraph.prebuilt.tool_node import ToolCallRequest
@@ -352,8 +353,17 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
                 )
         run.checked.add(key)
 
-    def _check_window(self, call: ModelCall, target: str, chat: BaseChatModel) -> None:
-        """A request the mapped model cannot hold is not sent (its reservation is released)."""
+    def _mapped(self, call: ModelCall) -> Steps[BaseChatModel]:
+        """The chat model mapped to the call's rung; a rung with none, or whose model cannot
+        hold the request, is not sent (the reservation is released)."""
+        target = call.model
+        chat = self.models.get(target)
+        if chat is None:  # _check_run makes this unreachable for the policy's rungs
+            error = PolicyError(
+                self._field(call.task.policy, target), target, "no chat model is mapped to it"
+            )
+            yield (call, "fail", (error,), NO_KW)
+            raise error
         window = (chat.profile or {}).get("max_input_tokens")
         if isinstance(window, int) and window < call.input_counted:
             error = PolicyError(
@@ -362,8 +372,9 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
                 f"its context window of {window} tokens cannot hold this request "
                 f"(~{call.input_counted} tokens): map a model with a larger window",
             )
-            call.fail(error)
+            yield (call, "fail", (error,), NO_KW)
             raise error
+        return chat
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -372,7 +383,7 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
             return self.exit_behavior
         return "end" if task.policy.on_limit == "finish" else "error"
 
-    def _open_run(self, state: Mapping[str, Any], runtime: Runtime[Any]) -> dict[str, Any]:
+    def _open_run(self, state: Mapping[str, Any], runtime: Runtime[Any]) -> Steps[dict[str, Any]]:
         tid = _thread_id(runtime)
         key = f"thread:{tid}" if tid else uuid.uuid4().hex
         cur = current_task()
@@ -383,15 +394,16 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
                 task_id: str | None = self.task_id(state, runtime)
             else:
                 task_id = self.task_id
-            run = _Run(self.guard.open_task(task_id, **self._tag_kwargs), True, key)
+            task = yield (self.guard, "open_task", (task_id,), self._tag_kwargs)
+            run = _Run(task, True, key)
         with self._lock:
             old = self._runs.pop(key, None)
             self._runs[key] = run
         if old is not None and old.owned:  # a run on this thread that never reached its end
-            old.task.close()
+            yield (old.task, "close", (), NO_KW)
         return {_RUN_KEY: key}
 
-    def _close_run(self, state: Mapping[str, Any], runtime: Runtime[Any]) -> None:
+    def _close_run(self, state: Mapping[str, Any], runtime: Runtime[Any]) -> Steps[None]:
         key = state.get(_RUN_KEY) or (f"thread:{tid}" if (tid := _thread_id(runtime)) else None)
         if key is None:
             return
@@ -399,7 +411,7 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
             run = self._runs.pop(key, None)
             self._closed.pop(key, None)
         if run is not None and run.owned:
-            run.task.close()
+            yield (run.task, "close", (), NO_KW)
 
     def _run(self, state: Any, runtime: Any) -> _Run:
         key = state.get(_RUN_KEY) if isinstance(state, Mapping) else None
@@ -426,14 +438,14 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
             run = _Run(cur, False, "")
         return run
 
-    def _abort(self, run: _Run, exc: BaseException) -> None:
+    def _abort(self, run: _Run, exc: BaseException) -> Steps[None]:
         """An exception escapes the middleware: the run ends with it (unless it is LangGraph's
         control flow, e.g. an interrupt)."""
         if isinstance(exc, GraphBubbleUp) or run.closed_on_error or not run.key:
             return
         run.closed_on_error = True
         if run.owned:  # the caller's own task is closed by the caller's ``with`` block
-            run.task.close(exc)
+            yield (run.task, "close", (exc,), NO_KW)
         with self._lock:
             self._runs.pop(run.key, None)
             self._closed[run.key] = run
@@ -444,24 +456,24 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
 
     def before_agent(self, state: AgentState[Any], runtime: Runtime[Any]) -> dict[str, Any] | None:
         """Start the run: use the caller's current task or open one."""
-        return self._open_run(state, runtime)
+        return drive(self._open_run(state, runtime))
 
     async def abefore_agent(
         self, state: AgentState[Any], runtime: Runtime[Any]
     ) -> dict[str, Any] | None:
-        """Start the run: use the caller's current task or open one."""
-        return self._open_run(state, runtime)
+        """Start the run: use the caller's current task or open one (awaiting the store)."""
+        return await adrive(self._open_run(state, runtime))
 
     def after_agent(self, state: AgentState[Any], runtime: Runtime[Any]) -> dict[str, Any] | None:
         """End the run: close the task the middleware opened."""
-        self._close_run(state, runtime)
+        drive(self._close_run(state, runtime))
         return None
 
     async def aafter_agent(
         self, state: AgentState[Any], runtime: Runtime[Any]
     ) -> dict[str, Any] | None:
-        """End the run: close the task the middleware opened."""
-        self._close_run(state, runtime)
+        """End the run: close the task the middleware opened (awaiting the store)."""
+        await adrive(self._close_run(state, runtime))
         return None
 
     # -- model calls ---------------------------------------------------------------------------
@@ -529,78 +541,71 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
 
     def _begin_model(
         self, run: _Run, request: ModelRequest[Any]
-    ) -> _Step | ExtendedModelResponse[Any]:
+    ) -> Steps[_Step | ExtendedModelResponse[Any]]:
+        """Decide and reserve the call (the events one body for the sync and async gate); an
+        exception that escapes ends the run."""
         task = run.task
-        if run.stopped is not None:
-            return self._end_message(run, run.stopped)
-        if run.final_done:
-            run.after_final += 1
-            if run.after_final > 1:  # the graph keeps coming back: break the loop
-                raise BudgetExceeded(
-                    "finished",
-                    None,
-                    None,
-                    task_id=task.id,
-                    detail="the run already made its graceful final call",
-                )
-            exc = BudgetExceeded(
-                "finished", None, None, task_id=task.id, detail="the run already ended"
-            )
-            return self._end_message(run, exc)
-        model_id, own_cap = self._model_info(request.model)
-        run.model_id = model_id
-        self._check_run(run, model_id, request)
-        # the message objects themselves: the counter keeps each one's count, so an agent's
-        # history is read once, not on every call
-        system = request.system_message
-        messages = [system, *request.messages] if system is not None else request.messages
-        tools = self._schemas(request.tools) if request.tools else None
-        settings = request.model_settings
-        cap = settings.get("max_tokens", settings.get("max_completion_tokens", own_cap))
         try:
-            step = task.step("agent")
-            if step.action == "finish":
-                reason, limit = step.reason, step.limit
-                call = task.start_model_call(
-                    model_id, messages=messages, tools=tools, max_tokens=cap, finish=True
+            if run.stopped is not None:
+                return self._end_message(run, run.stopped)
+            if run.final_done:
+                run.after_final += 1
+                if run.after_final > 1:  # the graph keeps coming back: break the loop
+                    raise BudgetExceeded(
+                        "finished",
+                        None,
+                        None,
+                        task_id=task.id,
+                        detail="the run already made its graceful final call",
+                    )
+                exc = BudgetExceeded(
+                    "finished", None, None, task_id=task.id, detail="the run already ended"
                 )
-            else:
-                call = task.start_model_call(
-                    model_id, messages=messages, tools=tools, max_tokens=cap
-                )
-                if call.decision.action != "finish":
-                    return _Step(call, self._bind(request, call, model_id, final=False))
-                reason, limit = call.decision.reason, call.decision.limit
-                call = task.start_model_call(
-                    call.model,
-                    messages=messages,
-                    tools=tools,
-                    max_tokens=call.max_tokens,
-                    finish=True,
-                )
-        except BudgetExceeded as exc:
-            if self._exit(task) == "error":
-                raise
-            return self._end_message(run, exc)
-        req = self._bind(request, call, model_id, final=True)
-        return _Step(call, req, final=True, reason=reason, limit=limit)
+                return self._end_message(run, exc)
+            model_id, own_cap = self._model_info(request.model)
+            run.model_id = model_id
+            self._check_run(run, model_id, request)
+            # the message objects themselves: the counter keeps each one's count, so an
+            # agent's history is read once, not on every call
+            system = request.system_message
+            messages = [system, *request.messages] if system is not None else request.messages
+            tools = self._schemas(request.tools) if request.tools else None
+            settings = request.model_settings
+            cap = settings.get("max_tokens", settings.get("max_completion_tokens", own_cap))
+            ask = {"messages": messages, "tools": tools, "max_tokens": cap}
+            try:
+                step = yield (task, "step", ("agent",), NO_KW)
+                if step.action == "finish":
+                    reason, limit = step.reason, step.limit
+                    ask["finish"] = True
+                    call = yield (task, "start_model_call", (model_id,), ask)
+                else:
+                    call = yield (task, "start_model_call", (model_id,), ask)
+                    if call.decision.action != "finish":
+                        chat = request.model
+                        if call.model != model_id:
+                            chat = yield from self._mapped(call)
+                        return _Step(call, self._bind(request, call, chat, final=False))
+                    reason, limit = call.decision.reason, call.decision.limit
+                    ask = {**ask, "max_tokens": call.max_tokens, "finish": True}
+                    call = yield (task, "start_model_call", (call.model,), ask)
+            except BudgetExceeded as exc:
+                if self._exit(task) == "error":
+                    raise
+                return self._end_message(run, exc)
+            chat = request.model
+            if call.model != model_id:
+                chat = yield from self._mapped(call)
+            req = self._bind(request, call, chat, final=True)
+            return _Step(call, req, final=True, reason=reason, limit=limit)
+        except BaseException as exc:
+            yield from self._abort(run, exc)
+            raise
 
     def _bind(
-        self, request: ModelRequest[Any], call: ModelCall, model_id: str, *, final: bool
+        self, request: ModelRequest[Any], call: ModelCall, chat: BaseChatModel, *, final: bool
     ) -> ModelRequest[Any]:
         """The request with the guard's decision applied: model, output cap, tool choice."""
-        target = call.model
-        chat: BaseChatModel = request.model
-        if target != model_id:
-            mapped = self.models.get(target)
-            if mapped is None:  # _check_run makes this unreachable for the policy's rungs
-                error = PolicyError(
-                    self._field(call.task.policy, target), target, "no chat model is mapped to it"
-                )
-                call.fail(error)
-                raise error
-            self._check_window(call, target, mapped)
-            chat = mapped
         cap = call.max_tokens
         if chat is not request.model:
             own = self._model_info(chat)[1]
@@ -616,9 +621,14 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
             return request.override(model=chat, model_settings=settings, tool_choice="none")
         return request.override(model=chat, model_settings=settings)
 
+    def _failed(self, run: _Run, call: ModelCall | ToolCall, exc: BaseException) -> Steps[None]:
+        """The call raised: release it, and the run ends with the exception."""
+        yield (call, "fail", (exc,), NO_KW)
+        yield from self._abort(run, exc)
+
     def _end_model(
         self, run: _Run, step: _Step, request: ModelRequest[Any], response: ModelResponse[Any]
-    ) -> ModelResponse[Any] | ExtendedModelResponse[Any]:
+    ) -> Steps[ModelResponse[Any] | ExtendedModelResponse[Any]]:
         call = step.call
         assert call is not None
         ai = next((m for m in response.result if isinstance(m, AIMessage)), None)
@@ -631,9 +641,8 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
                 usage = ai.usage_metadata  # the guard charges the call's bound and logs it
             name = ai.response_metadata.get("model_name") or ai.response_metadata.get("model")
             reported = name if isinstance(name, str) and name != call.model else None
-        call.end(
-            usage, output_text=ai.text if ai is not None and usage is None else None, model=reported
-        )
+        text = ai.text if ai is not None and usage is None else None
+        yield (call, "end", (usage,), {"output_text": text, "model": reported})
         if not step.final:
             return response
         run.final_done = True
@@ -677,64 +686,50 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
     ) -> ModelResponse[Any] | AIMessage | ExtendedModelResponse[Any]:
         """Decide, reserve and bind the call; meter what it used; end the run when told to."""
         run = self._run(request.state, request.runtime)
-        try:
-            step = self._begin_model(run, request)
-        except BaseException as exc:
-            self._abort(run, exc)
-            raise
+        step = drive(self._begin_model(run, request))
         if not isinstance(step, _Step):
             return step
         try:
             with metered_here():
                 response = handler(step.request)
         except BaseException as exc:
-            step.call.fail(exc)
-            self._abort(run, exc)
+            drive(self._failed(run, step.call, exc))
             raise
-        return self._end_model(run, step, step.request, response)
+        return drive(self._end_model(run, step, step.request, response))
 
     async def awrap_model_call(
         self,
         request: ModelRequest[Any],
         handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
     ) -> ModelResponse[Any] | AIMessage | ExtendedModelResponse[Any]:
-        """Async :meth:`wrap_model_call` (the guard's event API never blocks the loop)."""
+        """Async :meth:`wrap_model_call`: every budget-store operation is awaited."""
         run = self._run(request.state, request.runtime)
-        try:
-            step = self._begin_model(run, request)
-        except BaseException as exc:
-            self._abort(run, exc)
-            raise
+        step = await adrive(self._begin_model(run, request))
         if not isinstance(step, _Step):
             return step
         try:
             with metered_here():
                 response = await handler(step.request)
         except BaseException as exc:
-            step.call.fail(exc)
-            self._abort(run, exc)
+            await adrive(self._failed(run, step.call, exc))
             raise
-        return self._end_model(run, step, step.request, response)
+        return await adrive(self._end_model(run, step, step.request, response))
 
     # -- tool calls ----------------------------------------------------------------------------
 
-    def _begin_tool(self, run: _Run, request: ToolCallRequest) -> ToolCall | ToolMessage:
+    def _begin_tool(self, run: _Run, request: ToolCallRequest) -> Steps[ToolCall | ToolMessage]:
+        """Count the call against the tool caps; an exception that escapes ends the run."""
         if run.stopped is not None:
             return refused_tool_call(request.tool_call, stopped=run.stopped)
         try:
-            tool = run.task.start_tool_call(request.tool_call["name"])
-        except BudgetExceeded as exc:
-            return self._tool_stopped(run, request, exc)
-        return self._tool_allowed(request, tool)
-
-    async def _abegin_tool(self, run: _Run, request: ToolCallRequest) -> ToolCall | ToolMessage:
-        if run.stopped is not None:
-            return refused_tool_call(request.tool_call, stopped=run.stopped)
-        try:
-            tool = await run.task.astart_tool_call(request.tool_call["name"])
-        except BudgetExceeded as exc:
-            return self._tool_stopped(run, request, exc)
-        return self._tool_allowed(request, tool)
+            try:
+                tool = yield (run.task, "start_tool_call", (request.tool_call["name"],), NO_KW)
+            except BudgetExceeded as exc:
+                return self._tool_stopped(run, request, exc)
+            return self._tool_allowed(request, tool)
+        except BaseException as exc:
+            yield from self._abort(run, exc)
+            raise
 
     def _tool_stopped(
         self, run: _Run, request: ToolCallRequest, exc: BudgetExceeded
@@ -785,19 +780,14 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
     ) -> ToolMessage | Command[Any]:
         """Count the call against the tool caps; a blocked call returns an error message."""
         run = self._run(request.state, request.runtime)
-        try:
-            tool = self._begin_tool(run, request)
-        except BaseException as exc:
-            self._abort(run, exc)
-            raise
+        tool = drive(self._begin_tool(run, request))
         if isinstance(tool, ToolMessage):
             return tool
         try:
             with metered_here():  # a callback handler on the same run does not count it again
                 result = handler(request)
         except BaseException as exc:
-            tool.fail(exc)
-            self._abort(run, exc)
+            drive(self._failed(run, tool, exc))
             raise
         tool.end()
         return self._trimmed(run, result)
@@ -809,19 +799,14 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
     ) -> ToolMessage | Command[Any]:
         """Async :meth:`wrap_tool_call`."""
         run = self._run(request.state, request.runtime)
-        try:
-            tool = await self._abegin_tool(run, request)
-        except BaseException as exc:
-            self._abort(run, exc)
-            raise
+        tool = await adrive(self._begin_tool(run, request))
         if isinstance(tool, ToolMessage):
             return tool
         try:
             with metered_here():
                 result = await handler(request)
         except BaseException as exc:
-            await tool.afail(exc)
-            self._abort(run, exc)
+            await adrive(self._failed(run, tool, exc))
             raise
         await tool.aend()
         return self._trimmed(run, result)
