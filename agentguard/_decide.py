@@ -119,6 +119,13 @@ class Decision:
         return self.action not in ("stop", "block")
 
 
+# The allow decisions of tools, retries and steps carry nothing but their reason: one shared
+# object each (decisions are never mutated), not one built per event.
+_ALLOW_TOOL = Decision("allow", reason="within tool limits")
+_ALLOW_RETRY = Decision("allow", reason="within retry limit")
+_ALLOW_STEP = Decision("allow", reason="within step limit")
+
+
 def _limit_decision(
     policy: Policy,
     limit: str,
@@ -523,7 +530,7 @@ def decide_tool_call(policy: Policy, spent: Spent, tool: str) -> Decision:
             spent.tool_calls + 1,
             f"{spent.tool_calls} of {t} tool calls used",
         )
-    return Decision("allow", reason="within tool limits")
+    return _ALLOW_TOOL
 
 
 def _tool_limit(policy: Policy, limit: str, value: int, actual: int, reason: str) -> Decision:
@@ -543,7 +550,7 @@ def decide_retry(policy: Policy, spent: Spent) -> Decision:
             limit_value=r,
             actual=spent.retries + 1,
         )
-    return Decision("allow", reason="within retry limit")
+    return _ALLOW_RETRY
 
 
 def decide_step(policy: Policy, spent: Spent) -> Decision:
@@ -558,7 +565,7 @@ def decide_step(policy: Policy, spent: Spent) -> Decision:
             f"{spent.steps} of {s} steps used",
             finish_ok=True,
         )
-    return Decision("allow", reason="within step limit")
+    return _ALLOW_STEP
 
 
 def crossed_soft_limits(soft_limits: Sequence[float], before: float, after: float) -> list[float]:

@@ -10,6 +10,12 @@ Run: ``.venv/bin/python benchmarks/bench_guard.py`` (``--json`` for machine outp
   from an agent's 11-message history of message objects with a bound tool (what an agent loop
   re-sends on every call: the counter reads each message once);
 * a tool call and a step, for reference;
+* a ReAct iteration as an agent graph drives the core (the events of ``bench_langgraph``'s
+  guarded graph): a model call over a history that grows by an assistant message with a tool
+  call and a tool result per call (with the bound tool), its end with the reported usage, a tool
+  call and its end, and a step — with ``traces=False`` and with the SQLite sink; the events'
+  time only (messages are built and tasks opened and closed outside the clock), median over
+  repeats of the mean per iteration;
 * ``import agentguard`` over a bare interpreter, and the first ``Guard`` built (which loads
   pydantic, genai-prices and structlog) — medians of fresh processes.
 """
@@ -131,6 +137,61 @@ def bench_calls(n: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def react_policy() -> ag.Policy:
+    """``bench_langgraph``'s policy."""
+    return ag.Policy(
+        max_cost_usd="1000",
+        max_steps=1000,
+        max_output_tokens=400,
+        downgrade=[ag.Downgrade(at=0.6, to="gpt-4o-mini")],
+        on_limit="finish",
+    )
+
+
+def react_iterations(guard: ag.Guard, tasks: int, per_task: int = 6) -> float:
+    """Mean µs of the guard's events per ReAct iteration over ``tasks`` tasks of
+    ``per_task`` iterations each."""
+    clock = time.perf_counter
+    spent = 0.0
+    for _ in range(tasks):
+        history = [Message("user", "Where is my parcel for order 1182?")]
+        with guard.task("react") as task:
+            for i in range(per_task):
+                usage = ag.Usage(60 + 40 * i, 20)
+                t = clock()
+                call = task.start_model_call(
+                    "gpt-4o", messages=history, tools=TOOLS, max_tokens=None
+                )
+                call.end(usage, output_text=None, model="gpt-4o")
+                task.start_tool_call("lookup").end()
+                task.step("agent")
+                spent += clock() - t
+                call_ = {"name": "lookup", "args": {"query": f"order 1182, try {i}"}, "id": f"c{i}"}
+                history.append(Message("assistant", "", tool_calls=[call_]))
+                history.append(
+                    Message("tool", "order 1182: paid, shipped late", tool_call_id=f"c{i}")
+                )
+    return spent / (tasks * per_task) * 1e6
+
+
+def bench_react(n: int, repeats: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    tasks = max(1, n // 12)
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, traces in (("traces off", False), ("sqlite sink", f"{tmp}/r.db")):
+            guard = ag.Guard(react_policy(), traces=traces)
+            react_iterations(guard, 5)  # warm caches (prices, encodings)
+            results = []
+            for _ in range(repeats):
+                results.append(react_iterations(guard, tasks))
+                guard.sink.flush()
+            out[f"ReAct iteration: model call + end, tool call + end, step ({label})"] = (
+                statistics.median(results)
+            )
+            guard.close()
+    return out
+
+
 def bench_import(repeats: int) -> dict[str, float]:
     def run(code: str) -> float:
         times = []
@@ -157,7 +218,11 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000, help="calls per repeat")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
-    results = {**bench_calls(args.n, args.repeats), **bench_import(args.repeats)}
+    results = {
+        **bench_calls(args.n, args.repeats),
+        **bench_react(args.n, args.repeats),
+        **bench_import(args.repeats),
+    }
     if args.json:
         print(json.dumps(results, indent=2))
         return

@@ -524,3 +524,109 @@ def test_a_blocked_tool_makes_the_next_model_call_the_final_answer() -> None:
         final = task.start_model_call("gpt-4o-mini", input_tokens=9)
         assert final.decision.action == "finish"
         assert final.decision.limit == "tool_limits.search"
+
+
+class _Msg:
+    """A chat message object (read by attribute, kept by the counter's message cache)."""
+
+    def __init__(self, role: str, content: str, **extra: Any) -> None:
+        self.role = role
+        self.content = content
+        self.tool_calls = extra.get("tool_calls")
+        self.tool_call_id = extra.get("tool_call_id")
+        self.additional_kwargs: dict[str, Any] = {}
+
+
+_TOOLS = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+
+
+def _react_run(traces: Any, *, soft: bool) -> tuple[ag.Guard, ag.Task, list[Any]]:
+    """A ReAct loop as an agent graph drives the core: step, model call over a growing history
+    of message objects, end, tool call, end (some paid), until the policy finishes it."""
+    g = ag.Guard(
+        ag.Policy(
+            max_cost_usd="0.02",
+            max_steps=9,
+            max_output_tokens=600,
+            tool_limits={"search": 4},
+            soft_limits=(0.25,) if soft else (),
+            downgrade=[ag.Downgrade(at=0.3, to="gpt-4o-mini")],
+            on_limit="finish",
+        ),
+        traces=traces,
+    )
+    seen: list[Any] = []
+    history = [_Msg("user", "Find the cheapest flight to Lisbon and book it.")]
+    with g.task("react-1", team="cx") as task:
+        for i in range(20):
+            step = task.step("agent")
+            seen.append(("step", step.action, step.reason))
+            call = task.start_model_call("gpt-4o", messages=history, tools=_TOOLS)
+            d = call.decision
+            seen.append(("model", d.action, d.model, d.max_tokens, d.reserve_usd, d.reason))
+            final = d.action == "finish"
+            if final:  # the graceful final call, without tools
+                call = task.start_model_call("gpt-4o", messages=history, finish=True)
+                d = call.decision
+                seen.append(("final", d.action, d.model, d.max_tokens, d.reserve_usd, d.reason))
+            # usage as a provider reports it: what was sent, an answer within the bound cap
+            out = min(300, call.max_tokens or 300)
+            cost = call.end(
+                ag.Usage(call.input_counted, out, cache_read_tokens=8), model=call.model
+            )
+            seen.append(("cost", cost, dict(call.span.attrs)))
+            if final:
+                break
+            tc = {"name": "search", "args": {"q": f"flights, page {i}"}, "id": f"c{i}"}
+            history.append(_Msg("assistant", "", tool_calls=[tc]))
+            tool = task.start_tool_call("search")
+            seen.append(("tool", tool.decision.action, tool.decision.reason))
+            if tool.allowed:
+                tool.end(cost_usd=D("0.0005") if i % 2 else None)
+            history.append(_Msg("tool", f"{i + 3} flights found", tool_call_id=f"c{i}"))
+    return g, task, seen
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_traces_off_changes_what_is_written_and_nothing_else(soft: bool) -> None:
+    g_off, off, seen_off = _react_run(False, soft=soft)
+    g_on, on, seen_on = _react_run("memory", soft=soft)
+    assert repr(g_off.sink) == "NullSink()"
+    assert seen_off == seen_on
+    assert [a for a, *_ in seen_on].count("model") >= 4  # a real run: calls, a downgrade...
+    assert {a[1] for a in seen_on if a[0] == "model"} >= {"allow", "downgrade", "finish"}
+
+    def readout(t: ag.Task) -> Any:
+        decisions = [(d.kind, d.action, d.reason, d.model, d.limit) for d in t.decisions]
+        return (
+            decisions,
+            t.cost_usd,
+            t.usage,
+            t.model_calls,
+            t.tool_calls,
+            t.tool_calls_by_name,
+            t.retries,
+            t.steps,
+            t.saved_usd,
+            t.status,
+            t.limit_hit,
+            t.spent,
+        )
+
+    assert readout(off) == readout(on)
+    assert ("soft_limit" in [d.kind for d in on.decisions]) is soft
+    assert off.cost_usd is not None and off.cost_usd <= D("0.02")
+    written = spans(g_on)
+    assert {s.kind for s in written} >= {"task", "step", "model", "tool"}
+    assert len(written) == 1 + sum(a[0] in ("step", "model", "final", "tool") for a in seen_on)
+
+
+def test_spans_reach_a_sink_that_replaces_the_null_one_mid_run() -> None:
+    g = ag.Guard(ag.Policy(max_cost_usd="1"), traces=False)
+    with g.task("t") as task:
+        task.step("before")
+        g.sink = ag.MemorySink()  # as Alerts.attach replaces a guard's sink
+        task.step("after")
+        task.start_tool_call("search").end()
+        task.start_model_call("gpt-4o-mini", input_tokens=10).end(ag.Usage(10, 5))
+    assert [s.name for s in spans(g)] == ["after", "search", "gpt-4o-mini", "t"]
