@@ -12,16 +12,17 @@ smaller than the one the call runs with — or a tool to be skipped (``block``) 
 carried out here, so the handler stops the run with the decision's reason instead. Use the
 middleware or the budget-aware chat model of this package for those.
 
-Layout: :class:`_Meter` holds all the logic as plain synchronous methods over the core's
-event API; :class:`AgentGuardCallbackHandler` and :class:`AsyncAgentGuardCallbackHandler`
-are one-line shells over it.
+Layout: :class:`_Meter` holds all the logic, each hook one generator of guard events;
+:class:`AgentGuardCallbackHandler` drives them on the sync event API and
+:class:`AsyncAgentGuardCallbackHandler` awaits the async twins (``astart_model_call``, ...),
+both one-line shells over it.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -29,6 +30,7 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 
 from agentguard import BudgetExceeded, InvalidUsage, current_task
 from agentguard_langchain._common import already_metered, usage_of
+from agentguard_langchain._drive import NO_KW, Steps, adrive, drive
 
 if TYPE_CHECKING:
     from langchain_core.documents import Document
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from langchain_core.outputs import LLMResult
     from tenacity import RetryCallState
 
-    from agentguard import Decision, Guard, ModelCall, Task, ToolCall
+    from agentguard import Decision, Guard, ModelCall, Spent, Task, ToolCall
 
 __all__ = ["AgentGuardCallbackHandler", "AsyncAgentGuardCallbackHandler"]
 
@@ -190,8 +192,9 @@ def _needs_change(d: Decision, cap: int | None) -> bool:
     )
 
 
-def _refusal(task: Task, d: Decision, cap: int | None) -> BudgetExceeded:
-    """The ``BudgetExceeded`` for a decision :func:`_needs_change` found (call released)."""
+def _refusal(task: Task, d: Decision, cap: int | None, spent: Spent | None) -> BudgetExceeded:
+    """The ``BudgetExceeded`` for a decision :func:`_needs_change` found (call released;
+    ``spent``: the task's spend read after the release, for a ``downgrade``)."""
     if d.action == "finish":
         return _stopped(
             task, d, f"a graceful finish cannot be made from a callback; {_USE_WRAPPER}"
@@ -200,7 +203,7 @@ def _refusal(task: Task, d: Decision, cap: int | None) -> BudgetExceeded:
         return BudgetExceeded(
             "max_cost_usd",
             task.policy.max_cost_usd,
-            task.spent.cost_usd,
+            spent.cost_usd if spent is not None else None,
             budget=d.budget,
             task_id=task.id,
             detail=f"{d.reason}; a callback cannot switch the model; {_USE_WRAPPER}",
@@ -295,9 +298,27 @@ def _runs_of(guard: Guard) -> _Runs:
 # -- the logic, shared by the sync and the async handler --------------------------------------
 
 
+class _SpendReader:
+    """``task.spent`` (a store read) as an event: ``spent()`` for the sync driver, ``aspent()``
+    for the async one."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def spent(self) -> Spent:
+        return self.task.spent
+
+    def aspent(self) -> Awaitable[Spent]:
+        return self.task.aspent()
+
+
 class _Meter:
-    """Translates LangChain run events into the guard's event API (synchronous; the core's
-    event API never blocks an event loop with the memory store)."""
+    """Translates LangChain run events into the guard's event API. Each hook is written once,
+    as a generator of guard events (see :mod:`agentguard_langchain._drive`): the sync handler
+    drives it on the sync events, the async handler awaits their async twins, so on a
+    networked store (Redis) the async handler never blocks its event loop."""
 
     raise_error: bool = True  # a stop must reach the caller, not be logged and swallowed
     run_inline: bool = True  # in async runs: on the loop, in order, no thread-pool hop
@@ -348,7 +369,7 @@ class _Meter:
             )
         return root
 
-    def _task_for(self, root: _Root) -> Task:
+    def _task_for(self, root: _Root) -> Steps[Task]:
         """The task to charge: the current task of this guard, else the root's (opened now
         if this is its first charged event)."""
         cur = current_task()
@@ -356,31 +377,38 @@ class _Meter:
             return cur
         task = root.task
         if task is None:
+            # opened outside the lock (the async handler awaits the store); if a concurrent
+            # event opened the root's task first, that one is charged and this one is dropped
+            # unused (nothing reserved or charged on it, no record written)
+            opened = yield (self.guard, "open_task", (root.task_id,), dict(root.tags))
             with self._runs.lock:
                 task = root.task
                 if task is None:
-                    # tags never hold "policy" / "parent" (refused in __init__)
-                    task = self.guard.open_task(root.task_id, **root.tags)  # type: ignore[arg-type]
-                    root.task = task
+                    task = root.task = opened
         return task
 
-    def _leave(self, run_id: UUID, error: BaseException | None) -> None:
-        """A run ended: forget it; close its root's task if it was the last root run."""
+    def _forget(self, run_id: UUID) -> Task | None:
+        """A run ended: forget it; the task to close if its root's last root run ended."""
         st = self._runs
         with st.lock:
             root = st.runs.pop(run_id, None)
             if root is None or run_id not in root.owners:
-                return
+                return None
             root.owners.discard(run_id)
             if root.owners:
-                return
+                return None
             task, root.task = root.task, None
             if root.named and st.named.get(root.task_id or "") is root:
                 del st.named[root.task_id or ""]
-        if task is not None and root.owned:
-            task.close(error)
+        return task if root.owned else None
 
-    def _started(self, run_id: UUID, parent_run_id: UUID | None, tags: Any) -> _Root | None:
+    def _leave(self, run_id: UUID, error: BaseException | None) -> Steps[None]:
+        """A run ended: forget it; close its root's task if it was the last root run."""
+        task = self._forget(run_id)
+        if task is not None:
+            yield (task, "close", (error,), NO_KW)
+
+    def _started(self, run_id: UUID, parent_run_id: UUID | None, tags: Any) -> Steps[_Root | None]:
         """Register a run; record a ``RunnableRetry`` attempt. ``None``: nothing to charge."""
         root = self._enter(run_id, parent_run_id)
         if root is None:
@@ -389,9 +417,10 @@ class _Meter:
             attempt = _retry_attempt(tags)
             if attempt is not None and attempt > 1 and not already_metered():
                 try:
-                    self._task_for(root).record_retry(f"attempt {attempt}")
+                    task = yield from self._task_for(root)
+                    yield (task, "record_retry", (f"attempt {attempt}",), NO_KW)
                 except BaseException as exc:  # no end event follows a failed start
-                    self._leave(run_id, exc)
+                    yield from self._leave(run_id, exc)
                     raise
         return root
 
@@ -405,52 +434,62 @@ class _Meter:
         metadata: Mapping[str, Any] | None,
         params: Mapping[str, Any] | None,
         messages: Sequence[Any],
-    ) -> None:
-        root = self._started(run_id, parent_run_id, tags)
+    ) -> Steps[None]:
+        root = yield from self._started(run_id, parent_run_id, tags)
         if root is None or already_metered() or (metadata and metadata.get(_METERED_KEY)):
             return
         try:
             model = _model_of(metadata, params)
             cap = _cap_of(metadata, params)
             tools = params.get("tools") if params else None
-            task = self._task_for(root)
+            task = yield from self._task_for(root)
             # the reservation is the last step that can raise: LangChain sends no
             # on_llm_error for a start that raised, so nothing after it may fail unhandled
             # the message objects themselves: the counter keeps each one's count, so an
             # agent's history is read once, not on every call
-            call = task.start_model_call(model, messages=messages, tools=tools, max_tokens=cap)
+            call = yield (
+                task,
+                "start_model_call",
+                (model,),
+                {"messages": messages, "tools": tools, "max_tokens": cap},
+            )
             if _needs_change(call.decision, cap):
-                call.fail()
-                raise _refusal(task, call.decision, cap)
+                yield (call, "fail", (), NO_KW)
+                spent = None
+                if call.decision.action == "downgrade":
+                    spent = yield (_SpendReader(task), "spent", (), NO_KW)
+                raise _refusal(task, call.decision, cap, spent)
             with self._runs.lock:
                 self._runs.calls[run_id] = call
         except BaseException as exc:
-            self._leave(run_id, exc)
+            yield from self._leave(run_id, exc)
             raise
 
-    def _model_end(self, run_id: UUID, response: LLMResult) -> None:
+    def _model_end(self, run_id: UUID, response: LLMResult) -> Steps[None]:
         with self._runs.lock:
             call = self._runs.calls.pop(run_id, None)
         try:
             if call is not None:
                 usage, text, model = _read_result(response)
-                call.end(usage, output_text=text if usage is None else None, model=model)
+                kw = {"output_text": text if usage is None else None, "model": model}
+                yield (call, "end", (usage,), kw)
         finally:
-            self._leave(run_id, None)
+            yield from self._leave(run_id, None)
 
-    def _model_error(self, run_id: UUID, error: BaseException, response: Any) -> None:
+    def _model_error(self, run_id: UUID, error: BaseException, response: Any) -> Steps[None]:
         with self._runs.lock:
             call = self._runs.calls.pop(run_id, None)
         try:
             if call is not None:
                 usage, text, model = _read_result(response if _has_output(response) else None)
                 if usage is None and not text:
-                    call.fail(error)
+                    yield (call, "fail", (error,), NO_KW)
                 else:  # a stream cut off part-way: what was generated is billed
                     call.span.attrs["interrupted"] = type(error).__name__
-                    call.end(usage, output_text=text if usage is None else None, model=model)
+                    kw = {"output_text": text if usage is None else None, "model": model}
+                    yield (call, "end", (usage,), kw)
         finally:
-            self._leave(run_id, error)
+            yield from self._leave(run_id, error)
 
     # -- tools, retrievers, retries --------------------------------------------------------
 
@@ -461,14 +500,14 @@ class _Meter:
         tags: Any,
         serialized: Mapping[str, Any] | None,
         kwargs: Mapping[str, Any],
-    ) -> None:
-        root = self._started(run_id, parent_run_id, tags)
+    ) -> Steps[None]:
+        root = yield from self._started(run_id, parent_run_id, tags)
         if root is None or already_metered():
             return
         try:
             name = str((serialized or {}).get("name") or kwargs.get("name") or "tool")
-            task = self._task_for(root)
-            tool = task.start_tool_call(name)
+            task = yield from self._task_for(root)
+            tool = yield (task, "start_tool_call", (name,), NO_KW)
             if not tool.allowed:  # "block": a callback cannot skip the tool
                 raise _stopped(
                     task, tool.decision, f"a callback cannot skip a tool; {_USE_WRAPPER}"
@@ -476,45 +515,47 @@ class _Meter:
             with self._runs.lock:
                 self._runs.tools[run_id] = tool
         except BaseException as exc:
-            self._leave(run_id, exc)
+            yield from self._leave(run_id, exc)
             raise
 
-    def _tool_end(self, run_id: UUID, error: BaseException | None) -> None:
+    def _tool_end(self, run_id: UUID, error: BaseException | None) -> Steps[None]:
         with self._runs.lock:
             tool = self._runs.tools.pop(run_id, None)
         try:
             if tool is not None:
                 if error is None:
-                    tool.end()
+                    yield (tool, "end", (), NO_KW)
                 else:
-                    tool.fail(error)
+                    yield (tool, "fail", (error,), NO_KW)
         finally:
-            self._leave(run_id, error)
+            yield from self._leave(run_id, error)
 
     def _retriever_start(
         self, run_id: UUID, parent_run_id: UUID | None, tags: Any, kwargs: Mapping[str, Any]
-    ) -> None:
-        root = self._started(run_id, parent_run_id, tags)
+    ) -> Steps[None]:
+        root = yield from self._started(run_id, parent_run_id, tags)
         if root is None or already_metered():
             return
         with self._runs.lock:
             self._runs.retrievers[run_id] = str(kwargs.get("name") or "retriever")
 
-    def _retriever_end(self, run_id: UUID, documents: Sequence[Document] | None) -> None:
+    def _retriever_end(self, run_id: UUID, documents: Sequence[Document] | None) -> Steps[None]:
         with self._runs.lock:
             name = self._runs.retrievers.pop(run_id, None)
             root = self._runs.runs.get(run_id)
         try:
             if name is not None and root is not None and documents is not None:
-                self._task_for(root).record_retrieval(
+                task = yield from self._task_for(root)
+                # no store operation: the documents and their tokens go to the trace only
+                task.record_retrieval(
                     name,
                     documents=len(documents),
                     texts=[d.page_content for d in documents],
                 )
         finally:
-            self._leave(run_id, None)
+            yield from self._leave(run_id, None)
 
-    def _retry(self, run_id: UUID, parent_run_id: UUID | None, retry_state: Any) -> None:
+    def _retry(self, run_id: UUID, parent_run_id: UUID | None, retry_state: Any) -> Steps[None]:
         """``on_retry`` (sent by LLM integrations' own retry loops)."""
         if already_metered():
             return
@@ -528,7 +569,8 @@ class _Meter:
         outcome = getattr(retry_state, "outcome", None)
         if outcome is not None and outcome.failed:
             reason = f"retry after {type(outcome.exception()).__name__}"
-        self._task_for(root).record_retry(reason)
+        task = yield from self._task_for(root)
+        yield (task, "record_retry", (reason,), NO_KW)
 
 
 def _has_output(response: Any) -> bool:
@@ -615,8 +657,10 @@ class AgentGuardCallbackHandler(_Meter, BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Reserve the call's worst case; raise ``BudgetExceeded`` to refuse it."""
-        self._model_start(
-            run_id, parent_run_id, tags, metadata, kwargs.get("invocation_params"), messages[0]
+        drive(
+            self._model_start(
+                run_id, parent_run_id, tags, metadata, kwargs.get("invocation_params"), messages[0]
+            )
         )
 
     def on_llm_start(
@@ -631,17 +675,19 @@ class AgentGuardCallbackHandler(_Meter, BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """A text-completion model call: as :meth:`on_chat_model_start`."""
-        self._model_start(
-            run_id, parent_run_id, tags, metadata, kwargs.get("invocation_params"), prompts[:1]
+        drive(
+            self._model_start(
+                run_id, parent_run_id, tags, metadata, kwargs.get("invocation_params"), prompts[:1]
+            )
         )
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         """Charge the reported usage (estimated and marked when the provider sent none)."""
-        self._model_end(run_id, response)
+        drive(self._model_end(run_id, response))
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Release the reservation (charge the part of a stream that was generated)."""
-        self._model_error(run_id, error, kwargs.get("response"))
+        drive(self._model_error(run_id, error, kwargs.get("response")))
 
     def on_chain_start(
         self,
@@ -655,15 +701,15 @@ class AgentGuardCallbackHandler(_Meter, BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Track the run tree (and ``RunnableRetry`` attempts)."""
-        self._started(run_id, parent_run_id, tags)
+        drive(self._started(run_id, parent_run_id, tags))
 
     def on_chain_end(self, outputs: dict[str, Any], *, run_id: UUID, **kwargs: Any) -> None:
         """Close the task of a root run."""
-        self._leave(run_id, None)
+        drive(self._leave(run_id, None))
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the task of a root run, recording the error."""
-        self._leave(run_id, error)
+        drive(self._leave(run_id, error))
 
     def on_tool_start(
         self,
@@ -678,15 +724,15 @@ class AgentGuardCallbackHandler(_Meter, BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Count the tool against the caps; raise ``BudgetExceeded`` at a cap."""
-        self._tool_start(run_id, parent_run_id, tags, serialized, kwargs)
+        drive(self._tool_start(run_id, parent_run_id, tags, serialized, kwargs))
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the tool's span."""
-        self._tool_end(run_id, None)
+        drive(self._tool_end(run_id, None))
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the tool's span as failed."""
-        self._tool_end(run_id, error)
+        drive(self._tool_end(run_id, error))
 
     def on_retriever_start(
         self,
@@ -700,17 +746,17 @@ class AgentGuardCallbackHandler(_Meter, BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Track the retriever run."""
-        self._retriever_start(run_id, parent_run_id, tags, kwargs)
+        drive(self._retriever_start(run_id, parent_run_id, tags, kwargs))
 
     def on_retriever_end(
         self, documents: Sequence[Document], *, run_id: UUID, **kwargs: Any
     ) -> None:
         """Record the documents retrieved and their tokens (not their text)."""
-        self._retriever_end(run_id, documents)
+        drive(self._retriever_end(run_id, documents))
 
     def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Forget the retriever run."""
-        self._retriever_end(run_id, None)
+        drive(self._retriever_end(run_id, None))
 
     def on_retry(
         self,
@@ -721,16 +767,19 @@ class AgentGuardCallbackHandler(_Meter, BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Count a retry; raise ``BudgetExceeded`` past ``max_retries``."""
-        self._retry(run_id, parent_run_id, retry_state)
+        drive(self._retry(run_id, parent_run_id, retry_state))
 
 
 class AsyncAgentGuardCallbackHandler(_Meter, AsyncCallbackHandler):
     """:class:`AgentGuardCallbackHandler` as an ``AsyncCallbackHandler``, for async runs.
 
-    Same behaviour and arguments. Prefer :class:`AgentGuardCallbackHandler`, which serves
-    async runs inline too: in a *sync* run LangChain runs an async handler's coroutines in a
-    throwaway event loop and logs and swallows what they raise, so this class could not stop
-    a sync run.
+    Same behaviour, decisions and arguments; its hooks await the guard's async events
+    (``astart_model_call``, ``aend``, ``aclose``...), so on a networked budget store
+    (``RedisStore``) an async app's event loop never waits on a store round trip — the sync
+    handler, which serves async runs inline, calls the store synchronously on the loop. Use
+    this class for async runs only: in a *sync* run LangChain runs an async handler's
+    coroutines in a throwaway event loop and logs and swallows what they raise, so it could
+    not stop a sync run.
 
     Example:
         >>> import asyncio
@@ -769,8 +818,10 @@ class AsyncAgentGuardCallbackHandler(_Meter, AsyncCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Reserve the call's worst case; raise ``BudgetExceeded`` to refuse it."""
-        self._model_start(
-            run_id, parent_run_id, tags, metadata, kwargs.get("invocation_params"), messages[0]
+        await adrive(
+            self._model_start(
+                run_id, parent_run_id, tags, metadata, kwargs.get("invocation_params"), messages[0]
+            )
         )
 
     async def on_llm_start(
@@ -785,17 +836,19 @@ class AsyncAgentGuardCallbackHandler(_Meter, AsyncCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """A text-completion model call: as :meth:`on_chat_model_start`."""
-        self._model_start(
-            run_id, parent_run_id, tags, metadata, kwargs.get("invocation_params"), prompts[:1]
+        await adrive(
+            self._model_start(
+                run_id, parent_run_id, tags, metadata, kwargs.get("invocation_params"), prompts[:1]
+            )
         )
 
     async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         """Charge the reported usage (estimated and marked when the provider sent none)."""
-        self._model_end(run_id, response)
+        await adrive(self._model_end(run_id, response))
 
     async def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Release the reservation (charge the part of a stream that was generated)."""
-        self._model_error(run_id, error, kwargs.get("response"))
+        await adrive(self._model_error(run_id, error, kwargs.get("response")))
 
     async def on_chain_start(
         self,
@@ -809,15 +862,15 @@ class AsyncAgentGuardCallbackHandler(_Meter, AsyncCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Track the run tree (and ``RunnableRetry`` attempts)."""
-        self._started(run_id, parent_run_id, tags)
+        await adrive(self._started(run_id, parent_run_id, tags))
 
     async def on_chain_end(self, outputs: dict[str, Any], *, run_id: UUID, **kwargs: Any) -> None:
         """Close the task of a root run."""
-        self._leave(run_id, None)
+        await adrive(self._leave(run_id, None))
 
     async def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the task of a root run, recording the error."""
-        self._leave(run_id, error)
+        await adrive(self._leave(run_id, error))
 
     async def on_tool_start(
         self,
@@ -832,15 +885,15 @@ class AsyncAgentGuardCallbackHandler(_Meter, AsyncCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Count the tool against the caps; raise ``BudgetExceeded`` at a cap."""
-        self._tool_start(run_id, parent_run_id, tags, serialized, kwargs)
+        await adrive(self._tool_start(run_id, parent_run_id, tags, serialized, kwargs))
 
     async def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the tool's span."""
-        self._tool_end(run_id, None)
+        await adrive(self._tool_end(run_id, None))
 
     async def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the tool's span as failed."""
-        self._tool_end(run_id, error)
+        await adrive(self._tool_end(run_id, error))
 
     async def on_retriever_start(
         self,
@@ -854,19 +907,19 @@ class AsyncAgentGuardCallbackHandler(_Meter, AsyncCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Track the retriever run."""
-        self._retriever_start(run_id, parent_run_id, tags, kwargs)
+        await adrive(self._retriever_start(run_id, parent_run_id, tags, kwargs))
 
     async def on_retriever_end(
         self, documents: Sequence[Document], *, run_id: UUID, **kwargs: Any
     ) -> None:
         """Record the documents retrieved and their tokens (not their text)."""
-        self._retriever_end(run_id, documents)
+        await adrive(self._retriever_end(run_id, documents))
 
     async def on_retriever_error(
         self, error: BaseException, *, run_id: UUID, **kwargs: Any
     ) -> None:
         """Forget the retriever run."""
-        self._retriever_end(run_id, None)
+        await adrive(self._retriever_end(run_id, None))
 
     async def on_retry(
         self,
@@ -877,4 +930,4 @@ class AsyncAgentGuardCallbackHandler(_Meter, AsyncCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Count a retry; raise ``BudgetExceeded`` past ``max_retries``."""
-        self._retry(run_id, parent_run_id, retry_state)
+        await adrive(self._retry(run_id, parent_run_id, retry_state))
