@@ -21,8 +21,8 @@ Every ``start_*`` and ``step`` raises :class:`BudgetExceeded` when the decision 
 
 Each event that touches the budget store has an async twin (``astart_model_call``, ``aend``,
 ``afail``, ``astart_tool_call``, ``arecord_retry``, ``astep``, ``aclose``; ``async with
-guard.task(...)``) awaiting the store's async methods; both run the same steps (``_run`` /
-``_arun``).
+guard.task(...)``) awaiting the store's async methods; both run the same code: the halves
+around an event's one store operation, or its steps (``_run`` / ``_arun``).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from agentguard._decide import (
 )
 from agentguard._errors import BudgetExceeded, InvalidUsage, PolicyError, UnknownModelError
 from agentguard._policy import Policy
-from agentguard._store import Balance, BudgetLine, BudgetStore, Denied, MemoryStore
+from agentguard._store import Balance, BudgetLine, BudgetStore, Denied, MemoryStore, ReserveResult
 from agentguard._trace import Span, TaskRecord, TraceSink
 from agentguard._usage import Usage
 
@@ -67,15 +67,22 @@ __all__ = ["DecisionRecord", "Guard", "ModelCall", "Task", "ToolCall", "current_
 _ZERO = Decimal(0)
 _current: ContextVar[Task | None] = ContextVar("agentguard_task", default=None)
 
-# Sync and async events share one body. Each event that touches the store is a generator
-# ("steps") yielding the store operations it needs — ``(method, args, kwargs)`` — and receiving
-# their results; the decisions and bookkeeping around them are written once. ``_run`` drives
-# the steps on the store's sync methods (``reserve``, ...), ``_arun`` awaits its async twins
-# (``areserve``, ...), so an async app never blocks its event loop on store I/O.
+# Sync and async events share one body. An event with one store operation on the agent loop's
+# hot path (a call's end, a tool call, a step, a retry) is two halves: ``_*_begin`` decides and
+# returns the operation's arguments, ``_*_end`` / ``_*_finish`` does the bookkeeping with its
+# result; the sync method calls the store's sync method between them, its async twin awaits the
+# async one (driving a generator costs ~5 calls per event there). The other events are
+# generators ("steps") yielding the store operations they need — ``(method, args, kwargs)`` —
+# and receiving their results; ``_run`` drives the steps on the store's sync methods
+# (``reserve``, ...), ``_arun`` awaits its async twins (``areserve``, ...). Either way the
+# decisions and bookkeeping are written once and an async app never blocks its event loop on
+# store I/O.
 _Op = tuple[str, tuple[Any, ...], dict[str, Any]]
 _T = TypeVar("_T")
 _NO_KW: dict[str, Any] = {}  # the kwargs of most operations (only ever unpacked, never changed)
 _NO_CHECK: dict[str, Any] = {"check": False}  # likewise
+# the arguments of a charge: (lines, amounts, check)
+_Charge = tuple[list[BudgetLine], dict[str, Decimal | int], bool]
 
 
 def _run(store: BudgetStore, steps: Generator[_Op, Any, _T]) -> _T:
@@ -702,8 +709,13 @@ class Task:
             left = lim - used
             if remaining is None or left < remaining:
                 remaining, limit_usd, budget = left, lim, key
-            if needs_fraction:
-                fraction = max(fraction, float(used / lim)) if lim > 0 else 1.0
+            if needs_fraction:  # the largest spent/limit fraction (without a max() call)
+                if lim > 0:
+                    spent_fraction = float(used / lim)
+                    if spent_fraction > fraction:
+                        fraction = spent_fraction
+                else:
+                    fraction = 1.0
         for key, tl in tokens:
             bal = balances.get(key)
             left_t = tl - (int(bal.used("tokens")) if bal else 0)
@@ -1060,13 +1072,21 @@ class Task:
         """A tool is about to run. Returns a :class:`ToolCall`; check ``decision.action``:
         ``block`` means skip the tool and tell the model why (``decision.reason``).
         Raises :class:`BudgetExceeded` on ``stop``."""
-        return _run(self.guard.store, self._tool_call_steps(name, parent_span))
+        span, d, op = self._tool_call_begin(name, parent_span)
+        res = None if op is None else self.guard.store.charge(op[0], op[1], check=op[2])
+        return self._tool_call_end(name, span, d, res)
 
     async def astart_tool_call(self, name: str, *, parent_span: str | None = None) -> ToolCall:
         """The async twin of :meth:`start_tool_call`."""
-        return await _arun(self.guard.store, self._tool_call_steps(name, parent_span))
+        span, d, op = self._tool_call_begin(name, parent_span)
+        res = None if op is None else await self.guard.store.acharge(op[0], op[1], check=op[2])
+        return self._tool_call_end(name, span, d, res)
 
-    def _tool_call_steps(self, name: str, parent_span: str | None) -> Generator[_Op, Any, ToolCall]:
+    def _tool_call_begin(
+        self, name: str, parent_span: str | None
+    ) -> tuple[Span, Decision, _Charge | None]:
+        """A tool call up to its one store operation: the span, the decision, and the charge
+        to make (``None``: the decision refuses the call)."""
         guard = self.guard
         span = Span(
             f"{guard._prefix}-{next(guard._ids)}",
@@ -1076,28 +1096,32 @@ class Task:
             time.time(),
             parent_span or self.current_step_id or self.span.span_id,
         )
-        amounts: dict[str, Decimal | int] = {"tool_calls": 1, f"tool:{name}": 1}
         d = decide_tool_call(self.policy, self._spent(tool=name), name)
-        if d.action == "allow":
+        if d.action == "allow" or d.action == "warn":
             lines = self._lines  # _current_lines(), without a call until a window ends
             if self._lines_until != _INF and time.time() >= self._lines_until:
                 lines = self._current_lines()
-            res = yield ("charge", (lines, amounts), _NO_KW)
+            amounts: dict[str, Decimal | int] = {"tool_calls": 1, f"tool:{name}": 1}
+            return span, d, (lines, amounts, d.action == "allow")  # a warning is not checked
+        return span, d, None
+
+    def _tool_call_end(
+        self, name: str, span: Span, d: Decision, res: ReserveResult | None
+    ) -> ToolCall:
+        """The rest of a tool call, given what the charge returned (``None``: not made)."""
+        if res is not None:
             if res.ok:
                 if self._soft:
                     self._update(res.balances)
                 else:
                     self._balances.update(res.balances)
-            else:
+            else:  # only a checked charge (``allow``) can be refused
                 self._balances.update(res.balances)
                 d = decide_tool_call(self.policy, self._spent(tool=name), name)
                 if d.action == "allow":  # refused on an enclosing line the policy doesn't see
                     d = _denied_decision(res.denied, f"{name!r} tool call")
                     if self.policy.on_limit != "raise":
                         d.action = "block"
-        elif d.action == "warn":
-            res = yield ("charge", (self._current_lines(), amounts), _NO_CHECK)
-            self._update(res.balances)
         span.decision, span.reason = d.action, d.reason
         if d.action == "stop" or d.action == "block":
             span.status = "stopped" if d.action == "stop" else "blocked"
@@ -1117,28 +1141,34 @@ class Task:
 
     def record_retry(self, reason: str = "", *, parent_span: str | None = None) -> Decision:
         """A retry is about to happen. Raises :class:`BudgetExceeded` past ``max_retries``."""
-        steps = self._counted_steps("retry", "retries", decide_retry, reason, parent_span)
-        return _run(self.guard.store, steps)
+        span, d, op = self._counted_begin("retry", "retries", decide_retry, reason, parent_span)
+        res = None if op is None else self.guard.store.charge(op[0], op[1], check=op[2])
+        return self._counted_end("retry", decide_retry, span, d, res)
 
     async def arecord_retry(self, reason: str = "", *, parent_span: str | None = None) -> Decision:
         """The async twin of :meth:`record_retry`."""
-        steps = self._counted_steps("retry", "retries", decide_retry, reason, parent_span)
-        return await _arun(self.guard.store, steps)
+        span, d, op = self._counted_begin("retry", "retries", decide_retry, reason, parent_span)
+        res = None if op is None else await self.guard.store.acharge(op[0], op[1], check=op[2])
+        return self._counted_end("retry", decide_retry, span, d, res)
 
     def step(self, name: str = "step", *, parent_span: str | None = None) -> Decision:
         """An agent or graph step begins. Past ``max_steps``: ``finish`` is returned under
         ``on_limit="finish"``, otherwise :class:`BudgetExceeded` is raised."""
-        steps = self._counted_steps("step", "steps", decide_step, name, parent_span)
-        return _run(self.guard.store, steps)
+        span, d, op = self._counted_begin("step", "steps", decide_step, name, parent_span)
+        res = None if op is None else self.guard.store.charge(op[0], op[1], check=op[2])
+        return self._counted_end("step", decide_step, span, d, res)
 
     async def astep(self, name: str = "step", *, parent_span: str | None = None) -> Decision:
         """The async twin of :meth:`step`."""
-        steps = self._counted_steps("step", "steps", decide_step, name, parent_span)
-        return await _arun(self.guard.store, steps)
+        span, d, op = self._counted_begin("step", "steps", decide_step, name, parent_span)
+        res = None if op is None else await self.guard.store.acharge(op[0], op[1], check=op[2])
+        return self._counted_end("step", decide_step, span, d, res)
 
-    def _counted_steps(
+    def _counted_begin(
         self, kind: str, counter: str, decide: Any, name: str, parent_span: str | None
-    ) -> Generator[_Op, Any, Decision]:
+    ) -> tuple[Span, Decision, _Charge | None]:
+        """A step or retry up to its one store operation: the span, the decision, and the
+        charge to make (``None``: the decision refuses it)."""
         guard = self.guard
         span = Span(
             f"{guard._prefix}-{next(guard._ids)}",
@@ -1155,11 +1185,14 @@ class Task:
             lines = self._lines  # _current_lines(), without a call until a window ends
             if self._lines_until != _INF and time.time() >= self._lines_until:
                 lines = self._current_lines()
-            res = yield (
-                "charge",
-                (lines, {counter: 1}),
-                _NO_KW if d.action == "allow" else _NO_CHECK,
-            )
+            return span, d, (lines, {counter: 1}, d.action == "allow")
+        return span, d, None
+
+    def _counted_end(
+        self, kind: str, decide: Any, span: Span, d: Decision, res: ReserveResult | None
+    ) -> Decision:
+        """The rest of a step or retry, given what the charge returned (``None``: not made)."""
+        if res is not None:
             if res.ok:
                 if self._soft:
                     self._update(res.balances)
@@ -1188,6 +1221,7 @@ class Task:
                 self.finished = True
                 self.limit_hit = self.limit_hit or d.limit
             self._record(kind, d.action, d.reason, span, limit=d.limit)
+        guard = self.guard
         if guard.sink.__class__ is not _NULL_SINK:
             guard._write([span])
         return d
@@ -1400,7 +1434,15 @@ class ModelCall:
         """The call finished. ``usage`` as reported (any shape :meth:`Usage.parse` knows);
         when it is missing, the usage is estimated from the input count and ``output_text``
         and marked ``estimated``. Returns the call's cost (``None`` if unpriced)."""
-        return _run(self.task.guard.store, self._end_steps(usage, output_text, model))
+        if self.done:
+            return self.span.cost_usd
+        u, cost, actual = self._end_begin(usage, output_text, model)
+        store = self.task.guard.store
+        if self.reservation_id is not None:
+            balances = store.commit(self.reservation_id, self.lines, actual)
+        else:  # an unreserved call: its spend is recorded as it is
+            balances = store.charge(self.lines, actual, check=False).balances
+        return self._end_finish(u, cost, output_text, model, balances)
 
     async def aend(
         self,
@@ -1410,16 +1452,24 @@ class ModelCall:
         model: str | None = None,
     ) -> Decimal | None:
         """The async twin of :meth:`end`: the commit awaits the store."""
-        return await _arun(self.task.guard.store, self._end_steps(usage, output_text, model))
+        if self.done:
+            return self.span.cost_usd
+        u, cost, actual = self._end_begin(usage, output_text, model)
+        store = self.task.guard.store
+        if self.reservation_id is not None:
+            balances = await store.acommit(self.reservation_id, self.lines, actual)
+        else:
+            balances = (await store.acharge(self.lines, actual, check=False)).balances
+        return self._end_finish(u, cost, output_text, model, balances)
 
-    def _end_steps(
+    def _end_begin(
         self,
         usage: Usage | Mapping[str, Any] | Any | None,
         output_text: str | None,
         model: str | None,
-    ) -> Generator[_Op, Any, Decimal | None]:
-        if self.done:
-            return self.span.cost_usd
+    ) -> tuple[Usage, Decimal | None, dict[str, Decimal | int]]:
+        """The end of a call up to its one store operation: the usage, its cost and the
+        actual amounts to commit (or charge, for an unreserved call)."""
         task = self.task
         guard = task.guard
         decision = self.decision
@@ -1457,11 +1507,21 @@ class ModelCall:
         }
         if cost is not None:
             actual["cost_usd"] = cost
-        reserved = decision.reserve_usd
-        if self.reservation_id is not None:
-            balances = yield ("commit", (self.reservation_id, self.lines, actual), _NO_KW)
-        else:
-            balances = (yield ("charge", (self.lines, actual), _NO_CHECK)).balances
+        return u, cost, actual
+
+    def _end_finish(
+        self,
+        u: Usage,
+        cost: Decimal | None,
+        output_text: str | None,
+        model: str | None,
+        balances: Mapping[str, Balance],
+    ) -> Decimal | None:
+        """The rest of the end of a call, given the balances its commit returned."""
+        task = self.task
+        guard = task.guard
+        span = self.span
+        reserved = self.decision.reserve_usd
         self.done = True
         with task._lock:
             task._open.pop(self.reservation_id or "", None)

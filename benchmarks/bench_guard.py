@@ -155,7 +155,7 @@ def react_iterations(guard: ag.Guard, tasks: int, per_task: int = 6) -> float:
     spent = 0.0
     for _ in range(tasks):
         history = [Message("user", "Where is my parcel for order 1182?")]
-        with guard.task("react") as task:
+        with guard.task() as task:  # a fresh task (and budget key) per run
             for i in range(per_task):
                 usage = ag.Usage(60 + 40 * i, 20)
                 t = clock()
