@@ -27,6 +27,7 @@ from llama_index.core.tools.types import AsyncBaseTool, ToolMetadata, adapt_to_a
 
 from agentguard import BudgetExceeded, Guard, ToolCall, current_task
 from agentguard_llamaindex._common import defer_stop, metered_here
+from agentguard_llamaindex._drive import NO_KW, Steps, adrive, drive
 
 if TYPE_CHECKING:
     from agentguard import Task
@@ -84,13 +85,14 @@ class GuardedTool(AsyncBaseTool):
 
         return task_for_active_span(self.guard)
 
-    def _start(self, kwargs: dict[str, Any]) -> tuple[ToolCall | None, ToolOutput | None]:
+    def _start(self, kwargs: dict[str, Any]) -> Steps[tuple[ToolCall | None, ToolOutput | None]]:
+        """Count the call (one body for ``call`` and ``acall``)."""
         task = self._task()
         if task is None:
             return None, None
         name = self.metadata.get_name()
         try:
-            call = task.start_tool_call(name)
+            call: ToolCall = yield (task, "start_tool_call", (name,), NO_KW)
         except BudgetExceeded as exc:
             defer_stop(task, exc)
             raise
@@ -102,7 +104,7 @@ class GuardedTool(AsyncBaseTool):
         )
 
     def call(self, *args: Any, **kwargs: Any) -> ToolOutput:
-        call, blocked = self._start(kwargs)
+        call, blocked = drive(self._start(kwargs))
         if blocked is not None:
             return blocked
         try:
@@ -117,7 +119,8 @@ class GuardedTool(AsyncBaseTool):
         return out
 
     async def acall(self, *args: Any, **kwargs: Any) -> ToolOutput:
-        call, blocked = self._start(kwargs)
+        """Async :meth:`call`: the count, the end and a failure await the budget store."""
+        call, blocked = await adrive(self._start(kwargs))
         if blocked is not None:
             return blocked
         try:
@@ -125,10 +128,10 @@ class GuardedTool(AsyncBaseTool):
                 out = await self.tool.acall(*args, **kwargs)
         except BaseException as exc:
             if call is not None:
-                call.fail(exc)
+                await call.afail(exc)
             raise
         if call is not None:
-            call.end()
+            await call.aend()
         return out
 
 

@@ -49,6 +49,7 @@ from agentguard_llamaindex._common import (
     pop_deferred_stop,
     usage_of,
 )
+from agentguard_llamaindex._drive import NO_KW, Steps, adrive, drive
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -222,7 +223,7 @@ class BudgetedLLM(FunctionCallingLLM):
         ints = [c for c in caps if isinstance(c, int) and not isinstance(c, bool) and c > 0]
         return min(ints) if ints else None
 
-    def _task(self) -> tuple[Task, bool]:
+    def _task(self) -> Steps[tuple[Task, bool]]:
         task = current_task()
         if task is not None and task.guard is self.guard:
             return task, False
@@ -231,15 +232,16 @@ class BudgetedLLM(FunctionCallingLLM):
         found = task_for_active_span(self.guard)
         if found is not None:
             return found, False
-        open_task: Any = self.guard.open_task  # tags are plain **kwargs
-        return open_task(self.task_id, **self.task_tags), True
+        opened = yield (self.guard, "open_task", (self.task_id,), self.task_tags)
+        return opened, True
 
-    def _begin(self, messages: Sequence[Any], kwargs: Mapping[str, Any]) -> _Plan:
+    def _begin(self, messages: Sequence[Any], kwargs: Mapping[str, Any]) -> Steps[_Plan]:
+        """Decide and reserve the call (one body for the sync and the async methods)."""
         kw = dict(kwargs)
         spec: _Tools | None = kw.pop(_RAW_TOOLS, None)
         asked = kw.pop("model", None)
         requested = asked if isinstance(asked, str) else self._default_id
-        task, owned = self._task()
+        task, owned = yield from self._task()
         try:
             pending = pop_deferred_stop(task)
             if pending is not None:
@@ -248,24 +250,22 @@ class BudgetedLLM(FunctionCallingLLM):
             cap = self._caller_cap(first, kw)
             tools = kw.get("tools")
             final = _take_final(task)
-            call = task.start_model_call(
-                requested, messages=messages, tools=tools, max_tokens=cap, finish=final
-            )
+            ask = {"messages": messages, "tools": tools, "max_tokens": cap, "finish": final}
+            call = yield (task, "start_model_call", (requested,), ask)
             if call.decision.action == "finish":
                 final = True
-                call = task.start_model_call(
-                    call.model, messages=messages, max_tokens=call.max_tokens, finish=True
-                )
+                ask = {"messages": messages, "max_tokens": call.max_tokens, "finish": True}
+                call = yield (task, "start_model_call", (call.model,), ask)
         except BaseException as exc:
             if owned:
-                task.close(exc)
+                yield (task, "close", (exc,), NO_KW)
             raise
         llm, select = self._resolve(call.model)
         plan = _Plan(task, owned, call, llm, kw, final)
         try:
             plan.kwargs = self._kwargs_for(plan, spec, messages, select)
         except BaseException as exc:
-            self._abort(plan, exc)
+            yield from self._abort(plan, exc)
             raise
         return plan
 
@@ -318,22 +318,22 @@ class BudgetedLLM(FunctionCallingLLM):
 
     # -- ending a call --------------------------------------------------------------------------
 
-    def _abort(self, plan: _Plan, exc: BaseException) -> None:
-        plan.call.fail(exc)
+    def _abort(self, plan: _Plan, exc: BaseException) -> Steps[None]:
+        yield (plan.call, "fail", (exc,), NO_KW)
         if plan.owned:
-            plan.task.close(exc)
+            yield (plan.task, "close", (exc,), NO_KW)
 
-    def _commit(self, plan: _Plan, usage: Any, response: Any) -> None:
+    def _commit(self, plan: _Plan, usage: Any, response: Any) -> Steps[None]:
         reported = getattr(getattr(response, "raw", None), "model", None)
         try:
-            plan.call.end(
-                parsed_or_raw(usage),
-                output_text=output_text(response) if usage is None and response else None,
-                model=reported if isinstance(reported, str) and reported else None,
-            )
+            kw = {
+                "output_text": output_text(response) if usage is None and response else None,
+                "model": reported if isinstance(reported, str) and reported else None,
+            }
+            yield (plan.call, "end", (parsed_or_raw(usage),), kw)
         finally:
             if plan.owned:
-                plan.task.close()
+                yield (plan.task, "close", (), NO_KW)
 
     def _mark(self, plan: _Plan, response: Any) -> None:
         extra = getattr(response, "additional_kwargs", None)
@@ -342,58 +342,58 @@ class BudgetedLLM(FunctionCallingLLM):
             if plan.final:
                 extra[FINAL_KEY] = True
 
-    def _done(self, plan: _Plan, response: Any) -> Any:
+    def _done(self, plan: _Plan, response: Any) -> Steps[Any]:
         self._mark(plan, response)
-        self._commit(plan, usage_of(response), response)
+        yield from self._commit(plan, usage_of(response), response)
         return response
 
     # -- LLM ------------------------------------------------------------------------------------
 
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        plan = self._begin(messages, kwargs)
+        plan = drive(self._begin(messages, kwargs))
         try:
             with metered_here():
                 response = plan.llm.chat(self._messages(plan, messages), **plan.kwargs)
         except BaseException as exc:
-            self._abort(plan, exc)
+            drive(self._abort(plan, exc))
             raise
-        return self._done(plan, response)  # type: ignore[no-any-return]
+        return drive(self._done(plan, response))  # type: ignore[no-any-return]
 
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        plan = self._begin(messages, kwargs)
+        plan = await adrive(self._begin(messages, kwargs))
         try:
             with metered_here():
                 response = await plan.llm.achat(self._messages(plan, messages), **plan.kwargs)
         except BaseException as exc:
-            self._abort(plan, exc)
+            await adrive(self._abort(plan, exc))
             raise
-        return self._done(plan, response)  # type: ignore[no-any-return]
+        return await adrive(self._done(plan, response))
 
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        plan = self._begin([prompt], kwargs)
+        plan = drive(self._begin([prompt], kwargs))
         try:
             with metered_here():
                 response = plan.llm.complete(
                     self._prompt(plan, prompt), formatted=formatted, **plan.kwargs
                 )
         except BaseException as exc:
-            self._abort(plan, exc)
+            drive(self._abort(plan, exc))
             raise
-        return self._done(plan, response)  # type: ignore[no-any-return]
+        return drive(self._done(plan, response))  # type: ignore[no-any-return]
 
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
-        plan = self._begin([prompt], kwargs)
+        plan = await adrive(self._begin([prompt], kwargs))
         try:
             with metered_here():
                 response = await plan.llm.acomplete(
                     self._prompt(plan, prompt), formatted=formatted, **plan.kwargs
                 )
         except BaseException as exc:
-            self._abort(plan, exc)
+            await adrive(self._abort(plan, exc))
             raise
-        return self._done(plan, response)  # type: ignore[no-any-return]
+        return await adrive(self._done(plan, response))
 
     def _relay(self, plan: _Plan, chunks: Generator[Any, None, None]) -> Generator[Any, None, None]:
         tally = _Tally()
@@ -406,12 +406,12 @@ class BudgetedLLM(FunctionCallingLLM):
             # the consumer stopped reading: the prompt was read and the streamed part written,
             # so the call is charged (estimated when no usage arrived)
             chunks.close()
-            self._commit(plan, tally.usage, tally.last)
+            drive(self._commit(plan, tally.usage, tally.last))
             raise
         except BaseException as exc:
-            self._abort(plan, exc)
+            drive(self._abort(plan, exc))
             raise
-        self._commit(plan, tally.usage, tally.last)
+        drive(self._commit(plan, tally.usage, tally.last))
 
     async def _arelay(
         self, plan: _Plan, chunks: AsyncGenerator[Any, None]
@@ -425,59 +425,59 @@ class BudgetedLLM(FunctionCallingLLM):
         except BaseException as exc:
             if isinstance(exc, GeneratorExit) or type(exc).__name__ == "CancelledError":
                 await chunks.aclose()
-                self._commit(plan, tally.usage, tally.last)
+                await adrive(self._commit(plan, tally.usage, tally.last))
             else:
-                self._abort(plan, exc)
+                await adrive(self._abort(plan, exc))
             raise
-        self._commit(plan, tally.usage, tally.last)
+        await adrive(self._commit(plan, tally.usage, tally.last))
 
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        plan = self._begin(messages, kwargs)
+        plan = drive(self._begin(messages, kwargs))
         try:
             with metered_here():
                 chunks = plan.llm.stream_chat(self._messages(plan, messages), **plan.kwargs)
         except BaseException as exc:
-            self._abort(plan, exc)
+            drive(self._abort(plan, exc))
             raise
         return self._relay(plan, chunks)
 
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseGen:
-        plan = self._begin([prompt], kwargs)
+        plan = drive(self._begin([prompt], kwargs))
         try:
             with metered_here():
                 chunks = plan.llm.stream_complete(
                     self._prompt(plan, prompt), formatted=formatted, **plan.kwargs
                 )
         except BaseException as exc:
-            self._abort(plan, exc)
+            drive(self._abort(plan, exc))
             raise
         return self._relay(plan, chunks)
 
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
-        plan = self._begin(messages, kwargs)
+        plan = await adrive(self._begin(messages, kwargs))
         try:
             with metered_here():
                 chunks = await plan.llm.astream_chat(self._messages(plan, messages), **plan.kwargs)
         except BaseException as exc:
-            self._abort(plan, exc)
+            await adrive(self._abort(plan, exc))
             raise
         return self._arelay(plan, chunks)
 
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        plan = self._begin([prompt], kwargs)
+        plan = await adrive(self._begin([prompt], kwargs))
         try:
             with metered_here():
                 chunks = await plan.llm.astream_complete(
                     self._prompt(plan, prompt), formatted=formatted, **plan.kwargs
                 )
         except BaseException as exc:
-            self._abort(plan, exc)
+            await adrive(self._abort(plan, exc))
             raise
         return self._arelay(plan, chunks)
 
