@@ -164,6 +164,16 @@ _TOKENS: Any = None
 # their spans to a guard whose sink (read at each event: ``Alerts.attach`` replaces it) is one
 _NULL_SINK: Any = None
 _INF = float("inf")
+# the counters a decision reads, at zero (Task._spent merges a balance over them)
+_NO_SPEND: dict[str, Decimal | int] = {
+    "cost_usd": _ZERO,
+    "input_tokens": 0,
+    "output_tokens": 0,
+    "model_calls": 0,
+    "tool_calls": 0,
+    "retries": 0,
+    "steps": 0,
+}
 
 
 def _tokens() -> Any:
@@ -624,41 +634,43 @@ class Task:
         b = self._balances.get(self._key)
         if b is None:
             return Spent(finished=self.finished, blocked=self._blocked)
-        com, res = b.committed, b.reserved
-        g0 = com.get  # stores hand back Decimal money and int counts
+        # stores hand back Decimal money and int counts; merged over the zeros, every counter
+        # a decision reads is a subscript (no call)
+        com = {**_NO_SPEND, **b.committed}
+        res = b.reserved
         by_name: dict[str, int] = {}
+        key = None if tool is None else "tool:" + tool
         if not res:  # nothing in flight (the usual case between calls): committed is all
-            if tool is not None:
-                n = int(g0("tool:" + tool, 0))
+            if key is not None and key in com:
+                n = int(com[key])
                 if n:
-                    by_name[tool] = n
+                    by_name[tool] = n  # type: ignore[index]
             return Spent(
-                g0("cost_usd", _ZERO),  # type: ignore[arg-type]
-                g0("input_tokens", 0),  # type: ignore[arg-type]
-                g0("output_tokens", 0),  # type: ignore[arg-type]
-                g0("model_calls", 0),  # type: ignore[arg-type]
-                g0("tool_calls", 0),  # type: ignore[arg-type]
+                com["cost_usd"],  # type: ignore[arg-type]
+                com["input_tokens"],  # type: ignore[arg-type]
+                com["output_tokens"],  # type: ignore[arg-type]
+                com["model_calls"],  # type: ignore[arg-type]
+                com["tool_calls"],  # type: ignore[arg-type]
                 by_name,
-                g0("retries", 0),  # type: ignore[arg-type]
-                g0("steps", 0),  # type: ignore[arg-type]
+                com["retries"],  # type: ignore[arg-type]
+                com["steps"],  # type: ignore[arg-type]
                 self.finished,
                 self._blocked,
             )
-        g1 = res.get
-        if tool is not None:
-            key = "tool:" + tool
-            n = int(g0(key, 0)) + int(g1(key, 0))
+        r = {**_NO_SPEND, **res}
+        if key is not None:
+            n = int(com.get(key, 0)) + int(r.get(key, 0))
             if n:
-                by_name[tool] = n
+                by_name[tool] = n  # type: ignore[index]
         return Spent(
-            g0("cost_usd", _ZERO) + g1("cost_usd", _ZERO),  # type: ignore[arg-type]
-            g0("input_tokens", 0) + g1("input_tokens", 0),  # type: ignore[arg-type]
-            g0("output_tokens", 0) + g1("output_tokens", 0),  # type: ignore[arg-type]
-            g0("model_calls", 0) + g1("model_calls", 0),  # type: ignore[arg-type]
-            g0("tool_calls", 0) + g1("tool_calls", 0),  # type: ignore[arg-type]
+            com["cost_usd"] + r["cost_usd"],  # type: ignore[arg-type]
+            com["input_tokens"] + r["input_tokens"],  # type: ignore[arg-type]
+            com["output_tokens"] + r["output_tokens"],  # type: ignore[arg-type]
+            com["model_calls"] + r["model_calls"],  # type: ignore[arg-type]
+            com["tool_calls"] + r["tool_calls"],  # type: ignore[arg-type]
             by_name,
-            g0("retries", 0) + g1("retries", 0),  # type: ignore[arg-type]
-            g0("steps", 0) + g1("steps", 0),  # type: ignore[arg-type]
+            com["retries"] + r["retries"],  # type: ignore[arg-type]
+            com["steps"] + r["steps"],  # type: ignore[arg-type]
             self.finished,
             self._blocked,
         )
