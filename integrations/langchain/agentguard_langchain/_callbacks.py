@@ -408,20 +408,34 @@ class _Meter:
         if task is not None:
             yield (task, "close", (error,), NO_KW)
 
+    def _register(
+        self, run_id: UUID, parent_run_id: UUID | None, tags: Any
+    ) -> tuple[_Root | None, int]:
+        """Register a run: its root (``None``: nothing to charge) and, for a ``RunnableRetry``
+        attempt to record, its number (else 0)."""
+        root = self._enter(run_id, parent_run_id)
+        if root is None or not tags:
+            return root, 0
+        attempt = _retry_attempt(tags)
+        if attempt is not None and attempt > 1 and not already_metered():
+            return root, attempt
+        return root, 0
+
+    def _attempt(self, run_id: UUID, root: _Root, attempt: int) -> Steps[None]:
+        """Record a ``RunnableRetry`` attempt (raises past ``max_retries``)."""
+        try:
+            task = yield from self._task_for(root)
+            yield (task, "record_retry", (f"attempt {attempt}",), NO_KW)
+        except BaseException as exc:  # no end event follows a failed start
+            yield from self._leave(run_id, exc)
+            raise
+
     def _started(self, run_id: UUID, parent_run_id: UUID | None, tags: Any) -> Steps[_Root | None]:
         """Register a run; record a ``RunnableRetry`` attempt. ``None``: nothing to charge."""
-        root = self._enter(run_id, parent_run_id)
-        if root is None:
-            return None
-        if tags:
-            attempt = _retry_attempt(tags)
-            if attempt is not None and attempt > 1 and not already_metered():
-                try:
-                    task = yield from self._task_for(root)
-                    yield (task, "record_retry", (f"attempt {attempt}",), NO_KW)
-                except BaseException as exc:  # no end event follows a failed start
-                    yield from self._leave(run_id, exc)
-                    raise
+        root, attempt = self._register(run_id, parent_run_id, tags)
+        if attempt:
+            assert root is not None
+            yield from self._attempt(run_id, root, attempt)
         return root
 
     # -- model calls -----------------------------------------------------------------------
@@ -701,15 +715,20 @@ class AgentGuardCallbackHandler(_Meter, BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Track the run tree (and ``RunnableRetry`` attempts)."""
-        drive(self._started(run_id, parent_run_id, tags))
+        root, attempt = self._register(run_id, parent_run_id, tags)  # no generator per chain
+        if attempt:
+            assert root is not None
+            drive(self._attempt(run_id, root, attempt))
 
     def on_chain_end(self, outputs: dict[str, Any], *, run_id: UUID, **kwargs: Any) -> None:
         """Close the task of a root run."""
-        drive(self._leave(run_id, None))
+        if (task := self._forget(run_id)) is not None:  # no generator per chain
+            task.close()
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the task of a root run, recording the error."""
-        drive(self._leave(run_id, error))
+        if (task := self._forget(run_id)) is not None:
+            task.close(error)
 
     def on_tool_start(
         self,
@@ -862,15 +881,20 @@ class AsyncAgentGuardCallbackHandler(_Meter, AsyncCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Track the run tree (and ``RunnableRetry`` attempts)."""
-        await adrive(self._started(run_id, parent_run_id, tags))
+        root, attempt = self._register(run_id, parent_run_id, tags)
+        if attempt:
+            assert root is not None
+            await adrive(self._attempt(run_id, root, attempt))
 
     async def on_chain_end(self, outputs: dict[str, Any], *, run_id: UUID, **kwargs: Any) -> None:
         """Close the task of a root run."""
-        await adrive(self._leave(run_id, None))
+        if (task := self._forget(run_id)) is not None:
+            await task.aclose()
 
     async def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the task of a root run, recording the error."""
-        await adrive(self._leave(run_id, error))
+        if (task := self._forget(run_id)) is not None:
+            await task.aclose(error)
 
     async def on_tool_start(
         self,
