@@ -67,10 +67,11 @@ __all__ = ["DecisionRecord", "Guard", "ModelCall", "Task", "ToolCall", "current_
 _ZERO = Decimal(0)
 _current: ContextVar[Task | None] = ContextVar("agentguard_task", default=None)
 
-# Sync and async events share one body. An event with one store operation on the agent loop's
-# hot path (a call's end, a tool call, a step, a retry) is two halves: ``_*_begin`` decides and
-# returns the operation's arguments, ``_*_end`` / ``_*_finish`` does the bookkeeping with its
-# result; the sync method calls the store's sync method between them, its async twin awaits the
+# Sync and async events share one body. The events of the agent loop's hot path (a model
+# call's start and end, a tool call, a step, a retry) are halves: ``_*_begin`` decides and
+# returns the store operation's arguments, ``_model_call_reserved`` / ``_*_end`` /
+# ``_*_finish`` does the bookkeeping with its result (a refused reservation is decided again
+# there); the sync method calls the store's sync method between them, its async twin awaits the
 # async one (driving a generator costs ~5 calls per event there). The other events are
 # generators ("steps") yielding the store operations they need — ``(method, args, kwargs)`` —
 # and receiving their results; ``_run`` drives the steps on the store's sync methods
@@ -485,6 +486,52 @@ def _task_limits(policy: Policy) -> dict[str, Decimal | int]:
     return limits
 
 
+class _Reservation:
+    """A model call between its decision and its reservation (``_model_call_plan`` fills
+    ``decision``, ``rid`` and ``amounts``; ``attempt`` counts refusals)."""
+
+    __slots__ = (
+        "amounts",
+        "attempt",
+        "decision",
+        "finish",
+        "lines",
+        "messages",
+        "model",
+        "rate_map",
+        "raw",
+        "request",
+        "rid",
+        "span",
+    )
+
+    decision: Decision
+    rid: str
+    amounts: dict[str, Decimal | int]
+
+    def __init__(
+        self,
+        model: str,
+        messages: Sequence[Any] | None,
+        finish: bool,
+        request: CallRequest,
+        rate_map: dict[str, ModelRates | None],
+        lines: list[BudgetLine],
+        span: Span,
+        raw: int,
+        attempt: int,
+    ) -> None:
+        self.model = model
+        self.messages = messages
+        self.finish = finish
+        self.request = request
+        self.rate_map = rate_map
+        self.lines = lines
+        self.span = span
+        self.raw = raw
+        self.attempt = attempt
+
+
 class Task:
     """One unit of work (an agent run, a request) with its budget, counters and trace.
 
@@ -880,10 +927,13 @@ class Task:
         final call without tools instead. Raises :class:`BudgetExceeded` on ``stop`` and
         :class:`UnknownModelError` for an unpriced model under a cost limit.
         """
-        steps = self._model_call_steps(
+        call = self._model_call_begin(
             model, messages, tools, input_tokens, max_tokens, finish, parent_span, name
         )
-        return _run(self.guard.store, steps)
+        reserve = self.guard.store.reserve
+        while type(call) is _Reservation:  # refused: decided again, up to four attempts
+            call = self._model_call_reserved(call, reserve(call.rid, call.lines, call.amounts))
+        return call  # type: ignore[return-value]
 
     async def astart_model_call(
         self,
@@ -910,12 +960,17 @@ class Task:
             >>> asyncio.run(run())
             '0.000027'
         """
-        steps = self._model_call_steps(
+        call = self._model_call_begin(
             model, messages, tools, input_tokens, max_tokens, finish, parent_span, name
         )
-        return await _arun(self.guard.store, steps)
+        areserve = self.guard.store.areserve
+        while type(call) is _Reservation:
+            call = self._model_call_reserved(
+                call, await areserve(call.rid, call.lines, call.amounts)
+            )
+        return call  # type: ignore[return-value]
 
-    def _model_call_steps(
+    def _model_call_begin(
         self,
         model: str,
         messages: Sequence[Any] | None,
@@ -925,7 +980,10 @@ class Task:
         finish: bool,
         parent_span: str | None,
         name: str | None,
-    ) -> Generator[_Op, Any, ModelCall]:
+    ) -> ModelCall | _Reservation:
+        """A model call up to its reservation: the estimate, the span, the decision; a
+        ``ModelCall`` when the decision needs no reservation (a ``finish``), else the
+        reservation to make."""
         guard = self.guard
         policy = self.policy
         rate_map = self._rate_maps.get(model)
@@ -960,64 +1018,105 @@ class Task:
             parent_span or self.current_step_id or self.span.span_id,
             model=model,
         )
-        for _attempt in range(4):
-            d = decide_model_call(
-                policy, self._spent(), self._headroom(), request, rate_map, finish_call=finish
+        return self._model_call_plan(
+            _Reservation(model, messages, finish, request, rate_map, lines, span, raw, 0)
+        )
+
+    def _model_call_plan(self, plan: _Reservation) -> ModelCall | _Reservation:
+        """Decide the call (again, after a refusal); a ``finish`` needs no reservation."""
+        request = plan.request
+        span = plan.span
+        d = decide_model_call(
+            self.policy,
+            self._spent(),
+            self._headroom(),
+            request,
+            plan.rate_map,
+            finish_call=plan.finish,
+        )
+        if d.action == "finish" and not plan.finish:
+            # the adapter will make the final call; it reserves then with finish=True
+            self.finished = True
+            span.kind, span.decision, span.reason = "decision", "finish", d.reason
+            span.status = "finished"
+            span.end = span.start
+            self._record("model", "finish", d.reason, span, model=d.model, limit=d.limit)
+            self.limit_hit = self.limit_hit or d.limit
+            self.guard._write([span])
+            # a decision, not a call: nothing to end; the final call is made with finish=True
+            return ModelCall(
+                self, span, d, plan.lines, None, request.input_tokens, plan.raw, None, done=True
             )
-            if d.action == "finish" and not finish:
-                # the adapter will make the final call; it reserves then with finish=True
-                self.finished = True
-                span.kind, span.decision, span.reason = "decision", "finish", d.reason
-                span.status = "finished"
-                span.end = span.start
-                self._record("model", "finish", d.reason, span, model=d.model, limit=d.limit)
-                self.limit_hit = self.limit_hit or d.limit
-                guard._write([span])
-                # a decision, not a call: nothing to end; the final call is made with finish=True
-                return ModelCall(self, span, d, lines, None, estimate, raw, rates=None, done=True)
-            if d.action == "stop":
-                span.kind, span.decision, span.reason = "decision", "stop", d.reason
-                span.status = "stopped"
-                span.end = span.start
-                guard._write([span])
-                raise self._stop(d, "model", span)
-            assert d.model is not None
-            use_rates = rate_map.get(d.model)
-            amounts: dict[str, Decimal | int] = {
-                "model_calls": 1,
-                "input_tokens": estimate,
-                "output_tokens": d.max_tokens or 0,
-                "tokens": estimate + (d.max_tokens or 0),
-            }
-            if d.reserve_usd is not None:
-                amounts["cost_usd"] = d.reserve_usd
-            rid = f"{guard._prefix}-{next(guard._ids)}"
-            res = yield ("reserve", (rid, lines, amounts), _NO_KW)
-            if res.ok:
-                if self._soft:
-                    self._update(res.balances)
-                else:
-                    self._balances.update(res.balances)
-                break
+        if d.action == "stop":
+            span.kind, span.decision, span.reason = "decision", "stop", d.reason
+            span.status = "stopped"
+            span.end = span.start
+            self.guard._write([span])
+            raise self._stop(d, "model", span)
+        assert d.model is not None
+        estimate = request.input_tokens
+        out = d.max_tokens or 0
+        amounts: dict[str, Decimal | int] = {
+            "model_calls": 1,
+            "input_tokens": estimate,
+            "output_tokens": out,
+            "tokens": estimate + out,
+        }
+        if d.reserve_usd is not None:
+            amounts["cost_usd"] = d.reserve_usd
+        guard = self.guard
+        plan.decision = d
+        plan.rid = f"{guard._prefix}-{next(guard._ids)}"
+        plan.amounts = amounts
+        return plan
+
+    def _model_call_reserved(
+        self, plan: _Reservation, res: ReserveResult
+    ) -> ModelCall | _Reservation:
+        """The rest of a model call, given what its reservation returned: the call, or (when
+        another worker took the budget first) the next attempt, decided again."""
+        if not res.ok:
             self._balances.update(res.balances)  # someone else took it: decide again
+            plan.attempt += 1
+            if plan.attempt == 4:
+                raise self._stop(_denied_decision(res.denied, "model call"), "model", plan.span)
+            return self._model_call_plan(plan)
+        if self._soft:
+            self._update(res.balances)
         else:
-            raise self._stop(_denied_decision(res.denied, "model call"), "model", span)
-        if finish:
+            self._balances.update(res.balances)
+        d = plan.decision
+        span = plan.span
+        model = plan.model
+        estimate = plan.request.input_tokens
+        rid = plan.rid
+        if plan.finish:
             self.finished = True
         span.decision = d.action
         span.reason = d.reason
         span.model = d.model
-        span.attrs["reserved_usd"] = d.reserve_usd
-        span.attrs["max_tokens"] = d.max_tokens
-        span.attrs["input_estimate"] = estimate
-        if guard.capture_content and messages is not None:
-            span.attrs["prompt"] = _message_texts(messages)
+        attrs = span.attrs
+        attrs["reserved_usd"] = d.reserve_usd
+        attrs["max_tokens"] = d.max_tokens
+        attrs["input_estimate"] = estimate
+        if self.guard.capture_content and plan.messages is not None:
+            attrs["prompt"] = _message_texts(plan.messages)
         if d.model != model:
-            span.attrs["requested_model"] = model
+            attrs["requested_model"] = model
         if d.action == "warn" or (d.action == "downgrade" and d.model != self._downgraded_to):
             self._downgraded_to = d.model if d.action == "downgrade" else self._downgraded_to
             self._record("model", d.action, d.reason, span, model=d.model, limit=d.limit)
-        call = ModelCall(self, span, d, lines, rid, estimate, raw, use_rates, amounts)
+        call = ModelCall(
+            self,
+            span,
+            d,
+            plan.lines,
+            rid,
+            estimate,
+            plan.raw,
+            plan.rate_map.get(d.model),  # type: ignore[arg-type]
+            plan.amounts,
+        )
         with self._lock:
             self._open[rid] = call
         return call
