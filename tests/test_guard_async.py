@@ -245,3 +245,76 @@ async def test_async_stop_fail_and_close_release_what_they_hold() -> None:
     assert store.snapshot(["task:t1"])["task:t1"].reserved == {}  # the open call: released
     spent = await task.aspent()
     assert spent.model_calls == 0
+
+
+class RacingStore(MemoryStore):
+    """Another worker charges the team line just before each of this store's next
+    reservations (one amount per reservation): the guard's reservation is then refused."""
+
+    def __init__(self, steals: list[Decimal]) -> None:
+        super().__init__()
+        self.steals = list(steals)
+        self.reservations = 0
+
+    def _race(self, lines: Any) -> None:
+        self.reservations += 1
+        if self.steals:
+            team = [ln for ln in lines if ln.key.startswith("team:")]
+            self.charge(team, {"cost_usd": self.steals.pop(0)}, check=False)
+
+    def reserve(self, reservation_id: str, lines: Any, amounts: Any) -> Any:
+        self._race(lines)
+        return super().reserve(reservation_id, lines, amounts)
+
+    async def areserve(self, reservation_id: str, lines: Any, amounts: Any) -> Any:
+        self._race(lines)
+        return super().reserve(reservation_id, lines, amounts)
+
+
+RACE_POLICY = ag.Policy(budgets=[ag.Budget(scope="team", max_cost_usd=D("0.01"))])
+
+
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_a_refused_reservation_is_decided_again_with_what_is_left(twin: str) -> None:
+    store = RacingStore([D("0.001")])  # taken between the decision and the reservation
+    guard = ag.Guard(RACE_POLICY, store=store, traces=False)
+
+    async def go() -> ag.ModelCall:
+        async with guard.task("t", team="cx") as task:
+            call = await task.astart_model_call("gpt-4o", input_tokens=1000)
+            await call.aend(ag.Usage(1000, 10))
+            return call
+
+    if twin == "async":
+        call = asyncio.run(go())
+    else:
+        with guard.task("t", team="cx") as task:
+            call = task.start_model_call("gpt-4o", input_tokens=1000)
+            call.end(ag.Usage(1000, 10))
+    # $0.01 left paid for 750 output tokens; after the $0.001 taken, for 650: decided again
+    assert store.reservations == 2
+    assert call.max_tokens == 650
+    assert call.decision.reserve_usd == D("0.009")
+    team = store.snapshot(["team:cx"])["team:cx"]
+    assert team.used("cost_usd") <= D("0.01")
+
+
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_four_refused_reservations_stop_naming_the_line_that_refused(twin: str) -> None:
+    store = RacingStore([D("0.001")] * 4)
+    guard = ag.Guard(RACE_POLICY, store=store, traces=False)
+
+    async def go() -> None:
+        async with guard.task("t", team="cx") as task:
+            await task.astart_model_call("gpt-4o", input_tokens=1000)
+
+    with pytest.raises(ag.BudgetExceeded) as info:
+        if twin == "async":
+            asyncio.run(go())
+        else:
+            with guard.task("t", team="cx") as task:
+                task.start_model_call("gpt-4o", input_tokens=1000)
+    assert store.reservations == 4
+    assert info.value.budget == "team:cx"
+    assert "refused on team:cx" in str(info.value)
+    assert store.snapshot(["team:cx"])["team:cx"].reserved == {}  # nothing left held
