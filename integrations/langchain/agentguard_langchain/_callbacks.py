@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -30,7 +30,7 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 
 from agentguard import BudgetExceeded, InvalidUsage, current_task
 from agentguard_langchain._common import already_metered, usage_of
-from agentguard_langchain._drive import NO_KW, Steps, adrive, drive
+from agentguard_langchain._drive import NO_KW, Event, Steps, adrive, drive
 
 if TYPE_CHECKING:
     from langchain_core.documents import Document
@@ -479,31 +479,72 @@ class _Meter:
             yield from self._leave(run_id, exc)
             raise
 
-    def _model_end(self, run_id: UUID, response: LLMResult) -> Steps[None]:
-        with self._runs.lock:
-            call = self._runs.calls.pop(run_id, None)
-        try:
-            if call is not None:
-                usage, text, model = _read_result(response)
-                kw = {"output_text": text if usage is None else None, "model": model}
-                yield (call, "end", (usage,), kw)
-        finally:
-            yield from self._leave(run_id, None)
+    # An ending hook makes at most one event (end or fail the call or tool), then forgets the
+    # run and closes its root's task: no generator on this hot path, but a pure part choosing
+    # the event (``_model_ended``...) and a sync and an async shell making it
+    # (``_finish`` / ``_afinish``).
 
-    def _model_error(self, run_id: UUID, error: BaseException, response: Any) -> Steps[None]:
+    def _finish(
+        self,
+        run_id: UUID,
+        error: BaseException | None,
+        ending: Callable[..., Event | None],
+        *args: Any,
+    ) -> None:
+        try:
+            event = ending(run_id, *args)
+            if event is not None:
+                target, name, eargs, kwargs = event
+                getattr(target, name)(*eargs, **kwargs)
+        finally:
+            if (task := self._forget(run_id)) is not None:
+                task.close(error)
+
+    async def _afinish(
+        self,
+        run_id: UUID,
+        error: BaseException | None,
+        ending: Callable[..., Event | None],
+        *args: Any,
+    ) -> None:
+        try:
+            event = ending(run_id, *args)
+            if event is not None:
+                target, name, eargs, kwargs = event
+                await getattr(target, "a" + name)(*eargs, **kwargs)
+        finally:
+            if (task := self._forget(run_id)) is not None:
+                await task.aclose(error)
+
+    def _model_ended(self, run_id: UUID, response: LLMResult) -> Event | None:
         with self._runs.lock:
             call = self._runs.calls.pop(run_id, None)
-        try:
-            if call is not None:
-                usage, text, model = _read_result(response if _has_output(response) else None)
-                if usage is None and not text:
-                    yield (call, "fail", (error,), NO_KW)
-                else:  # a stream cut off part-way: what was generated is billed
-                    call.span.attrs["interrupted"] = type(error).__name__
-                    kw = {"output_text": text if usage is None else None, "model": model}
-                    yield (call, "end", (usage,), kw)
-        finally:
-            yield from self._leave(run_id, error)
+        if call is None:
+            return None
+        usage, text, model = _read_result(response)
+        return (
+            call,
+            "end",
+            (usage,),
+            {"output_text": text if usage is None else None, "model": model},
+        )
+
+    def _model_failed(self, run_id: UUID, error: BaseException, response: Any) -> Event | None:
+        with self._runs.lock:
+            call = self._runs.calls.pop(run_id, None)
+        if call is None:
+            return None
+        usage, text, model = _read_result(response if _has_output(response) else None)
+        if usage is None and not text:
+            return (call, "fail", (error,), NO_KW)
+        # a stream cut off part-way: what was generated is billed
+        call.span.attrs["interrupted"] = type(error).__name__
+        return (
+            call,
+            "end",
+            (usage,),
+            {"output_text": text if usage is None else None, "model": model},
+        )
 
     # -- tools, retrievers, retries --------------------------------------------------------
 
@@ -532,17 +573,12 @@ class _Meter:
             yield from self._leave(run_id, exc)
             raise
 
-    def _tool_end(self, run_id: UUID, error: BaseException | None) -> Steps[None]:
+    def _tool_ended(self, run_id: UUID, error: BaseException | None) -> Event | None:
         with self._runs.lock:
             tool = self._runs.tools.pop(run_id, None)
-        try:
-            if tool is not None:
-                if error is None:
-                    yield (tool, "end", (), NO_KW)
-                else:
-                    yield (tool, "fail", (error,), NO_KW)
-        finally:
-            yield from self._leave(run_id, error)
+        if tool is None:
+            return None
+        return (tool, "end", (), NO_KW) if error is None else (tool, "fail", (error,), NO_KW)
 
     def _retriever_start(
         self, run_id: UUID, parent_run_id: UUID | None, tags: Any, kwargs: Mapping[str, Any]
@@ -697,11 +733,11 @@ class AgentGuardCallbackHandler(_Meter, BaseCallbackHandler):
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         """Charge the reported usage (estimated and marked when the provider sent none)."""
-        drive(self._model_end(run_id, response))
+        self._finish(run_id, None, self._model_ended, response)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Release the reservation (charge the part of a stream that was generated)."""
-        drive(self._model_error(run_id, error, kwargs.get("response")))
+        self._finish(run_id, error, self._model_failed, error, kwargs.get("response"))
 
     def on_chain_start(
         self,
@@ -747,11 +783,11 @@ class AgentGuardCallbackHandler(_Meter, BaseCallbackHandler):
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the tool's span."""
-        drive(self._tool_end(run_id, None))
+        self._finish(run_id, None, self._tool_ended, None)
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the tool's span as failed."""
-        drive(self._tool_end(run_id, error))
+        self._finish(run_id, error, self._tool_ended, error)
 
     def on_retriever_start(
         self,
@@ -863,11 +899,11 @@ class AsyncAgentGuardCallbackHandler(_Meter, AsyncCallbackHandler):
 
     async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         """Charge the reported usage (estimated and marked when the provider sent none)."""
-        await adrive(self._model_end(run_id, response))
+        await self._afinish(run_id, None, self._model_ended, response)
 
     async def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Release the reservation (charge the part of a stream that was generated)."""
-        await adrive(self._model_error(run_id, error, kwargs.get("response")))
+        await self._afinish(run_id, error, self._model_failed, error, kwargs.get("response"))
 
     async def on_chain_start(
         self,
@@ -913,11 +949,11 @@ class AsyncAgentGuardCallbackHandler(_Meter, AsyncCallbackHandler):
 
     async def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the tool's span."""
-        await adrive(self._tool_end(run_id, None))
+        await self._afinish(run_id, None, self._tool_ended, None)
 
     async def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the tool's span as failed."""
-        await adrive(self._tool_end(run_id, error))
+        await self._afinish(run_id, error, self._tool_ended, error)
 
     async def on_retriever_start(
         self,

@@ -223,17 +223,15 @@ class BudgetedLLM(FunctionCallingLLM):
         ints = [c for c in caps if isinstance(c, int) and not isinstance(c, bool) and c > 0]
         return min(ints) if ints else None
 
-    def _task(self) -> Steps[tuple[Task, bool]]:
+    def _found_task(self) -> Task | None:
+        """The current task, else the instrumentation's task of the run (``None``: the call
+        opens and closes its own)."""
         task = current_task()
         if task is not None and task.guard is self.guard:
-            return task, False
+            return task
         from agentguard_llamaindex._handler import task_for_active_span
 
-        found = task_for_active_span(self.guard)
-        if found is not None:
-            return found, False
-        opened = yield (self.guard, "open_task", (self.task_id,), self.task_tags)
-        return opened, True
+        return task_for_active_span(self.guard)
 
     def _begin(self, messages: Sequence[Any], kwargs: Mapping[str, Any]) -> Steps[_Plan]:
         """Decide and reserve the call (one body for the sync and the async methods)."""
@@ -241,7 +239,10 @@ class BudgetedLLM(FunctionCallingLLM):
         spec: _Tools | None = kw.pop(_RAW_TOOLS, None)
         asked = kw.pop("model", None)
         requested = asked if isinstance(asked, str) else self._default_id
-        task, owned = yield from self._task()
+        task = self._found_task()
+        owned = task is None
+        if task is None:
+            task = yield (self.guard, "open_task", (self.task_id,), self.task_tags)
         try:
             pending = pop_deferred_stop(task)
             if pending is not None:
@@ -323,17 +324,32 @@ class BudgetedLLM(FunctionCallingLLM):
         if plan.owned:
             yield (plan.task, "close", (exc,), NO_KW)
 
-    def _commit(self, plan: _Plan, usage: Any, response: Any) -> Steps[None]:
+    # Ending a call is one event (and the close of the call's own task): no generator on this
+    # hot path, but the pure part (``_end_args``) and a sync and an async shell.
+
+    @staticmethod
+    def _end_args(usage: Any, response: Any) -> tuple[Any, dict[str, Any]]:
         reported = getattr(getattr(response, "raw", None), "model", None)
+        return parsed_or_raw(usage), {
+            "output_text": output_text(response) if usage is None and response else None,
+            "model": reported if isinstance(reported, str) and reported else None,
+        }
+
+    def _commit(self, plan: _Plan, usage: Any, response: Any) -> None:
         try:
-            kw = {
-                "output_text": output_text(response) if usage is None and response else None,
-                "model": reported if isinstance(reported, str) and reported else None,
-            }
-            yield (plan.call, "end", (parsed_or_raw(usage),), kw)
+            u, kw = self._end_args(usage, response)
+            plan.call.end(u, **kw)
         finally:
             if plan.owned:
-                yield (plan.task, "close", (), NO_KW)
+                plan.task.close()
+
+    async def _acommit(self, plan: _Plan, usage: Any, response: Any) -> None:
+        try:
+            u, kw = self._end_args(usage, response)
+            await plan.call.aend(u, **kw)
+        finally:
+            if plan.owned:
+                await plan.task.aclose()
 
     def _mark(self, plan: _Plan, response: Any) -> None:
         extra = getattr(response, "additional_kwargs", None)
@@ -342,10 +358,13 @@ class BudgetedLLM(FunctionCallingLLM):
             if plan.final:
                 extra[FINAL_KEY] = True
 
-    def _done(self, plan: _Plan, response: Any) -> Steps[Any]:
+    def _done(self, plan: _Plan, response: Any) -> None:
         self._mark(plan, response)
-        yield from self._commit(plan, usage_of(response), response)
-        return response
+        self._commit(plan, usage_of(response), response)
+
+    async def _adone(self, plan: _Plan, response: Any) -> None:
+        self._mark(plan, response)
+        await self._acommit(plan, usage_of(response), response)
 
     # -- LLM ------------------------------------------------------------------------------------
 
@@ -357,7 +376,8 @@ class BudgetedLLM(FunctionCallingLLM):
         except BaseException as exc:
             drive(self._abort(plan, exc))
             raise
-        return drive(self._done(plan, response))  # type: ignore[no-any-return]
+        self._done(plan, response)
+        return response
 
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         plan = await adrive(self._begin(messages, kwargs))
@@ -367,7 +387,8 @@ class BudgetedLLM(FunctionCallingLLM):
         except BaseException as exc:
             await adrive(self._abort(plan, exc))
             raise
-        return await adrive(self._done(plan, response))
+        await self._adone(plan, response)
+        return response
 
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         plan = drive(self._begin([prompt], kwargs))
@@ -379,7 +400,8 @@ class BudgetedLLM(FunctionCallingLLM):
         except BaseException as exc:
             drive(self._abort(plan, exc))
             raise
-        return drive(self._done(plan, response))  # type: ignore[no-any-return]
+        self._done(plan, response)
+        return response
 
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
@@ -393,7 +415,8 @@ class BudgetedLLM(FunctionCallingLLM):
         except BaseException as exc:
             await adrive(self._abort(plan, exc))
             raise
-        return await adrive(self._done(plan, response))
+        await self._adone(plan, response)
+        return response
 
     def _relay(self, plan: _Plan, chunks: Generator[Any, None, None]) -> Generator[Any, None, None]:
         tally = _Tally()
@@ -406,12 +429,12 @@ class BudgetedLLM(FunctionCallingLLM):
             # the consumer stopped reading: the prompt was read and the streamed part written,
             # so the call is charged (estimated when no usage arrived)
             chunks.close()
-            drive(self._commit(plan, tally.usage, tally.last))
+            self._commit(plan, tally.usage, tally.last)
             raise
         except BaseException as exc:
             drive(self._abort(plan, exc))
             raise
-        drive(self._commit(plan, tally.usage, tally.last))
+        self._commit(plan, tally.usage, tally.last)
 
     async def _arelay(
         self, plan: _Plan, chunks: AsyncGenerator[Any, None]
@@ -425,11 +448,11 @@ class BudgetedLLM(FunctionCallingLLM):
         except BaseException as exc:
             if isinstance(exc, GeneratorExit) or type(exc).__name__ == "CancelledError":
                 await chunks.aclose()
-                await adrive(self._commit(plan, tally.usage, tally.last))
+                await self._acommit(plan, tally.usage, tally.last)
             else:
                 await adrive(self._abort(plan, exc))
             raise
-        await adrive(self._commit(plan, tally.usage, tally.last))
+        await self._acommit(plan, tally.usage, tally.last)
 
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         plan = drive(self._begin(messages, kwargs))
