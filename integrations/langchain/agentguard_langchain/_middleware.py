@@ -626,11 +626,13 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         yield (call, "fail", (exc,), NO_KW)
         yield from self._abort(run, exc)
 
-    def _end_model(
-        self, run: _Run, step: _Step, request: ModelRequest[Any], response: ModelResponse[Any]
-    ) -> Steps[ModelResponse[Any] | ExtendedModelResponse[Any]]:
-        call = step.call
-        assert call is not None
+    # Ending a call is one event: no generator on this hot path, but pure halves around it
+    # (``_ended``: what to charge; ``_answer``: what the agent gets) joined by the sync and the
+    # async hook.
+
+    @staticmethod
+    def _ended(step: _Step, response: ModelResponse[Any]) -> tuple[AIMessage | None, Any, Any]:
+        """The answer, and the usage and keywords ``call.end`` charges it with."""
         ai = next((m for m in response.result if isinstance(m, AIMessage)), None)
         usage: Any = None
         reported: str | None = None
@@ -640,9 +642,18 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
             except InvalidUsage:
                 usage = ai.usage_metadata  # the guard charges the call's bound and logs it
             name = ai.response_metadata.get("model_name") or ai.response_metadata.get("model")
-            reported = name if isinstance(name, str) and name != call.model else None
+            reported = name if isinstance(name, str) and name != step.call.model else None
         text = ai.text if ai is not None and usage is None else None
-        yield (call, "end", (usage,), {"output_text": text, "model": reported})
+        return ai, usage, {"output_text": text, "model": reported}
+
+    def _answer(
+        self,
+        run: _Run,
+        step: _Step,
+        request: ModelRequest[Any],
+        response: ModelResponse[Any],
+        ai: AIMessage | None,
+    ) -> ModelResponse[Any] | ExtendedModelResponse[Any]:
         if not step.final:
             return response
         run.final_done = True
@@ -695,7 +706,9 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         except BaseException as exc:
             drive(self._failed(run, step.call, exc))
             raise
-        return drive(self._end_model(run, step, step.request, response))
+        ai, usage, kw = self._ended(step, response)
+        step.call.end(usage, **kw)
+        return self._answer(run, step, step.request, response, ai)
 
     async def awrap_model_call(
         self,
@@ -713,7 +726,9 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         except BaseException as exc:
             await adrive(self._failed(run, step.call, exc))
             raise
-        return await adrive(self._end_model(run, step, step.request, response))
+        ai, usage, kw = self._ended(step, response)
+        await step.call.aend(usage, **kw)
+        return self._answer(run, step, step.request, response, ai)
 
     # -- tool calls ----------------------------------------------------------------------------
 
