@@ -681,9 +681,9 @@ class AgentGuardCallbackHandler(_Meter, BaseCallbackHandler):
         >>> handler = AgentGuardCallbackHandler(guard)
         >>> model = ScriptedChatModel(replies=["Refund approved."], max_tokens=100)
         >>> with guard.task("ticket-42") as task:
-        ...     _ = model.invoke("Where is my parcel?", config={"callbacks": [handler]})
-        >>> task.model_calls, task.usage.output_tokens
-        (1, 4)
+        ...     reply = model.invoke("Where is my parcel?", config={"callbacks": [handler]})
+        >>> task.model_calls, task.usage.output_tokens == reply.usage_metadata["output_tokens"]
+        (1, True)
     """
 
     def __init__(
