@@ -359,6 +359,13 @@ _MESSAGE_KEYS = (
 #: else its pydantic extra, else ``None`` for every key above (see :func:`_plain_attr`); never
 #: for a mapping.
 _PLAIN_MESSAGES: dict[type, bool] = {}
+#: ``_MESSAGE_KEYS`` at ``None``: a message's fields merged over it read every key by subscript
+_NO_FIELDS: dict[str, Any] = dict.fromkeys(_MESSAGE_KEYS)
+_UNREAD: Any = object()  # a field not read yet
+#: the keys ``_call`` reads from a tool call, at ``None``
+_NO_CALL_FIELDS: dict[str, Any] = dict.fromkeys(
+    ("name", "tool_name", "arguments", "args", "input", "tool_kwargs", "id", "tool_id")
+)
 
 
 def _plain_attr(cls: type, key: str) -> bool:
@@ -445,9 +452,10 @@ class _Counting:
         role_tokens: dict[str, int] = self._roles
         for message in messages:
             cls = type(message)
+            get: Any = None  # a reader (_reader) when the fields are not a plain dict (``f``)
             if cls is dict:  # plain field lookups; often built afresh per request, so not kept
                 keep = None
-                get: Any = message.get
+                f = {**_NO_FIELDS, **message}
             elif cls is str:
                 total += TOKENS_PER_MESSAGE + 1 + count(message)  # a bare string: a user message
                 continue
@@ -478,31 +486,46 @@ class _Counting:
                         ):
                             total += hit[4]
                             continue
-                if isinstance(message, str):
-                    total += TOKENS_PER_MESSAGE + 1 + count(message)
-                    continue
-                if isinstance(message, tuple) and len(message) == 2:
-                    role, content = message
-                    total += TOKENS_PER_MESSAGE + count(str(role)) + self._content(content)
-                    continue
+                plain = _PLAIN_MESSAGES.get(cls)
+                if not plain:  # (a plain class is never a str or tuple: see _plain_attr)
+                    if isinstance(message, str):
+                        total += TOKENS_PER_MESSAGE + 1 + count(message)
+                        continue
+                    if isinstance(message, tuple) and len(message) == 2:
+                        role, content = message
+                        total += TOKENS_PER_MESSAGE + count(str(role)) + self._content(content)
+                        continue
                 keep = None
                 pydantic = False
                 fields = getattr(message, "__dict__", None)
-                if _PLAIN_MESSAGES.get(cls) and type(fields) is dict:
+                if plain and type(fields) is dict:
+                    # what _reader reads, merged over absent fields: subscripts, not calls
                     extra_attr = getattr(message, "__pydantic_extra__", None)
-                    if not extra_attr:  # what _reader returns for it, without asking again
-                        get = fields.get
+                    if not extra_attr:
+                        f = {**_NO_FIELDS, **fields}
                         if cache is not None and "content" in fields:
                             keep = cache
                             pydantic = extra_attr is not None
-                    else:
-                        get = _reader(message)
+                    else:  # an attribute in __dict__ wins over an extra
+                        f = {**_NO_FIELDS, **extra_attr, **fields}
                 else:
                     get = _reader(message)
-            content = get("content")
-            calls = get("tool_calls")
-            extra = get("additional_kwargs")
-            role = get("role") or get("type") or ""
+            if get is None:
+                content = f["content"]
+                calls = f["tool_calls"]
+                extra = f["additional_kwargs"]
+                role = f["role"] or f["type"] or ""
+                name = f["name"]
+                legacy = f["function_call"]
+                call_id = f["tool_call_id"]
+            else:  # read lazily: a reader's look-ups can cost (pydantic raises for an absent one)
+                content = get("content")
+                calls = get("tool_calls")
+                extra = get("additional_kwargs")
+                role = get("role") or get("type") or ""
+                name = get("name")
+                legacy = _UNREAD
+                call_id = get("tool_call_id")
             n = role_tokens.get(role) if type(role) is str else None
             if n is None:
                 key = role
@@ -518,19 +541,18 @@ class _Counting:
                     n += count(content)
             else:
                 n += self._content(content)
-            name = get("name")
             if name is not None and isinstance(name, str) and name:
                 n += count(name) + TOKENS_PER_NAME
             found = calls
             if not found:
                 found = _get(extra, "tool_calls") if extra else None
             if not found:
-                legacy = get("function_call")
+                if legacy is _UNREAD:
+                    legacy = get("function_call")
                 found = [legacy] if legacy else None
             if found:
                 for call in found:
                     n += self._call(call)
-            call_id = get("tool_call_id")
             if call_id is not None and isinstance(call_id, str) and call_id:
                 n += count(call_id)
             if keep is not None:
@@ -598,16 +620,16 @@ class _Counting:
 
     def _call(self, call: Any) -> int:
         if type(call) is dict and "function" not in call:  # LangChain's {"name", "args", "id"}
-            get = call.get
-            name = get("name") or get("tool_name") or ""
-            args = get("arguments")
+            c = {**_NO_CALL_FIELDS, **call}  # every key read by subscript (no call)
+            name = c["name"] or c["tool_name"] or ""
+            args = c["arguments"]
             if args is None:
-                args = get("args")
+                args = c["args"]
             if args is None:
-                args = get("input")
+                args = c["input"]
             if args is None:
-                args = get("tool_kwargs")
-            call_id = get("id") or get("tool_id") or ""
+                args = c["tool_kwargs"]
+            call_id = c["id"] or c["tool_id"] or ""
             count = self.count
             total = TOKENS_PER_TOOL_CALL + count(name if type(name) is str else str(name))
             total += count(call_id if type(call_id) is str else str(call_id))

@@ -3,8 +3,11 @@ message whose content, tool calls or extra kwargs were replaced is counted again
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict
 
 import agentguard._tokens as tokens_module
@@ -160,3 +163,62 @@ def test_roles_strings_tuples_and_dicts_mixed_with_kept_messages() -> None:
     assert c.count_messages(msgs) == first == CharEstimateCounter().count_messages(msgs)
     # the roles are mapped as OpenAI counts them (ai -> assistant, human -> user)
     assert c.count_messages([Msg("ai", "x")]) == c.count_messages([Msg("assistant", "x")])
+
+
+_TEXT = st.text(alphabet="abc xyz.,{}é", max_size=12)
+_CALL = st.fixed_dictionaries(
+    {"name": _TEXT, "id": _TEXT},
+    optional={"args": st.dictionaries(_TEXT, st.integers(0, 9), max_size=2), "type": _TEXT},
+)
+_MESSAGE = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.sampled_from(["user", "assistant", "ai", "human", "tool", "", "system"]),
+        "type": st.sampled_from(["ai", "human", "tool"]),
+        "content": st.one_of(_TEXT, st.lists(st.fixed_dictionaries({"text": _TEXT}), max_size=2)),
+        "name": st.one_of(st.none(), _TEXT),
+        "tool_calls": st.one_of(st.none(), st.lists(_CALL, max_size=2)),
+        "additional_kwargs": st.one_of(
+            st.just({}), st.fixed_dictionaries({"tool_calls": st.lists(_CALL, max_size=1)})
+        ),
+        "function_call": st.one_of(st.none(), _CALL),
+        "tool_call_id": st.one_of(st.none(), _TEXT),
+    },
+)
+
+
+def _read_only(message: dict[str, Any]) -> Any:
+    """``message`` and its tool calls as read-only mappings, read by ``get`` calls."""
+
+    def calls(value: Any) -> Any:
+        return [MappingProxyType(c) for c in value] if isinstance(value, list) else value
+
+    out = dict(message)
+    out["tool_calls"] = calls(message.get("tool_calls"))
+    if message.get("function_call") is not None:
+        out["function_call"] = MappingProxyType(message["function_call"])
+    if message.get("additional_kwargs"):
+        out["additional_kwargs"] = {"tool_calls": calls(message["additional_kwargs"]["tool_calls"])}
+    return MappingProxyType(out)
+
+
+class Obj:
+    """A message object with exactly the given attributes (read from its ``__dict__``)."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.__dict__.update(fields)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_MESSAGE, max_size=5))
+def test_dicts_objects_and_any_mapping_count_alike(messages: list[dict[str, Any]]) -> None:
+    """Plain dicts and plain objects take shortcuts (their fields merged over absent ones,
+    read by subscript); a read-only mapping is read by ``get`` calls: the counts agree, and a
+    kept object counts the same again."""
+    c = CharEstimateCounter()
+    c.count_messages([Obj({"content": "warm"})])  # (the first sight of a class is not kept)
+    as_dicts = c.count_messages(messages)
+    as_mappings = c.count_messages([_read_only(m) for m in messages])
+    objects = [Obj(m) for m in messages]
+    as_objects = c.count_messages(objects)
+    assert as_dicts == as_mappings == as_objects == c.count_messages(objects)
