@@ -79,16 +79,18 @@ def scripted(steps: int) -> ScriptedChatModel:
 
 
 def bare(steps: int) -> tuple[Any, ScriptedChatModel]:
+    """The graph without agentguard: plain model, plain ``ToolNode``, plain edges, and the
+    state without ``BudgetState`` (its key is part of what the guard costs)."""
     model = scripted(steps)
     llm = model.bind_tools([lookup])
 
-    def agent(state: State) -> dict[str, Any]:
+    def agent(state: MessagesState) -> dict[str, Any]:
         return {"messages": [llm.invoke(state["messages"])]}
 
-    async def aagent(state: State) -> dict[str, Any]:
+    async def aagent(state: MessagesState) -> dict[str, Any]:
         return {"messages": [await llm.ainvoke(state["messages"])]}
 
-    b = StateGraph(State)
+    b = StateGraph(MessagesState)
     b.add_node("agent", RunnableLambda(agent, afunc=aagent))
     b.add_node("tools", ToolNode([lookup]))
     b.add_edge(START, "agent")

@@ -77,7 +77,9 @@ def main() -> dict[str, object]:
         f"task {task.id}: {task.status}, ${task.cost_usd} for {task.model_calls} model calls, "
         f"{task.tool_calls} tool calls, {task.steps} steps"
     )
-    print(f"  in the graph state: ${out['agentguard_cost_usd']}, {out['agentguard_decisions']}")
+    print(
+        f"  in the graph state: ${out['agentguard']['cost_usd']}, {out['agentguard']['decisions']}"
+    )
     print(f"  ended by: {final.response_metadata['agentguard']['reason']}")
     print(f"final answer: ...{final.text[-90:]}")
     return {"task": task, "final": final, "state": out, "mini_calls": len(mini.seen)}

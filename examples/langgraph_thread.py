@@ -75,10 +75,10 @@ def main() -> dict[str, Any]:
     for _ in range(10):
         snapshot, task, _model = session(db, payload, config)
         runs.append(task)
-        spent = snapshot.values
+        spent = snapshot.values["agentguard"]
         print(
-            f"run {len(runs)}: {task.status:8} thread so far: ${spent['agentguard_cost_usd']}, "
-            f"{spent['agentguard_steps']} steps, {spent['agentguard_model_calls']} model calls"
+            f"run {len(runs)}: {task.status:8} thread so far: ${spent['cost_usd']}, "
+            f"{spent['steps']} steps, {spent['model_calls']} model calls"
         )
         if not snapshot.next:
             break

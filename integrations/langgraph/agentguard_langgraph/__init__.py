@@ -17,14 +17,18 @@ _EXPORTS: dict[str, str] = {
     "Route": "_gate",
     "GuardedGraph": "_run",
     "BudgetState": "_state",
+    "GraphSpend": "_state",
+    "add_spend": "_state",
 }
 
 __all__ = [
     "BudgetState",
     "GraphGuard",
+    "GraphSpend",
     "GuardedGraph",
     "Route",
     "__version__",
+    "add_spend",
 ]
 
 
@@ -40,4 +44,4 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # pragma: no cover
     from agentguard_langgraph._gate import GraphGuard, Route
     from agentguard_langgraph._run import GuardedGraph
-    from agentguard_langgraph._state import BudgetState
+    from agentguard_langgraph._state import BudgetState, GraphSpend, add_spend

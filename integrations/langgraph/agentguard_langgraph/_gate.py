@@ -47,18 +47,7 @@ from agentguard_langchain import AgentGuardMiddleware, BudgetedChatModel
 from agentguard_langchain._chat_model import _model_id, _usage_or_raw
 from agentguard_langchain._common import metered_here
 from agentguard_langchain._middleware import DEFAULT_FINISH_MESSAGE, _note, refused_tool_call
-from agentguard_langgraph._state import (
-    COST_KEY,
-    DECISIONS_KEY,
-    INPUT_TOKENS_KEY,
-    MODEL_CALLS_KEY,
-    OUTPUT_TOKENS_KEY,
-    RETRIES_KEY,
-    STEPS_KEY,
-    TOKENS_KEY,
-    TOOL_CALLS_BY_NAME_KEY,
-    TOOL_CALLS_KEY,
-)
+from agentguard_langgraph._state import SPEND_KEY
 
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
@@ -112,38 +101,42 @@ def _ledger(task: Task) -> _Ledger:
 
 
 def _delta(task: Task, was: _Ledger, now: _Ledger) -> dict[str, Any]:
-    """The state update adding ``now - was``: only the keys that changed (a key written with
-    nothing to add still costs a channel update, and a checkpoint write)."""
-    update: dict[str, Any] = {}
+    """The state update adding ``now - was`` to the ``"agentguard"`` key: only the fields that
+    changed; no update at all when nothing did."""
     if now == was:
-        return update
+        return {}
+    return {SPEND_KEY: _spend_delta(task, was, now)}
+
+
+def _spend_delta(task: Task, was: _Ledger, now: _Ledger) -> dict[str, Any]:
+    spend: dict[str, Any] = {}
     if now.cost != was.cost:
-        update[COST_KEY] = now.cost - was.cost
+        spend["cost_usd"] = now.cost - was.cost
     d_in, d_out = now.input_tokens - was.input_tokens, now.output_tokens - was.output_tokens
     if d_in or d_out:
-        update[TOKENS_KEY] = d_in + d_out
-        update[INPUT_TOKENS_KEY] = d_in
-        update[OUTPUT_TOKENS_KEY] = d_out
+        spend["tokens"] = d_in + d_out
+        spend["input_tokens"] = d_in
+        spend["output_tokens"] = d_out
     if now.model_calls != was.model_calls:
-        update[MODEL_CALLS_KEY] = now.model_calls - was.model_calls
+        spend["model_calls"] = now.model_calls - was.model_calls
     if now.tool_calls != was.tool_calls:
-        update[TOOL_CALLS_KEY] = now.tool_calls - was.tool_calls
+        spend["tool_calls"] = now.tool_calls - was.tool_calls
         before = dict(was.tool_calls_by_name)
-        update[TOOL_CALLS_BY_NAME_KEY] = {
+        spend["tool_calls_by_name"] = {
             name: n - before.get(name, 0)
             for name, n in now.tool_calls_by_name
             if n != before.get(name, 0)
         }
     if now.retries != was.retries:
-        update[RETRIES_KEY] = now.retries - was.retries
+        spend["retries"] = now.retries - was.retries
     if now.steps != was.steps:
-        update[STEPS_KEY] = now.steps - was.steps
+        spend["steps"] = now.steps - was.steps
     if now.decisions != was.decisions:
         new = task.decisions[was.decisions : now.decisions]
         kinds = [f"{d.kind}:{d.action}" for d in new if d.kind != "soft_limit"]
         if kinds:
-            update[DECISIONS_KEY] = kinds
-    return update
+            spend["decisions"] = kinds
+    return spend
 
 
 def _merge(result: Any, update: dict[str, Any]) -> Any:
@@ -385,7 +378,7 @@ class GraphGuard:
         """A ``ToolNode`` whose calls count against the tool caps (per tool and in total,
         parallel calls included); a blocked call answers the model with an error
         ``ToolMessage`` — the same tool gate as the LangChain agent middleware. Its update
-        adds the run's new spend to the :class:`~agentguard_langgraph.BudgetState` keys."""
+        adds the run's new spend to the :class:`~agentguard_langgraph.BudgetState` key."""
         node = _RecordingToolNode(
             tools, wrap_tool_call=self._wrap_tool, awrap_tool_call=self._awrap_tool, **kwargs
         )
@@ -530,7 +523,7 @@ class GraphGuard:
     def node(self, fn: _NodeFn, *, record: bool = True, step: bool = False) -> _NodeFn:
         """Wrap a node (sync or async): a budget stop inside it ends the run gracefully
         (``exit_behavior="end"``) and, with ``record=True``, its return value also adds the
-        run's new spend to the :class:`~agentguard_langgraph.BudgetState` keys.
+        run's new spend to the :class:`~agentguard_langgraph.BudgetState` key.
 
         A node run again by its ``RetryPolicy`` asks the guard first: each attempt after the
         first is a retry, counted against ``max_retries``.
@@ -706,7 +699,7 @@ class GraphGuard:
         the run's task: its spend rolls up into the parent's budgets (reservations hit every
         enclosing line at once, so parallel branches cannot jointly overspend them), and
         ``policy`` can give it tighter limits of its own. The branch's total spend is added
-        to the parent graph's :class:`~agentguard_langgraph.BudgetState` keys.
+        to the parent graph's :class:`~agentguard_langgraph.BudgetState` key.
 
         A budget stop inside the branch ends only the branch under ``exit_behavior="end"``
         (its update then carries ``"branch:stop"`` in the decisions); under ``"error"`` it
@@ -738,16 +731,17 @@ class GraphGuard:
                 spent.retries,
                 spent.steps,
             )
-            update = _delta(child, _NOTHING, total)
-            update[DECISIONS_KEY] = [f"{d.kind}:{d.action}" for d in child.decisions] + (
+            spend = _spend_delta(child, _NOTHING, total)
+            spend["decisions"] = [f"{d.kind}:{d.action}" for d in child.decisions] + (
                 ["branch:stop"] if stopped is not None else []
             )
+            update = {SPEND_KEY: spend}
             if stopped is not None:
                 return update
             if is_runnable and isinstance(out, Mapping):
-                # a subgraph's output is its whole state; its own spend keys are replaced by
+                # a subgraph's output is its whole state; its own spend key is replaced by
                 # the child task's total
-                out = {k: v for k, v in out.items() if not k.startswith("agentguard_")}
+                out = {k: v for k, v in out.items() if k != SPEND_KEY}
             return _merge(out, update)
 
         if is_runnable:

@@ -11,17 +11,7 @@ from langchain_core.runnables import Runnable
 
 from agentguard import BudgetExceeded, BudgetLine, current_task
 from agentguard_langgraph._gate import _merge
-from agentguard_langgraph._state import (
-    COST_KEY,
-    INPUT_TOKENS_KEY,
-    MODEL_CALLS_KEY,
-    OUTPUT_TOKENS_KEY,
-    RETRIES_KEY,
-    STEPS_KEY,
-    TOKENS_KEY,
-    TOOL_CALLS_BY_NAME_KEY,
-    TOOL_CALLS_KEY,
-)
+from agentguard_langgraph._state import SPEND_KEY
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
@@ -32,16 +22,16 @@ if TYPE_CHECKING:
 __all__ = ["GuardedGraph"]
 
 
-#: The state keys a thread's spend is seeded from, and the store counters they seed.
+#: The spend fields a thread's task is seeded from (the store counters of the same names).
 _SEEDED = (
-    (COST_KEY, "cost_usd"),
-    (TOKENS_KEY, "tokens"),
-    (INPUT_TOKENS_KEY, "input_tokens"),
-    (OUTPUT_TOKENS_KEY, "output_tokens"),
-    (MODEL_CALLS_KEY, "model_calls"),
-    (TOOL_CALLS_KEY, "tool_calls"),
-    (RETRIES_KEY, "retries"),
-    (STEPS_KEY, "steps"),
+    "cost_usd",
+    "tokens",
+    "input_tokens",
+    "output_tokens",
+    "model_calls",
+    "tool_calls",
+    "retries",
+    "steps",
 )
 
 #: The model node of each prebuilt agent, by the function it runs.
@@ -172,11 +162,14 @@ class GuardedGraph:
         amounts: dict[str, Decimal | int] = {}
         if self.gg.budget != "thread" or not values:
             return amounts
-        for key, counter in _SEEDED:
-            value = values.get(key)
+        spend = values.get(SPEND_KEY)
+        if not isinstance(spend, Mapping):
+            return amounts
+        for counter in _SEEDED:
+            value = spend.get(counter)
             if value:
                 amounts[counter] = value
-        by_name = values.get(TOOL_CALLS_BY_NAME_KEY)
+        by_name = spend.get("tool_calls_by_name")
         if isinstance(by_name, Mapping):
             for tool, n in by_name.items():
                 if n:

@@ -1,43 +1,64 @@
-"""The graph-state keys that carry a run's spend through checkpoints."""
+"""The graph-state key that carries a run's spend through checkpoints."""
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 from typing_extensions import TypedDict  # the one LangGraph's MessagesState uses
 
 __all__ = [
-    "COST_KEY",
-    "DECISIONS_KEY",
-    "INPUT_TOKENS_KEY",
-    "MODEL_CALLS_KEY",
-    "OUTPUT_TOKENS_KEY",
-    "RETRIES_KEY",
-    "STEPS_KEY",
-    "TOKENS_KEY",
-    "TOOL_CALLS_BY_NAME_KEY",
-    "TOOL_CALLS_KEY",
+    "SPEND_KEY",
     "BudgetState",
+    "GraphSpend",
     "add_counts",
+    "add_spend",
+    "empty_spend",
 ]
 
-COST_KEY: Final = "agentguard_cost_usd"
-TOKENS_KEY: Final = "agentguard_tokens"
-INPUT_TOKENS_KEY: Final = "agentguard_input_tokens"
-OUTPUT_TOKENS_KEY: Final = "agentguard_output_tokens"
-MODEL_CALLS_KEY: Final = "agentguard_model_calls"
-TOOL_CALLS_KEY: Final = "agentguard_tool_calls"
-TOOL_CALLS_BY_NAME_KEY: Final = "agentguard_tool_calls_by_name"
-RETRIES_KEY: Final = "agentguard_retries"
-STEPS_KEY: Final = "agentguard_steps"
-DECISIONS_KEY: Final = "agentguard_decisions"
+#: The state key :class:`BudgetState` declares.
+SPEND_KEY: Final = "agentguard"
+
+
+class GraphSpend(TypedDict, total=False):
+    """What a thread has spent, as kept in the graph state under ``"agentguard"``.
+
+    Read it as ``state["agentguard"]["cost_usd"]``: once anything is recorded every field is
+    present (zeros, an empty dict and list where nothing was spent).
+    """
+
+    cost_usd: Decimal
+    tokens: int
+    input_tokens: int
+    output_tokens: int
+    model_calls: int
+    tool_calls: int
+    tool_calls_by_name: dict[str, int]
+    retries: int
+    steps: int
+    # non-trivial decisions, "<kind>:<action>" (e.g. "model:downgrade", "step:finish")
+    decisions: list[str]
+
+
+def empty_spend() -> GraphSpend:
+    """A :class:`GraphSpend` of nothing spent (every field present)."""
+    return {
+        "cost_usd": Decimal(0),
+        "tokens": 0,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "model_calls": 0,
+        "tool_calls": 0,
+        "tool_calls_by_name": {},
+        "retries": 0,
+        "steps": 0,
+        "decisions": [],
+    }
 
 
 def add_counts(left: Mapping[str, int], right: Mapping[str, int]) -> dict[str, int]:
-    """The reducer of per-name counts: counts of the same name add up.
+    """Per-name counts added up: counts of the same name add.
 
     Example:
         >>> add_counts({"search": 2}, {"search": 1, "refund": 1})
@@ -49,33 +70,54 @@ def add_counts(left: Mapping[str, int], right: Mapping[str, int]) -> dict[str, i
     return out
 
 
-class BudgetState(TypedDict, total=False):
-    """State keys holding what a thread has spent; mix them into your graph's state.
+def add_spend(left: Mapping[str, Any] | None, right: Mapping[str, Any] | None) -> GraphSpend:
+    """The reducer of the ``"agentguard"`` key: each field of ``right`` adds to ``left``'s
+    (money and counts add, per-tool counts add per tool, decisions append), so parallel nodes
+    and ``Send`` branches each add their own share. The result has every field.
 
-    Every key has an adding reducer, so parallel nodes and ``Send`` branches each add their
-    own share, and the totals survive ``InMemorySaver`` / ``SqliteSaver`` checkpoints
-    (``Decimal`` round-trips exactly). A :class:`~agentguard_langgraph.GraphGuard` with
-    ``budget="thread"`` reads them back when a thread resumes, so the thread continues
-    against everything it already spent: money, tokens (total, input, output), model calls,
-    tool calls (in total and per tool), retries and agent steps.
+    Example:
+        >>> from decimal import Decimal
+        >>> s = add_spend({}, {"cost_usd": Decimal("0.002"), "tool_calls_by_name": {"search": 1}})
+        >>> s = add_spend(s, {"cost_usd": Decimal("0.001"), "tool_calls_by_name": {"search": 2}})
+        >>> s["cost_usd"], s["tool_calls_by_name"], s["steps"]
+        (Decimal('0.003'), {'search': 3}, 0)
+    """
+    out: dict[str, Any] = dict(left) if left else {}
+    if not _FIELDS.issubset(out):  # the first record (or a partial value): every field present
+        out = {**empty_spend(), **out}
+    if right:
+        for name, value in right.items():
+            if name == "tool_calls_by_name":
+                out[name] = add_counts(out[name], value)
+            elif name in out:
+                out[name] = out[name] + value
+            else:  # a field this version does not know: kept as given
+                out[name] = value
+    return out  # type: ignore[return-value]
+
+
+_FIELDS: Final = frozenset(GraphSpend.__annotations__)
+
+
+class BudgetState(TypedDict, total=False):
+    """The state key holding what a thread has spent; mix it into your graph's state.
+
+    ``"agentguard"`` is a :class:`GraphSpend` with an adding reducer (:func:`add_spend`), so
+    parallel nodes and ``Send`` branches each add their own share, and the totals survive
+    ``InMemorySaver`` / ``SqliteSaver`` checkpoints (``Decimal`` round-trips exactly). A
+    :class:`~agentguard_langgraph.GraphGuard` with ``budget="thread"`` reads it back when a
+    thread resumes, so the thread continues against everything it already spent: money,
+    tokens (total, input, output), model calls, tool calls (in total and per tool), retries
+    and agent steps. One key, not one per counter: LangGraph keeps a channel per state key,
+    and copies and writes each one per step.
 
     Example:
         >>> from langgraph.graph import MessagesState
         >>> from agentguard_langgraph import BudgetState
         >>> class State(MessagesState, BudgetState):
         ...     pass
-        >>> sorted(k for k in State.__annotations__ if k.startswith("agentguard_"))[:2]
-        ['agentguard_cost_usd', 'agentguard_decisions']
+        >>> sorted(State.__annotations__)
+        ['agentguard', 'messages']
     """
 
-    agentguard_cost_usd: Annotated[Decimal, operator.add]
-    agentguard_tokens: Annotated[int, operator.add]
-    agentguard_input_tokens: Annotated[int, operator.add]
-    agentguard_output_tokens: Annotated[int, operator.add]
-    agentguard_model_calls: Annotated[int, operator.add]
-    agentguard_tool_calls: Annotated[int, operator.add]
-    agentguard_tool_calls_by_name: Annotated[dict[str, int], add_counts]
-    agentguard_retries: Annotated[int, operator.add]
-    agentguard_steps: Annotated[int, operator.add]
-    # non-trivial decisions, "<kind>:<action>" (e.g. "model:downgrade", "step:finish")
-    agentguard_decisions: Annotated[list[str], operator.add]
+    agentguard: Annotated[GraphSpend, add_spend]

@@ -61,8 +61,8 @@ async def test_an_async_run_never_blocks_its_loop_on_the_store(
         (d.kind, d.action) for d in sync_task.decisions
     ]
     assert async_task.cost_usd == sync_task.cost_usd
-    assert async_out["agentguard_cost_usd"] == sync_out["agentguard_cost_usd"]
-    assert async_out["agentguard_decisions"] == sync_out["agentguard_decisions"]
+    assert async_out["agentguard"]["cost_usd"] == sync_out["agentguard"]["cost_usd"]
+    assert async_out["agentguard"]["decisions"] == sync_out["agentguard"]["decisions"]
 
 
 async def test_a_hard_stop_under_ainvoke_is_awaited_too() -> None:
@@ -95,5 +95,5 @@ async def test_branches_and_a_resumed_thread_are_awaited() -> None:
     first = await graph.ainvoke(user(), config)
     second = await graph.ainvoke(user("And order 1183?"), config)
     assert store.blocking == []
-    assert second["agentguard_steps"] >= first["agentguard_steps"]
+    assert second["agentguard"]["steps"] >= first["agentguard"]["steps"]
     assert graph.last_task is not None and graph.last_task.steps <= 1  # the thread's cap held

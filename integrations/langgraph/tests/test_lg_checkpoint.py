@@ -40,7 +40,7 @@ async def saver(kind: str, mode: str, tmp_path: Path) -> AsyncIterator[Any]:
 
 
 def spend(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if k.startswith("agentguard_")}
+    return {k: v for k, v in values.items() if k == "agentguard"}
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
@@ -78,24 +78,24 @@ async def test_resumed_thread_continues_against_what_it_spent(
     # every run but the last is interrupted after one model call; the thread's ceiling ends
     # it (how many calls fit varies by a few tokens: the scripted tool-call ids are random)
     assert len(tasks) > 3
-    final_cost = states[-1]["agentguard_cost_usd"]
+    final_cost = states[-1]["agentguard"]["cost_usd"]
     assert isinstance(final_cost, Decimal)  # survived the checkpoint as a Decimal
     assert CEILING / 2 < final_cost <= CEILING
     # each resumed run started from the thread's spend: its task's balance is the thread's
     # total, its own calls are only its share
     for before, after, task in zip([None, *states], states, tasks, strict=False):
-        seeded = before["agentguard_cost_usd"] if before else Decimal(0)
-        assert task.spent.cost_usd == after["agentguard_cost_usd"]
-        assert task.cost_usd == after["agentguard_cost_usd"] - seeded
+        seeded = before["agentguard"]["cost_usd"] if before else Decimal(0)
+        assert task.spent.cost_usd == after["agentguard"]["cost_usd"]
+        assert task.cost_usd == after["agentguard"]["cost_usd"] - seeded
         assert task.model_calls == 1
         assert task.tags["thread_id"] == "ticket-1182"
     assert sum((t.cost_usd or Decimal(0) for t in tasks), Decimal(0)) == final_cost
     # the counters in the state are the thread's totals
     n = len(tasks)
-    assert states[-1]["agentguard_model_calls"] == n
-    assert states[-1]["agentguard_tool_calls"] == n - 1
-    assert states[-1]["agentguard_steps"] == n
-    assert states[-1]["agentguard_decisions"] == ["model:finish"]
+    assert states[-1]["agentguard"]["model_calls"] == n
+    assert states[-1]["agentguard"]["tool_calls"] == n - 1
+    assert states[-1]["agentguard"]["steps"] == n
+    assert states[-1]["agentguard"]["decisions"] == ["model:finish"]
     # decisions: only the last run finished, on the money ceiling
     assert [t.status for t in tasks] == ["ok"] * (n - 1) + ["finished"]
     assert [f"{d.kind}:{d.action}" for d in tasks[-1].decisions] == ["model:finish"]
@@ -141,15 +141,15 @@ def test_step_cap_counts_the_threads_steps_across_resumes() -> None:
     assert [t.spent.steps for t in tasks] == [1, 2, 3, 4, 5]
     assert [t.status for t in tasks] == ["ok"] * 4 + ["finished"]
     values = graph.get_state(config).values
-    assert values["agentguard_steps"] == 5
-    assert values["agentguard_tool_calls"] == 4
+    assert values["agentguard"]["steps"] == 5
+    assert values["agentguard"]["tool_calls"] == 4
     final = values["messages"][-1]
     assert final.tool_calls == []
     assert final.response_metadata["agentguard"]["limit"] == "max_steps"
     assert final.response_metadata["agentguard"]["reason"] == "5 of 5 steps used"
     # five steps allowed, then the cap's finish decision, recorded like the others
     assert [s.decision for s in sink.spans if s.kind == "step"] == ["allow"] * 5 + ["finish"]
-    assert values["agentguard_decisions"] == ["step:finish"]
+    assert values["agentguard"]["decisions"] == ["step:finish"]
     assert [f"{d.kind}:{d.action}" for d in tasks[-1].decisions] == ["step:finish"]
     assert not any(d.kind == "overspend" for t in tasks for d in t.decisions)
 
@@ -166,7 +166,7 @@ def test_run_budget_gives_each_resumed_run_its_own_limits() -> None:
     # each run takes one step of its own two: the thread never reaches a cap
     assert len(tasks) == 6
     assert all(t.spent.steps == 1 and t.status == "ok" for t in tasks)
-    assert graph.get_state(config).values["agentguard_steps"] == 6
+    assert graph.get_state(config).values["agentguard"]["steps"] == 6
 
 
 def test_a_spent_thread_is_stopped_at_once_when_asked_again() -> None:
@@ -187,10 +187,10 @@ def test_a_spent_thread_is_stopped_at_once_when_asked_again() -> None:
     if len(model.seen) == calls:
         assert last.response_metadata["agentguard"]["ended_by"] == "stop"
         assert last.response_metadata["agentguard"]["limit"] == "max_cost_usd"
-        assert out["agentguard_decisions"] == ["model:finish", "model:stop"]
+        assert out["agentguard"]["decisions"] == ["model:finish", "model:stop"]
     else:
         assert len(model.seen) == calls + 1
         assert model.seen[-1]["tool_choice"] == "none"
-        assert out["agentguard_decisions"] == ["model:finish", "model:finish"]
-    assert first["agentguard_cost_usd"] <= out["agentguard_cost_usd"] <= CEILING
-    assert graph.last_task.spent.cost_usd == out["agentguard_cost_usd"]
+        assert out["agentguard"]["decisions"] == ["model:finish", "model:finish"]
+    assert first["agentguard"]["cost_usd"] <= out["agentguard"]["cost_usd"] <= CEILING
+    assert graph.last_task.spent.cost_usd == out["agentguard"]["cost_usd"]

@@ -39,9 +39,9 @@ def test_react_example_downgrades_then_finishes_at_the_step_cap(
     assert set(models[first_mini:]) == {"gpt-4o-mini"}
     assert out["mini_calls"] == len(models) - first_mini
     # what the run spent is in the graph state, exactly
-    assert state["agentguard_cost_usd"] == task.cost_usd
-    assert state["agentguard_steps"] == 12
-    assert state["agentguard_decisions"] == ["model:downgrade", "step:finish"]
+    assert state["agentguard"]["cost_usd"] == task.cost_usd
+    assert state["agentguard"]["steps"] == 12
+    assert state["agentguard"]["decisions"] == ["model:downgrade", "step:finish"]
     assert "12 of 12 steps used" in capsys.readouterr().out
 
 
@@ -59,11 +59,11 @@ def test_thread_example_resumes_in_fresh_guards_and_finishes_at_the_step_cap(
     assert final.response_metadata["agentguard_final"] is True
     assert [f"{d.kind}:{d.action}" for d in runs[-1].decisions] == ["model:finish"]
     # the thread's spend, in the checkpoint: every run's share added up
-    assert state["agentguard_steps"] == 4
-    assert state["agentguard_model_calls"] == 4
-    assert state["agentguard_tool_calls"] == 3
-    assert state["agentguard_tool_calls_by_name"] == {"refund_status": 3}
-    assert state["agentguard_decisions"] == ["model:finish"]
-    assert state["agentguard_cost_usd"] == sum(t.cost_usd for t in runs)
-    assert runs[-1].spent.cost_usd == state["agentguard_cost_usd"]
+    assert state["agentguard"]["steps"] == 4
+    assert state["agentguard"]["model_calls"] == 4
+    assert state["agentguard"]["tool_calls"] == 3
+    assert state["agentguard"]["tool_calls_by_name"] == {"refund_status": 3}
+    assert state["agentguard"]["decisions"] == ["model:finish"]
+    assert state["agentguard"]["cost_usd"] == sum(t.cost_usd for t in runs)
+    assert runs[-1].spent.cost_usd == state["agentguard"]["cost_usd"]
     assert "a person approves the tool call" in capsys.readouterr().out

@@ -10,7 +10,15 @@ import pytest
 
 import agentguard_langgraph
 
-EXPECTED = {"BudgetState", "GraphGuard", "GuardedGraph", "Route", "__version__"}
+EXPECTED = {
+    "BudgetState",
+    "GraphGuard",
+    "GraphSpend",
+    "GuardedGraph",
+    "Route",
+    "__version__",
+    "add_spend",
+}
 
 GRAPH_GUARD_API = {
     "bind", "branch", "chat_model", "finish_node", "node", "path_map", "route", "tool_node",
@@ -32,17 +40,18 @@ def test_graph_guard_public_methods_are_pinned() -> None:
 
 
 def test_budget_state_keys_are_pinned() -> None:
-    assert set(agentguard_langgraph.BudgetState.__annotations__) == {
-        "agentguard_cost_usd",
-        "agentguard_tokens",
-        "agentguard_input_tokens",
-        "agentguard_output_tokens",
-        "agentguard_model_calls",
-        "agentguard_tool_calls",
-        "agentguard_tool_calls_by_name",
-        "agentguard_retries",
-        "agentguard_steps",
-        "agentguard_decisions",
+    assert set(agentguard_langgraph.BudgetState.__annotations__) == {"agentguard"}
+    assert set(agentguard_langgraph.GraphSpend.__annotations__) == {
+        "cost_usd",
+        "tokens",
+        "input_tokens",
+        "output_tokens",
+        "model_calls",
+        "tool_calls",
+        "tool_calls_by_name",
+        "retries",
+        "steps",
+        "decisions",
     }
 
 

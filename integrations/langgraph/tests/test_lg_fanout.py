@@ -42,7 +42,7 @@ def build(gg: GraphGuard, model: Scripted) -> Any:
 
     def keep(out: dict[str, Any]) -> dict[str, Any]:
         answers = collect(out)
-        return {**{k: v for k, v in out.items() if k.startswith("agentguard_")}, **answers}
+        return {**{k: v for k, v in out.items() if k == "agentguard"}, **answers}
 
     b = StateGraph(Parent)
     b.add_node(
@@ -78,6 +78,6 @@ async def test_ten_branches_share_one_parent_budget(mode: str) -> None:
     children = [t for t in sink.tasks if t.parent_id == run.id]
     assert len(children) == 10
     assert sum(c.cost_usd or 0 for c in children) == spent
-    assert out["agentguard_cost_usd"] == spent  # the state adds up every branch
-    assert out["agentguard_model_calls"] == sum(c.model_calls for c in children)
-    assert len(out["answers"]) + out["agentguard_decisions"].count("branch:stop") == 10
+    assert out["agentguard"]["cost_usd"] == spent  # the state adds up every branch
+    assert out["agentguard"]["model_calls"] == sum(c.model_calls for c in children)
+    assert len(out["answers"]) + out["agentguard"]["decisions"].count("branch:stop") == 10

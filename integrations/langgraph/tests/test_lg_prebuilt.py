@@ -172,13 +172,13 @@ async def test_prebuilt_agents_count_steps_and_write_the_spend_into_the_state(
     # the spend is in the user's state, exactly (tool calls only where a gate counts them)
     gated_tools = 0 if kind == "create_agent" else 3
     assert task.tool_calls == gated_tools
-    assert out["agentguard_cost_usd"] == task.cost_usd
-    assert out["agentguard_tokens"] == task.usage.total_tokens
-    assert out["agentguard_input_tokens"] == task.usage.input_tokens
-    assert out["agentguard_model_calls"] == 4
-    assert out["agentguard_tool_calls"] == gated_tools
-    assert out["agentguard_steps"] == 4
-    assert out["agentguard_decisions"] == ["model:finish"]
+    assert out["agentguard"]["cost_usd"] == task.cost_usd
+    assert out["agentguard"]["tokens"] == task.usage.total_tokens
+    assert out["agentguard"]["input_tokens"] == task.usage.input_tokens
+    assert out["agentguard"]["model_calls"] == 4
+    assert out["agentguard"]["tool_calls"] == gated_tools
+    assert out["agentguard"]["steps"] == 4
+    assert out["agentguard"]["decisions"] == ["model:finish"]
     # the trace
     spans = [s for s in sink.spans if s.task_id == task.id]
     assert [s.decision for s in spans if s.kind == "step"] == ["allow"] * 4
@@ -196,4 +196,4 @@ def test_bind_leaves_the_callers_prebuilt_graph_as_it_was() -> None:
         out = agent.invoke(user())
     assert task.steps == 0
     assert task.model_calls == 2
-    assert "agentguard_steps" not in out or out["agentguard_steps"] == 0
+    assert "agentguard_steps" not in out or out["agentguard"]["steps"] == 0

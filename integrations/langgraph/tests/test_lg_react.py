@@ -48,17 +48,17 @@ async def test_step_cap_routes_to_the_finishing_node(mode: str) -> None:
     assert model.seen[-1]["tool_choice"] == "none"
     assert model.seen[-1]["max_tokens"] == 256  # finish_output_tokens
     # the spend is in the state, exactly
-    assert out["agentguard_cost_usd"] == task.cost_usd
-    assert out["agentguard_model_calls"] == 4
-    assert out["agentguard_tool_calls"] == 3
-    assert out["agentguard_steps"] == 4
-    assert out["agentguard_tokens"] == task.usage.total_tokens
-    assert out["agentguard_input_tokens"] == task.usage.input_tokens
-    assert out["agentguard_output_tokens"] == task.usage.output_tokens
-    assert out["agentguard_tool_calls_by_name"] == {"search": 3}
+    assert out["agentguard"]["cost_usd"] == task.cost_usd
+    assert out["agentguard"]["model_calls"] == 4
+    assert out["agentguard"]["tool_calls"] == 3
+    assert out["agentguard"]["steps"] == 4
+    assert out["agentguard"]["tokens"] == task.usage.total_tokens
+    assert out["agentguard"]["input_tokens"] == task.usage.input_tokens
+    assert out["agentguard"]["output_tokens"] == task.usage.output_tokens
+    assert out["agentguard"]["tool_calls_by_name"] == {"search": 3}
     # the step cap's finish is a decision like the others: in the task, the state, the trace
     assert kinds(task) == ["step:finish"]
-    assert out["agentguard_decisions"] == ["step:finish"]
+    assert out["agentguard"]["decisions"] == ["step:finish"]
     # the trace: 4 steps and the cap's finish decision, 4 model spans, 3 tool spans
     spans = [s for s in sink.spans if s.task_id == task.id]
     steps = [s for s in spans if s.kind == "step"]
@@ -89,8 +89,8 @@ async def test_money_ceiling_downgrades_then_finishes_in_the_agent_node(mode: st
     assert task.cost_usd is not None
     assert task.cost_usd <= Decimal("0.02")
     assert kinds(task) == ["model:downgrade", "model:finish"]
-    assert out["agentguard_decisions"] == ["model:downgrade", "model:finish"]
-    assert out["agentguard_cost_usd"] == task.cost_usd
+    assert out["agentguard"]["decisions"] == ["model:downgrade", "model:finish"]
+    assert out["agentguard"]["cost_usd"] == task.cost_usd
     final = out["messages"][-1]
     assert final.tool_calls == []
     assert final.response_metadata["agentguard_final"] is True
@@ -151,9 +151,9 @@ async def test_tool_cap_blocks_the_tool_and_the_next_call_is_final(mode: str) ->
     assert out["messages"][-1].tool_calls == []
     assert kinds(task) == ["tool:block", "model:finish"]
     # the state: two tool calls ran (the per-tool dict too), the block and the finish
-    assert out["agentguard_tool_calls"] == 2
-    assert out["agentguard_tool_calls_by_name"] == {"search": 2}
-    assert out["agentguard_decisions"] == ["tool:block", "model:finish"]
+    assert out["agentguard"]["tool_calls"] == 2
+    assert out["agentguard"]["tool_calls_by_name"] == {"search": 2}
+    assert out["agentguard"]["decisions"] == ["tool:block", "model:finish"]
 
 
 def test_graph_without_a_task_says_how_to_run_it() -> None:
@@ -212,10 +212,10 @@ async def test_steps_counted_in_the_node_wrapper_end_in_the_agents_own_final_cal
     assert kinds(task) == ["model:finish"]
     assert task.decisions[-1].limit == "max_steps"
     assert task.status == "finished"
-    assert out["agentguard_steps"] == 4
-    assert out["agentguard_tool_calls"] == 3
-    assert out["agentguard_decisions"] == ["model:finish"]
-    assert out["agentguard_cost_usd"] == task.cost_usd
+    assert out["agentguard"]["steps"] == 4
+    assert out["agentguard"]["tool_calls"] == 3
+    assert out["agentguard"]["decisions"] == ["model:finish"]
+    assert out["agentguard"]["cost_usd"] == task.cost_usd
     spans = [s for s in sink.spans if s.task_id == task.id]
     assert [s.decision for s in spans if s.kind == "step"] == ["allow"] * 4
 
@@ -242,7 +242,7 @@ def test_a_node_counting_steps_stops_a_graph_that_comes_back_after_the_final_ans
     assert last.response_metadata["agentguard"]["ended_by"] == "stop"
     assert last.response_metadata["agentguard"]["limit"] == "max_steps"
     assert len(model.seen) == 2
-    assert out["agentguard_steps"] == 2
+    assert out["agentguard"]["steps"] == 2
 
 
 class FlakyError(Exception):
@@ -281,7 +281,7 @@ async def test_node_retries_ask_the_guard_first(mode: str) -> None:
     # attempt 1, then two retries the policy allows; the third retry is refused before it runs
     assert len(attempts) == 3
     assert task.retries == 2
-    assert out["agentguard_retries"] == 2
+    assert out["agentguard"]["retries"] == 2
     last = out["messages"][-1]
     assert last.response_metadata["agentguard"]["ended_by"] == "stop"
     assert last.response_metadata["agentguard"]["limit"] == "max_retries"
@@ -342,5 +342,5 @@ async def test_route_sends_a_downgraded_run_to_the_users_own_node(mode: str) -> 
     assert mini.seen[-1]["tool_choice"] == "none"
     assert len(visits) >= 2
     assert len(visits) in (len(mini.seen) - 1, len(mini.seen) - 2)
-    assert out["agentguard_decisions"][0] == "model:downgrade"
+    assert out["agentguard"]["decisions"][0] == "model:downgrade"
     assert out["messages"][-1].tool_calls == []

@@ -52,7 +52,7 @@ def outcome(task: ag.Task, values: dict[str, Any]) -> dict[str, Any]:
     ended = dict(last.response_metadata.get("agentguard") or {})
     ended.pop("task_id", None)
     return {
-        "spend": {k: v for k, v in values.items() if k.startswith("agentguard_")},
+        "spend": {k: v for k, v in values.items() if k == "agentguard"},
         "ended": {k: anon(v) for k, v in ended.items()},
         "final": last.response_metadata.get("agentguard_final"),
         "answer": anon(last.text),
