@@ -467,13 +467,12 @@ class BudgetedChatModel(BaseChatModel):
         attrs = _CAP_ATTRS.get(type(model))
         for k in attrs if attrs is not None else _cap_attrs(type(model)):
             v = getattr(model, k, None)
-            if v is not None and (c := _int_cap(v)) is not None and (cap is None or c < cap):
+            if v is None:
+                continue
+            c = v if type(v) is int else _int_cap(v)
+            if c is not None and (cap is None or c < cap):
                 cap = c
         return cap
-
-    def _cap_param(self, model: BaseChatModel) -> str:
-        param = self.max_tokens_param
-        return param if param is not None else _cap_param_of(type(model))
 
     def _kwargs_for(
         self,
@@ -507,11 +506,17 @@ class BudgetedChatModel(BaseChatModel):
     def _apply_cap(self, model: BaseChatModel, kw: dict[str, Any], cap: int | None) -> None:
         if cap is None:
             return
-        param = self._cap_param(model)
-        declared = param not in _CAP_FIELDS or param in _cap_attrs(type(model))
-        own = _int_cap(getattr(model, param, None)) if declared else None
-        if own is not None:  # a rung's own constructor cap is never raised
-            cap = min(cap, own)
+        cls = type(model)
+        param = self.max_tokens_param
+        if param is None:
+            param = _CAP_PARAMS.get(cls) or _cap_param_of(cls)
+        attrs = _CAP_ATTRS.get(cls)
+        if param in (attrs if attrs is not None else _cap_attrs(cls)) or param not in _CAP_FIELDS:
+            own = getattr(model, param, None)
+            if own is not None and type(own) is not int:
+                own = _int_cap(own)
+            if own is not None and own < cap:  # a rung's own constructor cap is never raised
+                cap = own
         if _CAP_KEY_SET.isdisjoint(kw):
             kw[param] = cap
             return
@@ -524,8 +529,14 @@ class BudgetedChatModel(BaseChatModel):
         ``**kwargs`` dict, never the caller's: the wrapper's keys are popped from it)."""
         spec: _BoundTools | None = kwargs.pop(_RAW_TOOLS, None)
         asked = kwargs.pop("model", None)
-        default_id = _default_of(self)
-        requested = asked if isinstance(asked, str) else default_id
+        private: dict[str, Any] = self.__pydantic_private__  # type: ignore[assignment]
+        default_id: str = private["_default_id"]
+        if asked is None or asked == default_id:
+            requested = default_id
+            if not self.models or default_id not in self.models:  # the wrapped model itself
+                return _Ask(spec, requested, self.model, {}, self._caller_cap(self.model, kwargs))
+        else:
+            requested = asked if isinstance(asked, str) else default_id
         first, select = self._resolve(requested, default_id)
         return _Ask(spec, requested, first, select, self._caller_cap(first, kwargs))
 
