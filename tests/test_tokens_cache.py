@@ -222,3 +222,71 @@ def test_dicts_objects_and_any_mapping_count_alike(messages: list[dict[str, Any]
     objects = [Obj(m) for m in messages]
     as_objects = c.count_messages(objects)
     assert as_dicts == as_mappings == as_objects == c.count_messages(objects)
+
+
+# -- a conversation's history kept as a prefix -----------------------------------------------
+
+
+def lc_history(turns: int) -> list[Any]:
+    """A LangChain agent's history: the request grows by an answer and a tool result a turn."""
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+
+    out: list[Any] = [SystemMessage("You are a support agent."), HumanMessage("Where is 1182?")]
+    for i in range(turns):
+        call = {"name": "lookup", "args": {"query": f"order 1182, try {i}"}, "id": f"call_{i}"}
+        out.append(AIMessage("", tool_calls=[call]))
+        out.append(ToolMessage(f"order 1182: shipped {i} days late", tool_call_id=f"call_{i}"))
+    return out
+
+
+def fresh_lc_count(messages: list[Any]) -> int:
+    counter = tokens_module.TiktokenCounter(
+        counter_for("gpt-4o").encoding,  # type: ignore[attr-defined]
+        exact=True,
+        margin=0.0,
+        source="test",
+    )
+    counter._prefixes = None  # type: ignore[assignment]  # no prefix: each message read
+    return counter.count_messages(messages)
+
+
+def test_a_growing_history_reuses_its_prefix_and_counts_exactly() -> None:
+    c = tokens_module.TiktokenCounter(
+        counter_for("gpt-4o").encoding,  # type: ignore[attr-defined]
+        exact=True,
+        margin=0.0,
+        source="test",
+    )
+    full = lc_history(6)
+    for n in range(2, len(full) + 1, 2):
+        request = list(full[:n])  # a new list each call, as an agent builds it
+        assert c.count_messages(request) == fresh_lc_count(request)
+        assert c.count_messages(list(request)) == fresh_lc_count(request)
+    # the whole history is now one kept prefix of the conversation
+    assert len(c._prefixes[id(full[0])][0]) == len(full)
+
+
+def test_a_prefix_message_changed_after_counting_is_counted_again() -> None:
+    from langchain_core.messages import AIMessage
+
+    c = counter_for("gpt-4o")
+    msgs = lc_history(3)
+    c.count_messages(msgs)
+    msgs[1].content = "Where is my parcel for order 1182? It is a gift, please hurry."
+    assert c.count_messages(msgs) == fresh_lc_count(msgs)
+    msgs[2].tool_calls = [{"name": "lookup", "args": {"q": "x" * 40}, "id": "c9"}]
+    assert c.count_messages(msgs) == fresh_lc_count(msgs)
+    # a pydantic extra appearing on a kept message is seen too
+    msgs[4].__pydantic_extra__["function_call"] = {"name": "lookup", "arguments": "{}"}
+    assert c.count_messages(msgs) == fresh_lc_count(msgs)
+    # an edited copy in place of a kept message: a different object, counted on its own
+    msgs[5] = AIMessage("Your parcel arrives tomorrow.")
+    assert c.count_messages(msgs) == fresh_lc_count(msgs)
+
+
+def test_interleaved_conversations_and_a_shorter_request_count_exactly() -> None:
+    c = counter_for("gpt-4o")
+    a, b = lc_history(4), lc_history(2)
+    b[1].content = "And order 1183?"
+    for request in (a[:4], b[:4], a[:6], b, a, a[:2], b[:3], a):
+        assert c.count_messages(list(request)) == fresh_lc_count(request)
