@@ -185,8 +185,8 @@ def bench_react(n: int, repeats: int) -> dict[str, float]:
             for _ in range(repeats):
                 results.append(react_iterations(guard, tasks))
                 guard.sink.flush()
-            out[f"ReAct iteration: model call + end, tool call + end, step ({label})"] = (
-                statistics.median(results)
+            out[f"ReAct iteration: model call+end, tool+end, step ({label})"] = statistics.median(
+                results
             )
             guard.close()
     return out
