@@ -29,8 +29,8 @@ from uuid import UUID
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 
 from agentguard import BudgetExceeded, InvalidUsage, current_task
+from agentguard.adapter import NO_KW, Event, Steps, adrive, drive
 from agentguard_langchain._common import already_metered, usage_of
-from agentguard_langchain._drive import NO_KW, Event, Steps, adrive, drive
 
 if TYPE_CHECKING:
     from langchain_core.documents import Document

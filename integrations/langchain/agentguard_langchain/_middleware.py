@@ -48,8 +48,8 @@ from langgraph.errors import GraphBubbleUp
 from langgraph.types import Command
 
 from agentguard import BudgetExceeded, InvalidUsage, PolicyError, current_task
+from agentguard.adapter import NO_KW, Steps, adrive, drive
 from agentguard_langchain._common import metered_here, usage_of
-from agentguard_langchain._drive import NO_KW, Steps, adrive, drive
 
 if TYPE_CHECKING:
     from langgraph.prebuilt.tool_node import ToolCallRequest

@@ -9,7 +9,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["_callbacks", "_middleware", "_drive"])
+@pytest.mark.parametrize("name", ["_callbacks", "_middleware"])
 def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(f"agentguard_langchain.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

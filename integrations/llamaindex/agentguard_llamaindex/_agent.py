@@ -26,8 +26,8 @@ from llama_index.core.tools import BaseTool, FunctionTool, ToolOutput
 from llama_index.core.tools.types import AsyncBaseTool, ToolMetadata, adapt_to_async_tool
 
 from agentguard import BudgetExceeded, Guard, ToolCall, current_task
+from agentguard.adapter import NO_KW, Steps, adrive, drive
 from agentguard_llamaindex._common import defer_stop, metered_here
-from agentguard_llamaindex._drive import NO_KW, Steps, adrive, drive
 
 if TYPE_CHECKING:
     from agentguard import Task

@@ -41,6 +41,7 @@ from llama_index.core.llms.llm import LLM, ToolSelection
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from agentguard import Guard, ModelCall, Task, current_task
+from agentguard.adapter import NO_KW, Steps, adrive, drive
 from agentguard_llamaindex._common import (
     metered_here,
     model_of_llm,
@@ -49,7 +50,6 @@ from agentguard_llamaindex._common import (
     pop_deferred_stop,
     usage_of,
 )
-from agentguard_llamaindex._drive import NO_KW, Steps, adrive, drive
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool

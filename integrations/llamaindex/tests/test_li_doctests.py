@@ -16,7 +16,7 @@ def _detach_instrumentation() -> Iterator[None]:
     yield from clean_llamaindex_state()
 
 
-MODULES = ["_common", "_handler", "_llm", "_agent", "_drive", "testing"]
+MODULES = ["_common", "_handler", "_llm", "_agent", "testing"]
 
 
 @pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecationWarning")
