@@ -410,12 +410,6 @@ def _reader(message: Any) -> Any:
     return fields.get
 
 
-#: A counted history: its messages, a copy of each one's fields, their tokens.
-_Prefix = tuple[list[Any], list[dict[str, Any]], int]
-#: Histories a counter keeps (one per conversation: keyed by the first message).
-_PREFIXES_MAX = 64
-
-
 class _Counting:
     """Chat-message counting shared by every counter; subclasses provide ``count``."""
 
@@ -443,10 +437,7 @@ class _Counting:
         an agent re-sends its history on every call, so only the new messages are read. A
         message's count is reused while it is the same object with the same ``content``,
         ``tool_calls`` and ``additional_kwargs`` objects (LangChain, LangGraph and LlamaIndex
-        do not edit a sent message in place; replacing any of them is seen). A list of
-        LangChain (pydantic) messages is also kept whole, per conversation: a later request
-        that starts with the same messages, their fields unchanged, reuses its total and reads
-        only the messages after it.
+        do not edit a sent message in place; replacing any of them is seen).
 
         Example:
             >>> c = counter_for("gpt-4")
@@ -459,41 +450,13 @@ class _Counting:
         cache_get = cache.get if cache is not None else None
         # role -> its tokens plus the per-message ones (a handful of roles recur)
         role_tokens: dict[str, int] = self._roles
-        # A conversation's history counted before (kept per first message): when this list
-        # starts with the same messages, each with the same fields (``__dict__`` compared by
-        # value, in C) and still no pydantic extras, its count is reused and only the messages
-        # after it are read — an agent's request is its last one plus the new messages.
-        prefixes: dict[int, _Prefix] | None = getattr(self, "_prefixes", None)
-        start = 0
-        head: _Prefix | None = None
-        if prefixes is not None and type(messages) is list and messages:
-            head = prefixes.get(id(messages[0]))
-            if head is not None:
-                past = head[0]
-                if (
-                    past[0] is messages[0]
-                    and len(messages) >= len(past)
-                    and messages[: len(past)] == past
-                    and [m.__dict__ for m in past] == head[1]
-                    # a list, not a generator: one call, not one per message
-                    and not any([m.__pydantic_extra__ for m in past])  # noqa: C419
-                ):
-                    start = len(past)
-                    total += head[2]
-                else:
-                    head = None
-        # every message read below is a kept pydantic message (LangChain's): the list can be
-        # kept as a prefix
-        kept_all = prefixes is not None and type(messages) is list
-        for message in messages[start:] if start else messages:
+        for message in messages:
             cls = type(message)
             get: Any = None  # a reader (_reader) when the fields are not a plain dict (``f``)
             if cls is dict:  # plain field lookups; often built afresh per request, so not kept
                 keep = None
-                kept_all = False
                 f = {**_NO_FIELDS, **message}
             elif cls is str:
-                kept_all = False
                 total += TOKENS_PER_MESSAGE + 1 + count(message)  # a bare string: a user message
                 continue
             else:
@@ -522,12 +485,9 @@ class _Counting:
                             and not (hit[5] and message.__pydantic_extra__)
                         ):
                             total += hit[4]
-                            if not hit[5]:  # not a pydantic message: no prefix of it kept
-                                kept_all = False
                             continue
                 plain = _PLAIN_MESSAGES.get(cls)
                 if not plain:  # (a plain class is never a str or tuple: see _plain_attr)
-                    kept_all = False
                     if isinstance(message, str):
                         total += TOKENS_PER_MESSAGE + 1 + count(message)
                         continue
@@ -604,21 +564,7 @@ class _Counting:
                     held = size
                 self._msg_chars = held
                 keep[id(message)] = (message, content, calls, extra, n, pydantic)
-                if not pydantic:
-                    kept_all = False
-            else:
-                kept_all = False
             total += n
-        if kept_all and prefixes is not None and len(messages) > start:
-            new: list[Any] = messages[start:] if start else messages  # type: ignore[assignment]
-            fields = [dict(m.__dict__) for m in new]
-            if head is not None:
-                entry: _Prefix = (head[0] + new, head[1] + fields, total - REPLY_PRIMING_TOKENS)
-            else:
-                entry = (list(messages), fields, total - REPLY_PRIMING_TOKENS)
-            if len(prefixes) >= _PREFIXES_MAX:
-                prefixes.clear()  # racing threads may both clear: harmless
-            prefixes[id(messages[0])] = entry  # held: its first message's id is not reused
         if tools:
             tool_cache: dict[int, tuple[Any, int]] | None = getattr(self, "_tools", None)
             total += TOOLS_PREAMBLE_TOKENS
@@ -752,7 +698,6 @@ class TiktokenCounter(_Counting):
         "_encode",
         "_msg_chars",
         "_msgs",
-        "_prefixes",
         "_roles",
         "_tools",
         "encoding",
@@ -772,7 +717,6 @@ class TiktokenCounter(_Counting):
         self._cache: dict[str, int] = {}
         self._cached_chars = 0
         self._msgs: dict[int, tuple[Any, Any, Any, Any, int, bool]] = {}
-        self._prefixes: dict[int, _Prefix] = {}
         self._msg_chars = 0
         self._tools: dict[int, tuple[Any, int]] = {}
         self._roles: dict[str, int] = {}
@@ -819,14 +763,13 @@ class CharEstimateCounter(_Counting):
         3
     """
 
-    __slots__ = ("_msg_chars", "_msgs", "_prefixes", "_roles", "_tools", "exact", "margin", "name")
+    __slots__ = ("_msg_chars", "_msgs", "_roles", "_tools", "exact", "margin", "name")
 
     def __init__(self, margin: float = ESTIMATE_MARGIN) -> None:
         self.name = "chars/4 (estimate)"
         self.exact = False
         self.margin = margin
         self._msgs: dict[int, tuple[Any, Any, Any, Any, int, bool]] = {}
-        self._prefixes: dict[int, _Prefix] = {}
         self._msg_chars = 0
         self._tools: dict[int, tuple[Any, int]] = {}
         self._roles: dict[str, int] = {}
