@@ -10,7 +10,8 @@ added microseconds vanish. Each run makes ``--steps`` tool-calling answers and a
 answer; the reported figure is the median over runs of (run time / model calls).
 
 Variants, each against the same graph without the guard (``bare``: plain model, plain
-``ToolNode``, plain edges ``START -> agent``, ``tools -> agent``):
+``ToolNode``, plain edges ``START -> agent``, ``tools -> agent``, ``MessagesState`` without
+``BudgetState`` — its state key is part of what the guard costs):
 
 * ``guarded, steps in the node``: the bare graph's shape; ``gg.node(agent, step=True)`` counts
   the steps and records the spend, ``gg.chat_model`` gates the model, ``gg.tool_node`` the
@@ -23,11 +24,10 @@ Variants, each against the same graph without the guard (``bare``: plain model, 
 * each under ``invoke`` and ``ainvoke``.
 
 Issue 4's goal is ≤ 1.05× per ReAct iteration against the bare graph. It is not met: on an idle
-2-core machine (100 runs, CPU time) steps in the node measure 1.14–1.15× sync / 1.13× async
-(+0.29–0.33 ms), steps in route edges 1.20–1.21× / 1.19× (1.35× / 1.39× before the overhead
-work). Earlier figures (1.12× / 1.15×) had the SQLite writer's CPU time inflating the sync bare
-graph; sync and async overheads are in fact the same. ``docs/langgraph.md`` (Overhead) breaks
-the rest down: it is in the model gate and the core.
+2-core machine (100 runs, CPU time, two runs) steps in the node measure 1.10–1.11× sync /
+1.10× async (+211–228 µs on a 2.0–2.4 ms iteration), route edges 1.15–1.16× / 1.14–1.15×,
+steps in the node with SQLite traces 1.14× / 1.13×. ``docs/langgraph.md`` (Overhead) says
+where the rest goes and what came before.
 """
 
 from __future__ import annotations
