@@ -97,3 +97,50 @@ async def test_branches_and_a_resumed_thread_are_awaited() -> None:
     assert store.blocking == []
     assert second["agentguard"]["steps"] >= first["agentguard"]["steps"]
     assert graph.last_task is not None and graph.last_task.steps <= 1  # the thread's cap held
+
+
+# -- the same, on a real Redis server ----------------------------------------------------------
+
+
+def _redis_store(kind: str) -> Any:
+    """A ``RedisStore`` on the test suite's private server (``tests/redis_servers.py``: a real
+    ``redis-server`` on a free loopback port; missing, it skips — or fails under ``CI=true``)."""
+    import sys
+    import uuid
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+    import redis_servers
+
+    server = redis_servers.require(kind)
+    namespace = f"lg-{uuid.uuid4().hex[:10]}"
+    if kind == "single":
+        return ag.RedisStore.from_url(server.url, namespace=namespace)
+    return ag.RedisStore.from_cluster(server.url, namespace=namespace)
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+async def test_an_async_graph_on_a_real_redis_store_decides_as_on_memory(kind: str) -> None:
+    policy = {
+        "max_cost_usd": "0.004",
+        "downgrade": [ag.Downgrade(at=0.5, to="gpt-4o-mini")],
+        "max_tool_calls": 3,
+        "on_limit": "finish",
+    }
+    results = []
+    for store in (ag.MemoryStore(), _redis_store(kind)):
+        guard = guard_on(store, **policy)
+        gg = GraphGuard(guard, models={"gpt-4o-mini": Scripted(model_name="gpt-4o-mini")})
+        graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o"), steps_in="node"))
+        out = await graph.ainvoke(user())
+        task = graph.last_task
+        assert task is not None
+        results.append((out["agentguard"], [(d.kind, d.action) for d in task.decisions], task))
+        guard.close()
+    (mem_spend, mem_kinds, mem_task), (redis_spend, redis_kinds, redis_task) = results
+    assert redis_kinds == mem_kinds == [("model", "finish")]  # the ceiling's final answer
+    assert redis_spend == mem_spend
+    assert redis_spend["model_calls"] == mem_task.model_calls > 1
+    assert redis_task.cost_usd == mem_task.cost_usd
+    # the store holds what the task spent (read back from Redis)
+    assert redis_task.spent.cost_usd == redis_task.cost_usd
