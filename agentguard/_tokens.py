@@ -410,6 +410,11 @@ def _reader(message: Any) -> Any:
     return fields.get
 
 
+#: A kept message's count with what it was counted from: (message, content, tool_calls,
+#: additional_kwargs, tokens, pydantic?, name, tool_call_id).
+_Kept = tuple[Any, Any, Any, Any, int, bool, Any, Any]
+
+
 class _Counting:
     """Chat-message counting shared by every counter; subclasses provide ``count``."""
 
@@ -436,8 +441,9 @@ class _Counting:
         A message object (not a plain dict) or bound tool counted before is not counted again:
         an agent re-sends its history on every call, so only the new messages are read. A
         message's count is reused while it is the same object with the same ``content``,
-        ``tool_calls`` and ``additional_kwargs`` objects (LangChain, LangGraph and LlamaIndex
-        do not edit a sent message in place; replacing any of them is seen).
+        ``tool_calls``, ``additional_kwargs``, ``name`` and ``tool_call_id`` objects
+        (LangChain, LangGraph and LlamaIndex do not edit a sent message in place; replacing any
+        of them is seen).
 
         Example:
             >>> c = counter_for("gpt-4")
@@ -446,7 +452,7 @@ class _Counting:
         """
         count = self.count
         total = REPLY_PRIMING_TOKENS
-        cache: dict[int, tuple[Any, Any, Any, Any, int, bool]] | None = getattr(self, "_msgs", None)
+        cache: dict[int, _Kept] | None = getattr(self, "_msgs", None)
         cache_get = cache.get if cache is not None else None
         # role -> its tokens plus the per-message ones (a handful of roles recur)
         role_tokens: dict[str, int] = self._roles
@@ -482,6 +488,9 @@ class _Counting:
                             and fields["content"] is hit[1]
                             and calls is hit[2]
                             and extra is hit[3]
+                            and (fields["name"] if "name" in fields else None) is hit[6]  # noqa: SIM401
+                            and (fields["tool_call_id"] if "tool_call_id" in fields else None)  # noqa: SIM401
+                            is hit[7]
                             and not (hit[5] and message.__pydantic_extra__)
                         ):
                             total += hit[4]
@@ -563,7 +572,7 @@ class _Counting:
                     keep.clear()  # racing threads may both clear: harmless
                     held = size
                 self._msg_chars = held
-                keep[id(message)] = (message, content, calls, extra, n, pydantic)
+                keep[id(message)] = (message, content, calls, extra, n, pydantic, name, call_id)
             total += n
         if tools:
             tool_cache: dict[int, tuple[Any, int]] | None = getattr(self, "_tools", None)
@@ -716,7 +725,7 @@ class TiktokenCounter(_Counting):
         self._encode = encoding.encode_ordinary
         self._cache: dict[str, int] = {}
         self._cached_chars = 0
-        self._msgs: dict[int, tuple[Any, Any, Any, Any, int, bool]] = {}
+        self._msgs: dict[int, _Kept] = {}
         self._msg_chars = 0
         self._tools: dict[int, tuple[Any, int]] = {}
         self._roles: dict[str, int] = {}
@@ -769,7 +778,7 @@ class CharEstimateCounter(_Counting):
         self.name = "chars/4 (estimate)"
         self.exact = False
         self.margin = margin
-        self._msgs: dict[int, tuple[Any, Any, Any, Any, int, bool]] = {}
+        self._msgs: dict[int, _Kept] = {}
         self._msg_chars = 0
         self._tools: dict[int, tuple[Any, int]] = {}
         self._roles: dict[str, int] = {}

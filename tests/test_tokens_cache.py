@@ -72,6 +72,20 @@ def test_replaced_content_tool_calls_or_kwargs_are_counted_again() -> None:
     assert c.count_messages(msgs) == fresh_count(msgs)
 
 
+def test_a_name_or_tool_call_id_set_later_is_counted_again() -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    c = counter_for("gpt-4o")
+    msgs = [HumanMessage("Where is 1182?"), ToolMessage("shipped late", tool_call_id="c1")]
+    c.count_messages(msgs)
+    c.count_messages(msgs)  # kept now (a message class is learnt on first sight)
+    before = c.count_messages(msgs)
+    msgs[0].name = "customer-of-the-month"
+    assert c.count_messages(msgs) == fresh_count(msgs) > before
+    msgs[1].tool_call_id = "call_Zx81bQ2vLm5tN7pR4sWj"
+    assert c.count_messages(msgs) == fresh_count(msgs)
+
+
 def test_plain_dicts_are_not_kept_and_counts_stay_exact() -> None:
     c = CharEstimateCounter()
     d = {"role": "user", "content": "hello world"}
