@@ -22,7 +22,7 @@ Every ``start_*`` and ``step`` raises :class:`BudgetExceeded` when the decision 
 Each event that touches the budget store has an async twin (``astart_model_call``, ``aend``,
 ``afail``, ``astart_tool_call``, ``arecord_retry``, ``astep``, ``aclose``; ``async with
 guard.task(...)``) awaiting the store's async methods; both run the same code: the halves
-around an event's one store operation, or its steps (``_run`` / ``_arun``).
+around an event's one store operation, or its steps (``drive`` / ``adrive``).
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 from agentguard._decide import (
     CallRequest,
@@ -56,6 +56,7 @@ from agentguard._policy import Policy
 from agentguard._store import Balance, BudgetLine, BudgetStore, Denied, MemoryStore, ReserveResult
 from agentguard._trace import Span, TaskRecord, TraceSink
 from agentguard._usage import Usage
+from agentguard.adapter import Steps, adrive, drive
 
 if TYPE_CHECKING:
     from agentguard._pricing import ModelRates, PriceBook
@@ -73,49 +74,15 @@ _current: ContextVar[Task | None] = ContextVar("agentguard_task", default=None)
 # ``_*_finish`` does the bookkeeping with its result (a refused reservation is decided again
 # there); the sync method calls the store's sync method between them, its async twin awaits the
 # async one (driving a generator costs ~5 calls per event there). The other events are
-# generators ("steps") yielding the store operations they need — ``(method, args, kwargs)`` —
-# and receiving their results; ``_run`` drives the steps on the store's sync methods
-# (``reserve``, ...), ``_arun`` awaits its async twins (``areserve``, ...). Either way the
-# decisions and bookkeeping are written once and an async app never blocks its event loop on
-# store I/O.
-_Op = tuple[str, tuple[Any, ...], dict[str, Any]]
-_T = TypeVar("_T")
+# generators ("steps") yielding the store operations they need — ``(store, method, args,
+# kwargs)`` — and receiving their results; ``agentguard.adapter.drive`` runs the steps on the
+# store's sync methods (``reserve``, ...), ``adrive`` awaits its async twins (``areserve``,
+# ...) — the driver the adapters use for their own events. Either way the decisions and
+# bookkeeping are written once and an async app never blocks its event loop on store I/O.
 _NO_KW: dict[str, Any] = {}  # the kwargs of most operations (only ever unpacked, never changed)
 _NO_CHECK: dict[str, Any] = {"check": False}  # likewise
 # the arguments of a charge: (lines, amounts, check)
 _Charge = tuple[list[BudgetLine], dict[str, Decimal | int], bool]
-
-
-def _run(store: BudgetStore, steps: Generator[_Op, Any, _T]) -> _T:
-    try:
-        op = next(steps)
-        while True:
-            name, args, kwargs = op
-            try:
-                result = getattr(store, name)(*args, **kwargs)
-            except BaseException as exc:
-                op = steps.throw(exc)
-            else:
-                op = steps.send(result)
-    except StopIteration as stop:
-        value: _T = stop.value
-        return value
-
-
-async def _arun(store: BudgetStore, steps: Generator[_Op, Any, _T]) -> _T:
-    try:
-        op = next(steps)
-        while True:
-            name, args, kwargs = op
-            try:
-                result = await getattr(store, "a" + name)(*args, **kwargs)
-            except BaseException as exc:
-                op = steps.throw(exc)
-            else:
-                op = steps.send(result)
-    except StopIteration as stop:
-        value: _T = stop.value
-        return value
 
 
 class _Events:
@@ -785,10 +752,12 @@ class Task:
         return Headroom(remaining, fraction, limit_usd, budget, tokens_left, tokens_budget)
 
     def _refresh(self) -> None:
-        _run(self.guard.store, self._refresh_steps())
+        drive(self._refresh_steps())
 
-    def _refresh_steps(self) -> Generator[_Op, Any, None]:
-        self._balances.update((yield ("snapshot", ([ln.key for ln in self._lines],), _NO_KW)))
+    def _refresh_steps(self) -> Steps[None]:
+        self._balances.update(
+            (yield (self.guard.store, "snapshot", ([ln.key for ln in self._lines],), _NO_KW))
+        )
 
     def _update(self, balances: Mapping[str, Balance]) -> None:
         soft = self.policy.soft_limits
@@ -895,7 +864,7 @@ class Task:
 
     async def aspent(self) -> Spent:
         """The async twin of :attr:`spent`."""
-        await _arun(self.guard.store, self._refresh_steps())
+        await adrive(self._refresh_steps())
         return self._spent()
 
     def _parent_span_id(self, parent: str | None) -> str:
@@ -1455,12 +1424,12 @@ class Task:
             await self._aclose(exc)
 
     def _close(self, exc: BaseException | None) -> None:
-        _run(self.guard.store, self._close_steps(exc))
+        drive(self._close_steps(exc))
 
     async def _aclose(self, exc: BaseException | None) -> None:
-        await _arun(self.guard.store, self._close_steps(exc))
+        await adrive(self._close_steps(exc))
 
-    def _close_steps(self, exc: BaseException | None) -> Generator[_Op, Any, None]:
+    def _close_steps(self, exc: BaseException | None) -> Steps[None]:
         with self._lock:
             leftovers = list(self._open.values())
         for call in leftovers:  # a call that never ended must not hold budget forever
@@ -1694,19 +1663,19 @@ class ModelCall:
 
     def fail(self, error: BaseException | None = None) -> None:
         """The call failed: release the reservation and record the error."""
-        _run(self.task.guard.store, self._fail_steps(error))
+        drive(self._fail_steps(error))
 
     async def afail(self, error: BaseException | None = None) -> None:
         """The async twin of :meth:`fail`: the release awaits the store."""
-        await _arun(self.task.guard.store, self._fail_steps(error))
+        await adrive(self._fail_steps(error))
 
-    def _fail_steps(self, error: BaseException | None) -> Generator[_Op, Any, None]:
+    def _fail_steps(self, error: BaseException | None) -> Steps[None]:
         if self.done:
             return
         self.done = True
         task = self.task
         if self.reservation_id is not None:
-            yield ("release", (self.reservation_id,), _NO_KW)
+            yield (self.task.guard.store, "release", (self.reservation_id,), _NO_KW)
             yield from task._refresh_steps()
         with task._lock:
             task._open.pop(self.reservation_id or "", None)
@@ -1735,7 +1704,7 @@ class ToolCall:
         if cost_usd is None:  # nothing to charge: no store operation, no steps to drive
             self._end_unpaid()
         else:
-            _run(self.task.guard.store, self._end_steps(cost_usd))
+            drive(self._end_steps(cost_usd))
 
     async def aend(self, *, cost_usd: Decimal | None = None) -> None:
         """The async twin of :meth:`end` (a paid tool's cost is charged with the store's
@@ -1743,7 +1712,7 @@ class ToolCall:
         if cost_usd is None:
             self._end_unpaid()
         else:
-            await _arun(self.task.guard.store, self._end_steps(cost_usd))
+            await adrive(self._end_steps(cost_usd))
 
     def _end_unpaid(self) -> None:
         if self.done:
@@ -1754,7 +1723,7 @@ class ToolCall:
         if guard.sink.__class__ is not _NULL_SINK:
             guard._write([self.span])
 
-    def _end_steps(self, cost_usd: Decimal) -> Generator[_Op, Any, None]:
+    def _end_steps(self, cost_usd: Decimal) -> Steps[None]:
         """A paid tool finished: charge its cost (what :meth:`_end_unpaid` does, plus that)."""
         if self.done:
             return
@@ -1763,7 +1732,7 @@ class ToolCall:
         self.span.cost_usd = cost_usd
         task = self.task
         lines = task._current_lines()
-        res = yield ("charge", (lines, {"cost_usd": cost_usd}), _NO_CHECK)
+        res = yield (task.guard.store, "charge", (lines, {"cost_usd": cost_usd}), _NO_CHECK)
         with task._lock:
             task.priced_cost_usd += cost_usd
         task._update(res.balances)

@@ -1,13 +1,14 @@
-"""For adapters: one body for the sync and the async path of an event, as in the core.
+"""One body for the sync and the async path of an event (for adapters; the core uses it too).
 
 An adapter's event handling (LangChain's middleware gate and callback hooks, LlamaIndex's
-budget-aware LLM and guarded tools) is
-written once, as a generator that yields the guard events it needs —
-``(target, name, args, kwargs)``, e.g. ``(task, "start_model_call", (model,), {...})`` — and
-receives their results (or has their exceptions thrown in). :func:`drive` calls the sync
-events (``task.start_model_call``); :func:`adrive` awaits their async twins
-(``task.astart_model_call``: the name with an ``a`` in front), so an async run never blocks its
-event loop on a networked budget store while the decisions stay the same code.
+budget-aware LLM and guarded tools) is written once, as a generator that yields the guard
+events it needs — ``(target, name, args, kwargs)``, e.g. ``(task, "start_model_call",
+(model,), {...})`` — and receives their results (or has their exceptions thrown in).
+:func:`drive` calls the sync events (``task.start_model_call``); :func:`adrive` awaits their
+async twins (``task.astart_model_call``: the name with an ``a`` in front), so an async run never
+blocks its event loop on a networked budget store while the decisions stay the same code. The
+core's own multi-step events (a failed call's release, a task's close) yield budget-store
+operations the same way.
 """
 
 from __future__ import annotations
