@@ -867,6 +867,22 @@ class Task:
         await adrive(self._refresh_steps())
         return self._spent()
 
+    @property
+    def last_spent(self) -> Spent:
+        """:attr:`spent` as the store reported it with the task's latest event (no store I/O):
+        what an adapter reads right after an event of its own, e.g. the steps used after
+        :meth:`step`. Spend by other workers since then is not in it.
+
+        Example:
+            >>> import agentguard as ag
+            >>> with ag.Guard(ag.Policy(max_steps=5), traces=False).task("t") as task:
+            ...     _ = task.step()
+            ...     _ = task.step()
+            ...     task.last_spent.steps
+            2
+        """
+        return self._spent()
+
     def _parent_span_id(self, parent: str | None) -> str:
         return parent or self.current_step_id or self.span.span_id
 

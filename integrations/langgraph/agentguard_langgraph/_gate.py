@@ -461,7 +461,7 @@ class GraphGuard:
             return "stop"
         try:
             d = task.step("agent")
-            if d.action != "finish" and _finishes_at_cap(task) and _at_cap(task, task.spent):
+            if d.action != "finish" and _finishes_at_cap(task) and _at_cap(task, task.last_spent):
                 # the last step the cap allows is spent on the final answer: asking for the
                 # next one records the step:finish decision (and marks the task as finishing)
                 task.step("agent")
@@ -476,11 +476,7 @@ class GraphGuard:
             return "stop"
         try:
             d = await task.astep("agent")
-            if (
-                d.action != "finish"
-                and _finishes_at_cap(task)
-                and _at_cap(task, await task.aspent())
-            ):
+            if d.action != "finish" and _finishes_at_cap(task) and _at_cap(task, task.last_spent):
                 await task.astep("agent")
                 return "finish"
         except BudgetExceeded as exc:
