@@ -24,9 +24,9 @@ Variants, each against the same graph without the guard (``bare``: plain model, 
 * each under ``invoke`` and ``ainvoke``.
 
 Issue 4's goal is ≤ 1.05× per ReAct iteration against the bare graph. It is not met: on an idle
-2-core machine (100 runs, CPU time, two runs) steps in the node measure 1.10–1.11× sync /
-1.10× async (+211–228 µs on a 2.0–2.4 ms iteration), route edges 1.15–1.16× / 1.14–1.15×,
-steps in the node with SQLite traces 1.14× / 1.13×. ``docs/langgraph.md`` (Overhead) says
+2-core machine (100 runs, CPU time, three runs) steps in the node measure 1.10–1.11× sync /
+1.09–1.10× async (+205–228 µs on a 2.0–2.4 ms iteration), route edges 1.15× / 1.14×, steps in
+the node with SQLite traces 1.13–1.14× / 1.12–1.13×. ``docs/langgraph.md`` (Overhead) says
 where the rest goes and what came before.
 """
 
