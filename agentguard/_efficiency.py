@@ -36,6 +36,7 @@ are part of what the completions cost) / root tasks that completed (status ``ok`
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -238,6 +239,25 @@ def lever_savings(
     return out, len(capped)
 
 
+def grouped(
+    records: Sequence[TaskRecord], by: str | None
+) -> list[tuple[str | None, Sequence[TaskRecord]]]:
+    """The records by the value of their tag ``by`` and, last, all of them (key ``None``);
+    with ``by=None`` only all of them.
+
+    Example:
+        >>> recs = [TaskRecord(t, None, 0.0, 1.0, "ok", {"team": t[0]}) for t in ("a1", "b1")]
+        >>> [(k, len(m)) for k, m in grouped(recs, "team")]
+        [('a', 1), ('b', 1), (None, 2)]
+    """
+    if by is None:
+        return [(None, records)]
+    groups: dict[str | None, list[TaskRecord]] = {}
+    for r in records:
+        groups.setdefault(r.tags.get(by), []).append(r)
+    return [*groups.items(), (None, records)]
+
+
 def efficiency(
     records: Iterable[TaskRecord],
     spans_of: Callable[[str], Sequence[Span]],
@@ -265,20 +285,9 @@ def efficiency(
         [('faq', 1, Decimal('0.03')), (None, 1, Decimal('0.03'))]
     """
     recs = list(records)
-    groups: dict[str | None, list[TaskRecord]] = {}
-    for r in recs:
-        groups.setdefault(r.tags.get(by) if by else None, []).append(r)
-    groups_all = [*groups.items(), (None, recs)] if by is not None else [(None, recs)]
-    cache: dict[str, Sequence[Span]] = {}
-
-    def spans(task_id: str) -> Sequence[Span]:
-        got = cache.get(task_id)
-        if got is None:
-            got = cache[task_id] = spans_of(task_id)
-        return got
-
+    spans = functools.cache(spans_of)  # a task's spans are read once
     out = []
-    for key, members in groups_all:
+    for key, members in grouped(recs, by):
         e = Efficiency(key)
         for r in members:
             if r.parent_id is None:

@@ -7,6 +7,10 @@ field and the value involved, so the user can fix the input without reading our 
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agentguard._decide import Decision
 
 __all__ = [
     "AgentGuardError",
@@ -57,6 +61,28 @@ class BudgetExceeded(AgentGuardError):  # noqa: N818 - the public name the issue
         if detail:
             msg += f": {detail}"
         super().__init__(msg)
+
+    @classmethod
+    def from_decision(
+        cls, d: Decision, *, task_id: str | None, why: str = "", limit: str = "budget"
+    ) -> BudgetExceeded:
+        """The stop a decision describes: its limit (``limit`` when it names none), values,
+        budget and reason (``why`` appended: why it cannot be carried out otherwise).
+
+        Example:
+            >>> from agentguard._decide import Decision
+            >>> d = Decision("stop", reason="5 of 5 steps used", limit="max_steps", limit_value=5)
+            >>> str(BudgetExceeded.from_decision(d, task_id="t"))
+            'Exceeded the max_steps of 5 (max_steps=None): 5 of 5 steps used'
+        """
+        return cls(
+            d.limit or limit,
+            d.limit_value,
+            d.actual,
+            budget=d.budget,
+            task_id=task_id,
+            detail=f"{d.reason}; {why}" if why else d.reason,
+        )
 
 
 class PolicyError(AgentGuardError, ValueError):

@@ -26,12 +26,13 @@ Money is ``Decimal`` throughout; derived amounts are rounded to 1e-8 USD.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from agentguard._efficiency import lever_savings
+from agentguard._efficiency import grouped, lever_savings
 from agentguard._trace import Span, TaskRecord
 from agentguard._usage import Usage
 
@@ -171,20 +172,9 @@ def forecast(
     window = max(end - start, 1.0)  # a second at least: never divide by zero
     scale = Decimal(seconds) / Decimal(repr(window))
 
-    groups: dict[str | None, list[TaskRecord]] = {}
-    for r in recs:
-        groups.setdefault(r.tags.get(by) if by else None, []).append(r)
-    keyed = [*groups.items(), (None, recs)] if by is not None else [(None, recs)]
-    cache: dict[str, Sequence[Span]] = {}
-
-    def spans(task_id: str) -> Sequence[Span]:
-        got = cache.get(task_id)
-        if got is None:
-            got = cache[task_id] = spans_of(task_id)
-        return got
-
+    spans = functools.cache(spans_of)  # a task's spans are read once
     out = []
-    for key, members in keyed:
+    for key, members in grouped(recs, by):
         requests = sum(1 for r in members if r.parent_id is None) or 1
         in_tok = out_tok = 0
         in_cost = out_cost = other = _ZERO

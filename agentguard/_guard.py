@@ -829,14 +829,7 @@ class Task:
     def _stop(self, d: Decision, kind: str, span: Span | None) -> BudgetExceeded:
         self.limit_hit = d.limit
         self._record(kind, "stop", d.reason, span, limit=d.limit)
-        return BudgetExceeded(
-            d.limit or "budget",
-            d.limit_value,
-            d.actual,
-            budget=d.budget,
-            task_id=self.id,
-            detail=d.reason,
-        )
+        return BudgetExceeded.from_decision(d, task_id=self.id)
 
     # -- read-outs --------------------------------------------------------------------------
 
@@ -982,14 +975,7 @@ class Task:
             if policy.finish_model is not None:
                 rate_map[policy.finish_model] = guard._rates(policy.finish_model)
             self._rate_maps[model] = rate_map
-        if input_tokens is None and messages is not None:  # _estimate_input, inline
-            counter = (_TOKENS or _tokens()).counter_for(model)
-            raw = counter.count_messages(messages, tools)
-            estimate = _TOKENS.reservation_tokens(counter, raw) if counter.margin else raw
-        elif input_tokens is not None and input_tokens >= 0:
-            estimate = raw = input_tokens
-        else:
-            estimate, raw = self._estimate_input(model, messages, tools, input_tokens)
+        estimate, raw = self._estimate_input(model, messages, tools, input_tokens)
         request = CallRequest(model, estimate, max_tokens)
         lines = self._lines  # _current_lines(), without a call until a window ends
         if self._lines_until != _INF and time.time() >= self._lines_until:
@@ -1120,9 +1106,10 @@ class Task:
             return input_tokens, input_tokens
         if messages is None:
             return 0, 0
-        counter = self.guard._counter(model)
+        tokens = _TOKENS or _tokens()
+        counter = tokens.counter_for(model)
         raw = counter.count_messages(messages, tools)
-        return _tokens().reservation_tokens(counter, raw), raw
+        return tokens.reservation_tokens(counter, raw), raw
 
     # -- events: tools, retries, steps, retrieval ------------------------------------------
 

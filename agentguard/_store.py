@@ -150,8 +150,8 @@ class MemoryStore:
 
     # -- internals (called with the lock held) -------------------------------------------------
     #
-    # reserve, commit and charge run once or twice per agent event: their checks, additions and
-    # balance read-outs are written inline (a helper call per step costs more than the step).
+    # reserve, commit and charge run once or twice per agent event: ``in`` tests and subscripts
+    # rather than ``get`` calls, and no helper call per line or counter.
 
     def _balances(self, lines: Sequence[BudgetLine]) -> dict[str, Balance]:
         com, res = self._committed, self._reserved
@@ -179,6 +179,24 @@ class MemoryStore:
                     res[counter] = left
                 else:
                     del res[counter]
+
+    def _add(
+        self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
+    ) -> dict[str, Balance]:
+        """Add ``amounts`` to each line's committed counters; the lines' balances after it."""
+        committed, reserved = self._committed, self._reserved
+        out = {}
+        for line in lines:
+            key = line.key
+            if key in committed:
+                com = committed[key]
+            else:
+                com = committed[key] = {}
+            for counter, amount in amounts.items():
+                if amount:
+                    com[counter] = (com[counter] + amount) if counter in com else amount
+            out[key] = Balance(com.copy(), reserved[key].copy() if key in reserved else {})
+        return out
 
     def _check(self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]) -> Denied | None:
         committed, reserved = self._committed, self._reserved
@@ -236,30 +254,8 @@ class MemoryStore:
         self, reservation_id: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
     ) -> Mapping[str, Balance]:
         with self._lock:
-            committed, reserved = self._committed, self._reserved
-            hold = self._holds.pop(reservation_id, None)
-            if hold is not None:  # free it (as _free does)
-                held = hold[1]
-                for key in hold[0]:
-                    res = reserved[key]
-                    for counter, amount in held.items():
-                        left = res[counter] - amount
-                        if left:
-                            res[counter] = left
-                        else:
-                            del res[counter]
-            out = {}
-            for line in lines:
-                key = line.key
-                if key in committed:
-                    com = committed[key]
-                else:
-                    com = committed[key] = {}
-                for counter, amount in actual.items():
-                    if amount:
-                        com[counter] = (com[counter] + amount) if counter in com else amount
-                out[key] = Balance(com.copy(), reserved[key].copy() if key in reserved else {})
-            return out
+            self._free(reservation_id)
+            return self._add(lines, actual)
 
     def release(self, reservation_id: str) -> None:
         with self._lock:
@@ -273,19 +269,7 @@ class MemoryStore:
                 denied = self._check(lines, amounts)
                 if denied is not None:
                     return ReserveResult(False, denied, self._balances(lines))
-            committed, reserved = self._committed, self._reserved
-            out = {}
-            for line in lines:
-                key = line.key
-                if key in committed:
-                    com = committed[key]
-                else:
-                    com = committed[key] = {}
-                for counter, amount in amounts.items():
-                    if amount:
-                        com[counter] = (com[counter] + amount) if counter in com else amount
-                out[key] = Balance(com.copy(), reserved[key].copy() if key in reserved else {})
-            return ReserveResult(True, None, out)
+            return ReserveResult(True, None, self._add(lines, amounts))
 
     def snapshot(self, keys: Sequence[str]) -> Mapping[str, Balance]:
         with self._lock:

@@ -169,18 +169,6 @@ def _read_result(response: LLMResult | None) -> tuple[Any, str, str | None]:
     return None, "".join([gen.text for gens in first for gen in gens]), model
 
 
-def _stopped(task: Task, d: Decision, why: str) -> BudgetExceeded:
-    """A ``BudgetExceeded`` for a decision this handler cannot carry out."""
-    return BudgetExceeded(
-        d.limit or "max_cost_usd",
-        d.limit_value,
-        d.actual,
-        budget=d.budget,
-        task_id=task.id,
-        detail=f"{d.reason}; {why}",
-    )
-
-
 def _needs_change(d: Decision, cap: int | None) -> bool:
     """True when a model call's decision can only be carried out by changing the call: a
     graceful finish, a cheaper model, or an output cap below ``cap``, the one the call really
@@ -196,8 +184,11 @@ def _refusal(task: Task, d: Decision, cap: int | None, spent: Spent | None) -> B
     """The ``BudgetExceeded`` for a decision :func:`_needs_change` found (call released;
     ``spent``: the task's spend read after the release, for a ``downgrade``)."""
     if d.action == "finish":
-        return _stopped(
-            task, d, f"a graceful finish cannot be made from a callback; {_USE_WRAPPER}"
+        return BudgetExceeded.from_decision(
+            d,
+            task_id=task.id,
+            why=f"a graceful finish cannot be made from a callback; {_USE_WRAPPER}",
+            limit="max_cost_usd",
         )
     if d.action == "downgrade":
         return BudgetExceeded(
@@ -564,8 +555,11 @@ class _Meter:
             task = yield from self._task_for(root)
             tool = yield (task, "start_tool_call", (name,), NO_KW)
             if not tool.allowed:  # "block": a callback cannot skip the tool
-                raise _stopped(
-                    task, tool.decision, f"a callback cannot skip a tool; {_USE_WRAPPER}"
+                raise BudgetExceeded.from_decision(
+                    tool.decision,
+                    task_id=task.id,
+                    why=f"a callback cannot skip a tool; {_USE_WRAPPER}",
+                    limit="max_cost_usd",
                 )
             with self._runs.lock:
                 self._runs.tools[run_id] = tool

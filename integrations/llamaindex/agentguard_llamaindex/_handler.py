@@ -133,14 +133,7 @@ def _method(span_id: str) -> str:
 
 
 def _refusal(task: Task, d: Decision, why: str) -> BudgetExceeded:
-    return BudgetExceeded(
-        d.limit or "max_cost_usd",
-        d.limit_value,
-        d.actual,
-        budget=d.budget,
-        task_id=task.id,
-        detail=f"{d.reason}; {why}",
-    )
+    return BudgetExceeded.from_decision(d, task_id=task.id, why=why, limit="max_cost_usd")
 
 
 class _Meter:
