@@ -1113,6 +1113,50 @@ class Task:
 
     # -- events: tools, retries, steps, retrieval ------------------------------------------
 
+    def refuse_capped_call(self, d: Decision, cap: int, why: str) -> BudgetExceeded:
+        """The stop for a call whose own output cap ``cap`` is above the ``d.max_tokens`` the
+        guard allows, for an adapter that cannot lower a call's cap (a callback handler): the
+        policy's ``max_output_tokens`` when that is what bounds it, else the tightest money
+        budget with what the call would need at its own cap, else the token budget. ``why``
+        says what to do instead.
+
+        Example:
+            >>> import agentguard as ag
+            >>> with ag.Guard(ag.Policy(max_output_tokens=100), traces=False).task("t") as task:
+            ...     call = task.start_model_call("gpt-4o-mini", input_tokens=10, max_tokens=500)
+            ...     exc = task.refuse_capped_call(call.decision, 500, "lower the cap")
+            ...     call.fail(exc)
+            >>> exc.limit, exc.limit_value, exc.actual
+            ('max_output_tokens', 100, 500)
+        """
+        assert d.max_tokens is not None
+        policy_cap = self.policy.max_output_tokens
+        if policy_cap is not None and d.max_tokens >= policy_cap:
+            detail = f"the call may write {cap} output tokens; {why}"
+            return BudgetExceeded(
+                "max_output_tokens", policy_cap, cap, task_id=self.id, detail=detail
+            )
+        detail = (
+            f"the budget pays for {d.max_tokens} output tokens but the call may write {cap}; {why}"
+        )
+        rates = self.guard.prices.rates(d.model) if d.model else None
+        if d.reserve_usd is not None and rates is not None:
+            # the money the call would need at its own cap, against the tightest money budget
+            room = self._headroom()
+            need = d.reserve_usd + (cap - d.max_tokens) * rates.output
+            used = (room.limit_usd or 0) - (room.remaining_usd or 0)
+            return BudgetExceeded(
+                "max_cost_usd",
+                room.limit_usd,
+                used + need,
+                budget=room.budget,
+                task_id=self.id,
+                detail=detail,
+            )
+        return BudgetExceeded(
+            "max_total_tokens", self.policy.max_total_tokens, None, task_id=self.id, detail=detail
+        )
+
     def start_unreserved_call(self, model: str, input_tokens: int, *, reason: str) -> ModelCall:
         """Record a model call already under way, without deciding or reserving for it.
 

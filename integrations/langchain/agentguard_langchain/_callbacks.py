@@ -199,37 +199,12 @@ def _refusal(task: Task, d: Decision, cap: int | None, spent: Spent | None) -> B
             task_id=task.id,
             detail=f"{d.reason}; a callback cannot switch the model; {_USE_WRAPPER}",
         )
-    assert d.max_tokens is not None
-    fix = (
+    assert cap is not None
+    return task.refuse_capped_call(
+        d,
+        cap,
         f"a callback cannot lower the call's output cap: set max_tokens <= {d.max_tokens} on "
-        "the model, or use the agentguard LangChain middleware or the budget-aware chat model"
-    )
-    policy_cap = task.policy.max_output_tokens
-    if policy_cap is not None and d.max_tokens >= policy_cap:
-        return BudgetExceeded(
-            "max_output_tokens",
-            policy_cap,
-            cap,
-            task_id=task.id,
-            detail=f"the call may write {cap} output tokens; {fix}",
-        )
-    detail = f"the budget pays for {d.max_tokens} output tokens but the call may write {cap}; {fix}"
-    rates = task.guard.prices.rates(d.model) if d.model else None
-    if d.reserve_usd is not None and rates is not None and cap is not None:
-        # the money the call would need at its own cap, against the tightest money budget
-        room = task._headroom()
-        need = d.reserve_usd + (cap - d.max_tokens) * rates.output
-        used = (room.limit_usd or 0) - (room.remaining_usd or 0)
-        return BudgetExceeded(
-            "max_cost_usd",
-            room.limit_usd,
-            used + need,
-            budget=room.budget,
-            task_id=task.id,
-            detail=detail,
-        )
-    return BudgetExceeded(
-        "max_total_tokens", task.policy.max_total_tokens, None, task_id=task.id, detail=detail
+        "the model, or use the agentguard LangChain middleware or the budget-aware chat model",
     )
 
 
