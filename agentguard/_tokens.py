@@ -332,7 +332,26 @@ _ROLES = {"human": "user", "ai": "assistant", "aimessagechunk": "assistant", "ch
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
+#: The string escaper ``_ENCODE`` uses (``ensure_ascii=False``): the C one when available.
+_ESCAPE: Any = json.encoder.encode_basestring
+
+
 def _dumps(value: Any) -> str:
+    """Compact JSON of ``value``; a dict of strings (tool-call arguments, mostly) is joined
+    here from ``_ESCAPE``d keys and values, exactly as ``_ENCODE`` writes it, without building
+    the encoder ``_ENCODE`` builds per call.
+
+    Example:
+        >>> _dumps({"q": "ü\\n"}) == _ENCODE({"q": "ü\\n"}) == '{"q":"ü\\\\n"}'
+        True
+    """
+    if type(value) is dict:
+        out = "{"
+        for key, item in value.items():
+            if type(key) is not str or type(item) is not str:
+                return _ENCODE(value)
+            out += _ESCAPE(key) + ":" + _ESCAPE(item) + ","
+        return "{}" if out == "{" else out[:-1] + "}"
     return _ENCODE(value)
 
 
@@ -423,6 +442,9 @@ class _Counting:
     margin: float
     _msg_chars: int  # characters the message cache (``_msgs``, if any) keeps alive
     _roles: dict[str, int]  # role -> its tokens plus TOKENS_PER_MESSAGE
+    # text -> its count as ``count`` returns it (a TiktokenCounter's text cache), read with
+    # ``get`` (a racing ``count`` may clear it) before calling ``count``; may stay empty
+    _texts: dict[str, int]
 
     def count(self, text: str) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -629,21 +651,36 @@ class _Counting:
 
     def _call(self, call: Any) -> int:
         if type(call) is dict and "function" not in call:  # LangChain's {"name", "args", "id"}
-            c = {**_NO_CALL_FIELDS, **call}  # every key read by subscript (no call)
-            name = c["name"] or c["tool_name"] or ""
-            args = c["arguments"]
+            # every key read by subscript, every known text's count too (no call)
+            c = call
+            name = c["name"] if "name" in c else None  # noqa: SIM401
+            if not name:
+                name = (c["tool_name"] if "tool_name" in c else None) or ""  # noqa: SIM401
+            args = c["arguments"] if "arguments" in c else None  # noqa: SIM401
             if args is None:
-                args = c["args"]
-            if args is None:
-                args = c["input"]
-            if args is None:
-                args = c["tool_kwargs"]
-            call_id = c["id"] or c["tool_id"] or ""
-            count = self.count
-            total = TOKENS_PER_TOOL_CALL + count(name if type(name) is str else str(name))
-            total += count(call_id if type(call_id) is str else str(call_id))
+                args = c["args"] if "args" in c else None  # noqa: SIM401
+                if args is None:
+                    args = c["input"] if "input" in c else None  # noqa: SIM401
+                    if args is None:
+                        args = c["tool_kwargs"] if "tool_kwargs" in c else None  # noqa: SIM401
+            call_id = c["id"] if "id" in c else None  # noqa: SIM401
+            if not call_id:
+                call_id = (c["tool_id"] if "tool_id" in c else None) or ""  # noqa: SIM401
+            known = self._texts.get  # a text's kept count (see ``count``), else None
+            if type(name) is not str:
+                name = str(name)
+            total = known(name)
+            if total is None:
+                total = self.count(name)
+            if type(call_id) is not str:
+                call_id = str(call_id)
+            n = known(call_id)
+            total += TOKENS_PER_TOOL_CALL + (self.count(call_id) if n is None else n)
             if args is not None:
-                total += count(args if isinstance(args, str) else _dumps(args))
+                if not isinstance(args, str):
+                    args = _dumps(args)
+                n = known(args)
+                total += self.count(args) if n is None else n
             return total
         fn = _get(call, "function")
         src = fn if fn is not None else call
@@ -708,6 +745,7 @@ class TiktokenCounter(_Counting):
         "_msg_chars",
         "_msgs",
         "_roles",
+        "_texts",
         "_tools",
         "encoding",
         "exact",
@@ -729,6 +767,8 @@ class TiktokenCounter(_Counting):
         self._msg_chars = 0
         self._tools: dict[int, tuple[Any, int]] = {}
         self._roles: dict[str, int] = {}
+        # count_messages reads the text cache directly only when ``count`` is this class's own
+        self._texts = self._cache if type(self).count is TiktokenCounter.count else {}
 
     def count(self, text: str) -> int:
         """Tokens in ``text`` (special-token strings are counted as plain text).
@@ -772,7 +812,7 @@ class CharEstimateCounter(_Counting):
         3
     """
 
-    __slots__ = ("_msg_chars", "_msgs", "_roles", "_tools", "exact", "margin", "name")
+    __slots__ = ("_msg_chars", "_msgs", "_roles", "_texts", "_tools", "exact", "margin", "name")
 
     def __init__(self, margin: float = ESTIMATE_MARGIN) -> None:
         self.name = "chars/4 (estimate)"
@@ -782,6 +822,7 @@ class CharEstimateCounter(_Counting):
         self._msg_chars = 0
         self._tools: dict[int, tuple[Any, int]] = {}
         self._roles: dict[str, int] = {}
+        self._texts = {}  # (no text cache: stays empty)
 
     def count(self, text: str) -> int:
         """Estimated tokens in ``text``."""
