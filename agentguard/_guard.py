@@ -561,6 +561,10 @@ class Task:
         self._has_cost_limit = self.policy.has_cost_limit
         self._needs_fraction = bool(self.policy.downgrade or self.policy.soft_limits)
         self._soft = bool(self.policy.soft_limits)  # else a balance update is a dict update
+        # the embedded store does no I/O: an async event on it runs its sync twin (no
+        # coroutine per store call); a subclass (agentguard.testing.LoopCheckingStore) is
+        # awaited as any other store is
+        self._local = type(guard.store) is MemoryStore
         self.span: Span = Span(
             span_id=guard._next_id(),
             task_id=self.id,
@@ -938,6 +942,11 @@ class Task:
             >>> asyncio.run(run())
             '0.000027'
         """
+        if self._local:
+            return self.start_model_call(
+                model, messages=messages, tools=tools, input_tokens=input_tokens,
+                max_tokens=max_tokens, finish=finish, parent_span=parent_span, name=name,
+            )  # fmt: skip
         call = self._model_call_begin(
             model, messages, tools, input_tokens, max_tokens, finish, parent_span, name
         )
@@ -1205,6 +1214,8 @@ class Task:
 
     async def astart_tool_call(self, name: str, *, parent_span: str | None = None) -> ToolCall:
         """The async twin of :meth:`start_tool_call`."""
+        if self._local:
+            return self.start_tool_call(name, parent_span=parent_span)
         span, d, op = self._tool_call_begin(name, parent_span)
         res = None if op is None else await self.guard.store.acharge(op[0], op[1], check=op[2])
         return self._tool_call_end(name, span, d, res)
@@ -1274,6 +1285,8 @@ class Task:
 
     async def arecord_retry(self, reason: str = "", *, parent_span: str | None = None) -> Decision:
         """The async twin of :meth:`record_retry`."""
+        if self._local:
+            return self.record_retry(reason, parent_span=parent_span)
         span, d, op = self._counted_begin("retry", "retries", decide_retry, reason, parent_span)
         res = None if op is None else await self.guard.store.acharge(op[0], op[1], check=op[2])
         return self._counted_end("retry", decide_retry, span, d, res)
@@ -1287,6 +1300,8 @@ class Task:
 
     async def astep(self, name: str = "step", *, parent_span: str | None = None) -> Decision:
         """The async twin of :meth:`step`."""
+        if self._local:
+            return self.step(name, parent_span=parent_span)
         span, d, op = self._counted_begin("step", "steps", decide_step, name, parent_span)
         res = None if op is None else await self.guard.store.acharge(op[0], op[1], check=op[2])
         return self._counted_end("step", decide_step, span, d, res)
@@ -1579,6 +1594,8 @@ class ModelCall:
         model: str | None = None,
     ) -> Decimal | None:
         """The async twin of :meth:`end`: the commit awaits the store."""
+        if self.task._local:
+            return self.end(usage, output_text=output_text, model=model)
         if self.done:
             return self.span.cost_usd
         u, cost, actual = self._end_begin(usage, output_text, model)
