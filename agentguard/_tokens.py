@@ -442,9 +442,9 @@ class _Counting:
     margin: float
     _msg_chars: int  # characters the message cache (``_msgs``, if any) keeps alive
     _roles: dict[str, int]  # role -> its tokens plus TOKENS_PER_MESSAGE
-    # text -> its count as ``count`` returns it (a TiktokenCounter's text cache), read with
-    # ``get`` (a racing ``count`` may clear it) before calling ``count``; may stay empty
-    _texts: dict[str, int]
+    # ``get`` of a dict text -> its count as ``count`` returns it (a TiktokenCounter's text
+    # cache; a racing ``count`` may clear it, so no subscript), or of an empty dict
+    _known: Any
 
     def count(self, text: str) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -473,6 +473,7 @@ class _Counting:
             9
         """
         count = self.count
+        known = self._known  # a text's kept count, else None (then ``count`` it)
         total = REPLY_PRIMING_TOKENS
         cache: dict[int, _Kept] | None = getattr(self, "_msgs", None)
         cache_get = cache.get if cache is not None else None
@@ -483,7 +484,7 @@ class _Counting:
             get: Any = None  # a reader (_reader) when the fields are not a plain dict (``f``)
             if cls is dict:  # plain field lookups; often built afresh per request, so not kept
                 keep = None
-                f = {**_NO_FIELDS, **message}
+                f = message
             elif cls is str:
                 total += TOKENS_PER_MESSAGE + 1 + count(message)  # a bare string: a user message
                 continue
@@ -533,22 +534,25 @@ class _Counting:
                     # what _reader reads, merged over absent fields: subscripts, not calls
                     extra_attr = getattr(message, "__pydantic_extra__", None)
                     if not extra_attr:
-                        f = {**_NO_FIELDS, **fields}
+                        f = fields
                         if cache is not None and "content" in fields:
                             keep = cache
                             pydantic = extra_attr is not None
                     else:  # an attribute in __dict__ wins over an extra
-                        f = {**_NO_FIELDS, **extra_attr, **fields}
+                        f = {**extra_attr, **fields}
                 else:
                     get = _reader(message)
             if get is None:
-                content = f["content"]
-                calls = f["tool_calls"]
-                extra = f["additional_kwargs"]
-                role = f["role"] or f["type"] or ""
-                name = f["name"]
-                legacy = f["function_call"]
-                call_id = f["tool_call_id"]
+                # subscripts behind ``in``: no call, no merged copy of the fields
+                content = f["content"] if "content" in f else None  # noqa: SIM401
+                calls = f["tool_calls"] if "tool_calls" in f else None  # noqa: SIM401
+                extra = f["additional_kwargs"] if "additional_kwargs" in f else None  # noqa: SIM401
+                role = f["role"] if "role" in f else None  # noqa: SIM401
+                if not role:
+                    role = (f["type"] if "type" in f else None) or ""  # noqa: SIM401
+                name = f["name"] if "name" in f else None  # noqa: SIM401
+                legacy = f["function_call"] if "function_call" in f else None  # noqa: SIM401
+                call_id = f["tool_call_id"] if "tool_call_id" in f else None  # noqa: SIM401
             else:  # read lazily: a reader's look-ups can cost (pydantic raises for an absent one)
                 content = get("content")
                 calls = get("tool_calls")
@@ -569,11 +573,13 @@ class _Counting:
                     role_tokens[key] = n
             if type(content) is str:
                 if content:  # an empty text counts 0 tokens
-                    n += count(content)
+                    m = known(content)
+                    n += count(content) if m is None else m
             else:
                 n += self._content(content)
-            if name is not None and isinstance(name, str) and name:
-                n += count(name) + TOKENS_PER_NAME
+            if (type(name) is str or (name is not None and isinstance(name, str))) and name:
+                m = known(name)
+                n += (count(name) if m is None else m) + TOKENS_PER_NAME
             found = calls
             if not found:
                 found = _get(extra, "tool_calls") if extra else None
@@ -584,8 +590,11 @@ class _Counting:
             if found:
                 for call in found:
                     n += self._call(call)
-            if call_id is not None and isinstance(call_id, str) and call_id:
-                n += count(call_id)
+            if (
+                type(call_id) is str or (call_id is not None and isinstance(call_id, str))
+            ) and call_id:
+                m = known(call_id)
+                n += count(call_id) if m is None else m
             if keep is not None:
                 # bounded by entries and by the characters of the contents it keeps alive
                 size = (len(content) if type(content) is str else 1000) + _CACHE_ENTRY_CHARS
@@ -666,7 +675,7 @@ class _Counting:
             call_id = c["id"] if "id" in c else None  # noqa: SIM401
             if not call_id:
                 call_id = (c["tool_id"] if "tool_id" in c else None) or ""  # noqa: SIM401
-            known = self._texts.get  # a text's kept count (see ``count``), else None
+            known = self._known  # a text's kept count (see ``count``), else None
             if type(name) is not str:
                 name = str(name)
             total = known(name)
@@ -742,10 +751,10 @@ class TiktokenCounter(_Counting):
         "_cache",
         "_cached_chars",
         "_encode",
+        "_known",
         "_msg_chars",
         "_msgs",
         "_roles",
-        "_texts",
         "_tools",
         "encoding",
         "exact",
@@ -768,7 +777,7 @@ class TiktokenCounter(_Counting):
         self._tools: dict[int, tuple[Any, int]] = {}
         self._roles: dict[str, int] = {}
         # count_messages reads the text cache directly only when ``count`` is this class's own
-        self._texts = self._cache if type(self).count is TiktokenCounter.count else {}
+        self._known = (self._cache if type(self).count is TiktokenCounter.count else {}).get
 
     def count(self, text: str) -> int:
         """Tokens in ``text`` (special-token strings are counted as plain text).
@@ -812,7 +821,7 @@ class CharEstimateCounter(_Counting):
         3
     """
 
-    __slots__ = ("_msg_chars", "_msgs", "_roles", "_texts", "_tools", "exact", "margin", "name")
+    __slots__ = ("_known", "_msg_chars", "_msgs", "_roles", "_tools", "exact", "margin", "name")
 
     def __init__(self, margin: float = ESTIMATE_MARGIN) -> None:
         self.name = "chars/4 (estimate)"
@@ -822,7 +831,7 @@ class CharEstimateCounter(_Counting):
         self._msg_chars = 0
         self._tools: dict[int, tuple[Any, int]] = {}
         self._roles: dict[str, int] = {}
-        self._texts = {}  # (no text cache: stays empty)
+        self._known = {}.get  # (no text cache)
 
     def count(self, text: str) -> int:
         """Estimated tokens in ``text``."""
