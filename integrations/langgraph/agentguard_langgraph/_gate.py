@@ -85,27 +85,26 @@ _NOTHING = _Ledger()
 def _ledger(task: Task) -> _Ledger:
     # the task's running token counts, read as they are kept: ``task.usage`` builds (and
     # validates) a new ``Usage`` on every read, twice per iteration here
+    # (built as a tuple: a NamedTuple's own ``__new__`` is a Python call, twice per iteration)
     usage = task._usage
     by_name = task.tool_calls_by_name
-    return _Ledger(
-        task.priced_cost_usd,
-        usage[0],
-        usage[1],
-        task.model_calls,
-        task.tool_calls,
-        tuple(by_name.items()) if by_name else (),
-        task.retries,
-        task.steps,
-        len(task.decisions),
+    return _new_ledger(
+        _Ledger,
+        (
+            task.priced_cost_usd,
+            usage[0],
+            usage[1],
+            task.model_calls,
+            task.tool_calls,
+            tuple(by_name.items()) if by_name else (),
+            task.retries,
+            task.steps,
+            len(task.decisions),
+        ),
     )
 
 
-def _delta(task: Task, was: _Ledger, now: _Ledger) -> dict[str, Any]:
-    """The state update adding ``now - was`` to the ``"agentguard"`` key: only the fields that
-    changed; no update at all when nothing did."""
-    if now == was:
-        return {}
-    return {SPEND_KEY: _spend_delta(task, was, now)}
+_new_ledger = tuple.__new__
 
 
 def _spend_delta(task: Task, was: _Ledger, now: _Ledger) -> dict[str, Any]:
@@ -333,7 +332,8 @@ class GraphGuard:
                 was = self._ledgers.get(task, _NOTHING)
             now = _ledger(task)
             self._last = (task, now)
-        return _delta(task, was, now)
+        # the update adding ``now - was``: only the fields that changed; none if nothing did
+        return {} if now == was else {SPEND_KEY: _spend_delta(task, was, now)}
 
     def _stopped(self, exc: BudgetExceeded, task: Task) -> dict[str, Any]:
         msg = AIMessage(
