@@ -48,6 +48,7 @@ from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
 
 import agentguard as ag
+from agentguard.testing import OpenAIServer
 from agentguard_langchain.testing import ScriptedChatModel
 from agentguard_langgraph import BudgetState, GraphGuard
 
@@ -132,8 +133,75 @@ def guarded(steps: int, guard: ag.Guard, steps_in: str = "node") -> tuple[Any, S
     return gg.bind(b.compile()), model
 
 
+class _Served:
+    """A :class:`OpenAIServer` seen as ``_agent_loop`` sees a scripted model: setting
+    ``_calls`` restarts its script (``steps`` tool-calling answers, then text), ``calls`` is
+    the requests it answered since, ``seen`` their bodies."""
+
+    def __init__(self, server: OpenAIServer, steps: int) -> None:
+        self.server = server
+        self.steps = steps
+
+    @property
+    def _calls(self) -> int:
+        return len(self.server.requests)
+
+    @_calls.setter
+    def _calls(self, value: int) -> None:
+        self.server.tool_calls = self.steps
+        self.server.requests.clear()
+
+    @property
+    def calls(self) -> int:
+        return len(self.server.requests)
+
+    @property
+    def seen(self) -> list[dict[str, Any]]:
+        return self.server.requests
+
+
+def openai_graphs(steps: int, guard: ag.Guard, server: OpenAIServer) -> tuple[Any, Any]:
+    """The bare and the guarded graph (steps in the node) on LangChain's real ``ChatOpenAI``
+    client, answered by the local OpenAI-wire server: what a provider call costs the process
+    without the network."""
+
+    from langchain_openai import ChatOpenAI  # the LangChain package's test extra
+
+    def client(model: str) -> Any:
+        return ChatOpenAI(base_url=server.base_url, api_key="test", model=model, max_retries=0)
+
+    def build(llm: Any, state: Any, gg: GraphGuard | None) -> Any:
+        def agent(s: Any) -> dict[str, Any]:
+            return {"messages": [llm.invoke(s["messages"])]}
+
+        async def aagent(s: Any) -> dict[str, Any]:
+            return {"messages": [await llm.ainvoke(s["messages"])]}
+
+        b = StateGraph(state)
+        if gg is None:
+            b.add_node("agent", RunnableLambda(agent, afunc=aagent))
+            b.add_node("tools", ToolNode([lookup]))
+        else:
+            b.add_node(
+                "agent", RunnableLambda(gg.node(agent, step=True), afunc=gg.node(aagent, step=True))
+            )
+            b.add_node("tools", gg.tool_node([lookup]))
+        b.add_edge(START, "agent")
+        b.add_conditional_edges("agent", tools_condition)
+        b.add_edge("tools", "agent")
+        return b.compile() if gg is None else gg.bind(b.compile())
+
+    gg = GraphGuard(guard, models={"gpt-4o-mini": client("gpt-4o-mini")})
+    bare_graph = build(client("gpt-4o").bind_tools([lookup]), MessagesState, None)
+    guarded_graph = build(gg.chat_model(client("gpt-4o")).bind_tools([lookup]), State, gg)
+    return bare_graph, guarded_graph
+
+
 def bench(
-    steps: int, runs: int, clock: Callable[[], float] = time.perf_counter
+    steps: int,
+    runs: int,
+    clock: Callable[[], float] = time.perf_counter,
+    openai: bool = False,
 ) -> dict[str, float]:
     """Median µs per ReAct iteration of each variant; variants take turns, run by run, so
     drift in the machine's load hits them all alike."""
@@ -172,9 +240,19 @@ def bench(
             sync_run, async_run = flushed(sync_run), flushed(async_run)
         variants[f"sync: {name}"] = (sync_run, model)
         variants[f"async: {name}"] = (async_run, model)
+    server = None
+    if openai:
+        server = OpenAIServer(tool_calls=steps).start()
+        served: Any = _Served(server, steps)
+        o_bare, o_guarded = openai_graphs(steps, g_off, server)
+        for name, graph in (("ChatOpenAI, bare graph", o_bare), ("ChatOpenAI, guarded", o_guarded)):
+            variants[f"sync: {name}"] = (lambda g=graph: g.invoke(ASK), served)
+            variants[f"async: {name}"] = (arun(lambda g=graph: g.ainvoke(ASK)), served)
     medians = interleaved_medians(variants, runs, clock=clock)
     loop.close()
     g_sql.close()
+    if server is not None:
+        server.close()
     return medians
 
 
@@ -189,9 +267,15 @@ def main() -> None:
         default="wall",
         help="time runs by wall clock or by the process's CPU time (steadier on a busy machine)",
     )
+    parser.add_argument(
+        "--openai",
+        action="store_true",
+        help="also time both graphs on the real ChatOpenAI client against a local "
+        "OpenAI-wire server (context: a provider client's own cost, without the network)",
+    )
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    results = bench(args.steps, args.runs, clock)
+    results = bench(args.steps, args.runs, clock, args.openai)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -200,7 +284,12 @@ def main() -> None:
         f"{args.steps} tool-calling iterations + a final answer each; µs of {args.clock} "
         "time per model call)"
     )
-    print_ratios(results, "bare graph", 44)
+    scripted = {k: v for k, v in results.items() if "ChatOpenAI" not in k}
+    print_ratios(scripted, "bare graph", 44)
+    served = {k: v for k, v in results.items() if "ChatOpenAI" in k}
+    if served:
+        print("On the real ChatOpenAI client, answered by a local OpenAI-wire server:")
+        print_ratios(served, "ChatOpenAI, bare graph", 44)
 
 
 if __name__ == "__main__":
