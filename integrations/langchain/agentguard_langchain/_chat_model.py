@@ -50,7 +50,7 @@ from langchain_core.tools import BaseTool
 from pydantic import Field, PrivateAttr, model_validator
 
 from agentguard import Guard, InvalidUsage, ModelCall, Task, Usage, current_task
-from agentguard_langchain._common import already_metered, metered_here, usage_of
+from agentguard_langchain._common import METERED, metered_here, usage_of
 
 __all__ = ["METERED_METADATA_KEY", "BudgetedChatModel"]
 
@@ -85,27 +85,22 @@ class _BoundTools:
 
 
 @dataclass(slots=True)
-class _Ask:
-    """What a call asks for, before the guard decides."""
-
-    spec: _BoundTools | None
-    requested: str
-    first: BaseChatModel  # the chat model serving ``requested``
-    select: dict[str, Any]  # the kwargs that select it
-    cap: int | None  # the caller's own output cap
-
-
-@dataclass(slots=True)
 class _Plan:
-    """One metered call: its task, reservation, the chat model to call and its kwargs."""
+    """One call: what it asks for (:meth:`BudgetedChatModel._ask`), then, routed
+    (:meth:`BudgetedChatModel._route`), the chat model to call and its kwargs; a metered
+    call also has its task and reservation."""
 
-    task: Task
-    owned: bool
-    call: ModelCall
-    model: BaseChatModel
+    requested: str  # the model id asked for
+    model: BaseChatModel  # the chat model serving it; once routed, the one to call
+    select: dict[str, Any] | None  # the kwargs that select it (``model=``), if any
+    spec: _BoundTools | None  # the tools as bound, to format them for another rung
+    cap: int | None  # the caller's own output cap
     stop: list[str] | None
-    kwargs: dict[str, Any]
-    final: bool
+    kwargs: dict[str, Any]  # the call's own ``**kwargs`` dict: the wrapper's keys popped
+    final: bool = False  # the task's graceful final answer
+    owned: bool = False  # the task was opened for this call alone
+    task: Task = field(init=False)  # set (with ``call``) on metered calls only
+    call: ModelCall = field(init=False)
 
 
 @dataclass(slots=True)
@@ -162,41 +157,48 @@ def _model_id(model: BaseChatModel) -> str:
     return model._llm_type
 
 
-def _delegate_ls_params(model: BaseChatModel, private: dict[str, Any]) -> LangSmithParams:
-    """A copy of the wrapped model's own tracing params (no call kwargs), kept while the
-    model and its ``temperature`` are the same: a provider's ``_get_ls_params`` probes
-    attributes (``hasattr`` on a pydantic model raises and catches for each one it lacks),
-    ~8 µs per call. The wrapper sets the model name, cap, stop and a call's temperature."""
-    temperature = getattr(model, "__dict__", {}).get("temperature")
-    held = private.get("_ls_base")
-    if held is None or held[0] is not model or held[1] != temperature:
-        try:
-            base = model._get_ls_params()
-        except Exception:  # pragma: no cover - a provider's tracing params are best effort
-            base = LangSmithParams(ls_provider="agentguard")
-        held = private["_ls_base"] = (model, temperature, base)
-    params: LangSmithParams = held[2].copy()
-    return params
-
-
 def _int_cap(value: Any) -> int | None:
     if type(value) is int:
         return value
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-_RUN_MANAGER: dict[tuple[type, str], bool] = {}
-_CAP_ATTRS: dict[type, tuple[str, ...]] = {}
-_CAP_PARAMS: dict[type, str] = {}
+@dataclass(frozen=True, slots=True)
+class _ClassFacts:
+    """What the wrapper reads off a chat model class, found once per class
+    (:func:`_facts_of`): ``model_fields`` costs ~1 µs per read, ``inspect.signature`` ~20 µs."""
+
+    # the output-cap attributes (``_CAP_FIELDS``) the class can have: its fields, class
+    # attributes and properties (any, if it allows extras) — the others are not looked up,
+    # since a pydantic model raises (~3 µs) for each name it lacks
+    cap_attrs: tuple[str, ...]
+    cap_param: str  # the output-cap field it declares (``max_tokens`` if none)
+    run_manager: frozenset[str]  # its methods (``_generate``...) that take ``run_manager``
 
 
-def _cap_param_of(cls: type[BaseChatModel]) -> str:
-    """The output-cap field a chat model class declares (``max_tokens`` if none), once per
-    class: ``model_fields`` costs ~1 µs per read."""
-    got = _CAP_PARAMS.get(cls)
+_FACTS: dict[type, _ClassFacts] = {}
+
+
+def _facts_of(cls: type[BaseChatModel]) -> _ClassFacts:
+    """``_FACTS[cls]``, found on first use. Call sites read ``_FACTS.get(cls) or
+    _facts_of(cls)``: one dict look-up per call once the class is known."""
+    got = _FACTS.get(cls)
     if got is None:
         fields = cls.model_fields
-        got = _CAP_PARAMS[cls] = next((k for k in _CAP_FIELDS if k in fields), "max_tokens")
+        loose = cls.model_config.get("extra") == "allow"
+        got = _FACTS[cls] = _ClassFacts(
+            cap_attrs=tuple(
+                k
+                for k in _CAP_FIELDS
+                if loose or k in fields or any(k in vars(c) for c in cls.__mro__)
+            ),
+            cap_param=next((k for k in _CAP_FIELDS if k in fields), "max_tokens"),
+            run_manager=frozenset(
+                m
+                for m in ("_generate", "_agenerate", "_stream", "_astream")
+                if "run_manager" in inspect.signature(getattr(cls, m)).parameters
+            ),
+        )
     return got
 
 
@@ -206,33 +208,6 @@ def _default_of(model: BudgetedChatModel) -> str:
     private: dict[str, Any] = model.__pydantic_private__  # type: ignore[assignment]
     default: str = private["_default_id"]
     return default
-
-
-def _accepts_run_manager(model: BaseChatModel, method: str) -> bool:
-    """Whether ``model``'s ``method`` (``_generate``...) takes ``run_manager``; read once per
-    class (``inspect.signature`` costs ~20 µs)."""
-    key = (type(model), method)
-    known = _RUN_MANAGER.get(key)
-    if known is None:
-        known = _RUN_MANAGER[key] = (
-            "run_manager" in inspect.signature(getattr(model, method)).parameters
-        )
-    return known
-
-
-def _cap_attrs(cls: type[BaseChatModel]) -> tuple[str, ...]:
-    """The output-cap attributes (``_CAP_FIELDS``) a chat model class can have: its fields,
-    class attributes and properties (any, if it allows extras) — the others are not looked
-    up, since a pydantic model raises (~3 µs) for each name it lacks."""
-    got = _CAP_ATTRS.get(cls)
-    if got is None:
-        loose = cls.model_config.get("extra") == "allow"
-        got = _CAP_ATTRS[cls] = tuple(
-            k
-            for k in _CAP_FIELDS
-            if loose or k in cls.model_fields or any(k in vars(c) for c in cls.__mro__)
-        )
-    return got
 
 
 def _binding_kwargs(bound: Runnable[Any, Any]) -> dict[str, Any]:
@@ -246,11 +221,13 @@ def _binding_kwargs(bound: Runnable[Any, Any]) -> dict[str, Any]:
 
 def _usage_or_raw(message: BaseMessage) -> Any:
     """The usage on ``message`` for :meth:`ModelCall.end`; a malformed record is handed over
-    raw so the guard charges the call's bound and flags it instead of failing the run."""
+    raw so the guard charges the call's bound and flags it instead of failing the run.
+    (LangChain's ``usage_metadata``, the usual shape, is read here: one call less.)"""
+    um = getattr(message, "usage_metadata", None)
     try:
-        return usage_of(message)
+        return Usage.from_langchain(um) if um else usage_of(message)
     except InvalidUsage:
-        return getattr(message, "usage_metadata", None) or message.response_metadata.get(
+        return um or message.response_metadata.get(
             "token_usage", message.response_metadata.get("usage")
         )
 
@@ -373,19 +350,32 @@ class BudgetedChatModel(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
+        models = self.models
         return {
             "model_name": _default_of(self),
             "delegate": self.model._llm_type,
-            "ladder": sorted(self.models),
+            "ladder": sorted(models) if models else [],
         }
 
     def _resolve_model_profile(self) -> ModelProfile | None:
         return self.model.profile
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        kwargs.pop(_RAW_TOOLS, None)
         private: dict[str, Any] = self.__pydantic_private__  # type: ignore[assignment]
-        params = _delegate_ls_params(self.model, private)
+        model = self.model
+        # The wrapped model's own tracing params (no call kwargs), kept while the model and
+        # its ``temperature`` are the same: a provider's ``_get_ls_params`` probes attributes
+        # (``hasattr`` on a pydantic model raises and catches for each one it lacks), ~8 µs
+        # per call. The wrapper sets the model name, cap, stop and a call's temperature.
+        temperature = model.__dict__.get("temperature")
+        held = private["_ls_base"]
+        if held is None or held[0] is not model or held[1] != temperature:
+            try:
+                base = model._get_ls_params()
+            except Exception:  # pragma: no cover - a provider's tracing params are best effort
+                base = LangSmithParams(ls_provider="agentguard")
+            held = private["_ls_base"] = (model, temperature, base)
+        params: LangSmithParams = held[2].copy()
         temperature = kwargs.get("temperature")
         if temperature is not None and isinstance(temperature, (int, float)):
             params["ls_temperature"] = temperature
@@ -394,7 +384,7 @@ class BudgetedChatModel(BaseChatModel):
             requested if isinstance(requested, str) else private["_default_id"]
         )
         params["ls_model_type"] = "chat"
-        cap = self._caller_cap(self.model, kwargs)
+        cap = self._caller_cap(model, kwargs)
         if cap is not None:
             params["ls_max_tokens"] = cap
         else:
@@ -443,18 +433,24 @@ class BudgetedChatModel(BaseChatModel):
         return self.bind(**produced, **traced, **{_RAW_TOOLS: spec})
 
     # -- planning a call ----------------------------------------------------------------------
+    #
+    # The common path — the wrapped model itself, no rung switch, no streaming — is
+    # ``_generate`` -> ``_begin`` (``_ask``, ``_caller_cap``, the guard's decision, ``_route``)
+    # -> ``_call_generate`` -> ``_reported`` -> ``_commit``: inside a running graph each Python
+    # call costs ~3x what it costs in a tight loop, so these keep their helpers few and their
+    # allocations to one ``_Plan`` per call.
 
     def _resolve(
         self, model_id: str, default_id: str | None = None
-    ) -> tuple[BaseChatModel, dict[str, Any]]:
-        """The chat model serving ``model_id`` and the kwargs that select it."""
+    ) -> tuple[BaseChatModel, dict[str, Any] | None]:
+        """The chat model serving ``model_id`` and the kwargs that select it (``None``: none)."""
         models = self.models
         if models:
             chosen = models.get(model_id)
             if chosen is not None:
-                return chosen, {}
+                return chosen, None
         if model_id == (default_id if default_id is not None else _default_of(self)):
-            return self.model, {}
+            return self.model, None
         return self.model, {"model": model_id}
 
     def _caller_cap(self, model: BaseChatModel, kwargs: Mapping[str, Any]) -> int | None:
@@ -464,8 +460,8 @@ class BudgetedChatModel(BaseChatModel):
                 v = kwargs.get(k)
                 if v is not None and (c := _int_cap(v)) is not None and (cap is None or c < cap):
                     cap = c
-        attrs = _CAP_ATTRS.get(type(model))
-        for k in attrs if attrs is not None else _cap_attrs(type(model)):
+        cls = type(model)
+        for k in (_FACTS.get(cls) or _facts_of(cls)).cap_attrs:
             v = getattr(model, k, None)
             if v is None:
                 continue
@@ -482,10 +478,8 @@ class BudgetedChatModel(BaseChatModel):
         *,
         final: bool,
     ) -> dict[str, Any]:
-        """The call kwargs for ``model``: tools formatted by it, forced to text when final
-        (``kwargs`` itself when nothing changes)."""
-        if not final and (spec is None or model is self.model):
-            return kwargs
+        """The call kwargs for another rung's chat model or a final answer: tools formatted
+        by ``model``, forced to text when final."""
         kw = dict(kwargs)
         if spec is not None and (model is not self.model or final):
             extra = dict(spec.kwargs)
@@ -503,15 +497,39 @@ class BudgetedChatModel(BaseChatModel):
             kw["tool_choice"] = "none"
         return kw
 
-    def _apply_cap(self, model: BaseChatModel, kw: dict[str, Any], cap: int | None) -> None:
+    def _ask(self, stop: list[str] | None, kwargs: dict[str, Any]) -> _Plan:
+        """What the call asks for, read from its kwargs (``kwargs`` is the call's own
+        ``**kwargs`` dict, never the caller's: the wrapper's keys are popped from it)."""
+        spec: _BoundTools | None = kwargs.pop(_RAW_TOOLS, None)
+        asked = kwargs.pop("model", None)
+        private: dict[str, Any] = self.__pydantic_private__  # type: ignore[assignment]
+        default_id: str = private["_default_id"]
+        requested = asked if isinstance(asked, str) else default_id
+        if requested == default_id and default_id not in self.models:  # the wrapped model
+            model, select = self.model, None
+        else:
+            model, select = self._resolve(requested, default_id)
+        cap = self._caller_cap(model, kwargs)
+        return _Plan(requested, model, select, spec, cap, stop or self.stop or None, kwargs)
+
+    def _route(self, plan: _Plan, model_id: str, cap: int | None) -> None:
+        """Point ``plan`` at the chat model serving ``model_id`` (raises on a bad rung), its
+        kwargs at that model: tools formatted by it (forced to text for a final answer), the
+        ``model=`` that selects it and the output cap ``cap``."""
+        if model_id != plan.requested:
+            plan.model, plan.select = self._resolve(model_id)
+        model = plan.model
+        kw = plan.kwargs
+        if plan.final or (plan.spec is not None and model is not self.model):
+            kw = plan.kwargs = self._kwargs_for(model, plan.spec, kw, final=plan.final)
+        if plan.select:
+            kw.update(plan.select)
         if cap is None:
             return
         cls = type(model)
-        param = self.max_tokens_param
-        if param is None:
-            param = _CAP_PARAMS.get(cls) or _cap_param_of(cls)
-        attrs = _CAP_ATTRS.get(cls)
-        if param in (attrs if attrs is not None else _cap_attrs(cls)) or param not in _CAP_FIELDS:
+        facts = _FACTS.get(cls) or _facts_of(cls)
+        param = self.max_tokens_param or facts.cap_param
+        if param in facts.cap_attrs or param not in _CAP_FIELDS:
             own = getattr(model, param, None)
             if own is not None and type(own) is not int:
                 own = _int_cap(own)
@@ -524,131 +542,86 @@ class BudgetedChatModel(BaseChatModel):
             if key in kw:
                 kw[key] = cap
 
-    def _ask(self, kwargs: dict[str, Any]) -> _Ask:
-        """What the call asks for, read from its kwargs (``kwargs`` is the call's own
-        ``**kwargs`` dict, never the caller's: the wrapper's keys are popped from it)."""
-        spec: _BoundTools | None = kwargs.pop(_RAW_TOOLS, None)
-        asked = kwargs.pop("model", None)
-        private: dict[str, Any] = self.__pydantic_private__  # type: ignore[assignment]
-        default_id: str = private["_default_id"]
-        if asked is None or asked == default_id:
-            requested = default_id
-            if not self.models or default_id not in self.models:  # the wrapped model itself
-                return _Ask(spec, requested, self.model, {}, self._caller_cap(self.model, kwargs))
-        else:
-            requested = asked if isinstance(asked, str) else default_id
-        first, select = self._resolve(requested, default_id)
-        return _Ask(spec, requested, first, select, self._caller_cap(first, kwargs))
-
-    def _own_task(self) -> Task | None:
-        """The current task of this guard, or ``None``: the call opens (and closes) its own."""
-        task = current_task()
-        return task if task is not None and task.guard is self.guard else None
-
-    def _plan(
-        self,
-        ask: _Ask,
-        task: Task,
-        owned: bool,
-        call: ModelCall,
-        final: bool,
-        stop: list[str] | None,
-        kwargs: dict[str, Any],
-    ) -> _Plan:
-        """The call as it goes out, once the guard has decided it (raises on a bad rung)."""
-        model, select = (
-            (ask.first, ask.select) if call.model == ask.requested else self._resolve(call.model)
-        )
-        kw = self._kwargs_for(model, ask.spec, kwargs, final=final)
-        if select:
-            kw.update(select)
-        self._apply_cap(model, kw, call.max_tokens)
-        return _Plan(task, owned, call, model, stop or self.stop or None, kw, final)
-
     def _begin(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> _Plan | None:
         """Decide and reserve the call, or ``None`` when an enclosing agentguard layer (the
-        agent middleware) meters it already."""
-        if already_metered():
+        agent middleware) meters it already (:meth:`_forward` then routes it)."""
+        if METERED.get():
             return None
-        ask = self._ask(kwargs)
-        task = self._own_task()
-        owned = task is None
-        if task is None:
+        plan = self._ask(stop, kwargs)
+        task = current_task()
+        if task is None or task.guard is not self.guard:  # a task of its own for this call
             open_task: Callable[..., Task] = self.guard.open_task  # tags are plain **kwargs
             task = open_task(self.task_id, **self.task_tags)
+            plan.owned = True
+        plan.task = task
         try:
             tools = kwargs.get("tools")
             call = task.start_model_call(
-                ask.requested, messages=messages, tools=tools, max_tokens=ask.cap
+                plan.requested, messages=messages, tools=tools, max_tokens=plan.cap
             )
-            final = call.decision.action == "finish"
-            if final:  # this call becomes the task's graceful final answer
+            if call.decision.action == "finish":  # this call becomes the graceful final answer
+                plan.final = True
                 call = task.start_model_call(
                     call.model, messages=messages, tools=tools, max_tokens=call.max_tokens,
                     finish=True,
                 )  # fmt: skip
         except BaseException as exc:
-            if owned:
+            if plan.owned:
                 task.close(exc)
             raise
+        plan.call = call
+        decision = call.decision
         try:
-            return self._plan(ask, task, owned, call, final, stop, kwargs)
+            self._route(plan, decision.model or call.model, decision.max_tokens)
         except BaseException as exc:
-            call.fail(exc)
-            if owned:
-                task.close(exc)
+            self._abort(plan, exc)
             raise
+        return plan
 
     async def _abegin(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> _Plan | None:
         """Async :meth:`_begin`: the reservation awaits the budget store."""
-        if already_metered():
+        if METERED.get():
             return None
-        ask = self._ask(kwargs)
-        task = self._own_task()
-        owned = task is None
-        if task is None:
+        plan = self._ask(stop, kwargs)
+        task = current_task()
+        if task is None or task.guard is not self.guard:
             open_task: Callable[..., Awaitable[Task]] = self.guard.aopen_task
             task = await open_task(self.task_id, **self.task_tags)
+            plan.owned = True
+        plan.task = task
         try:
             tools = kwargs.get("tools")
             call = await task.astart_model_call(
-                ask.requested, messages=messages, tools=tools, max_tokens=ask.cap
+                plan.requested, messages=messages, tools=tools, max_tokens=plan.cap
             )
-            final = call.decision.action == "finish"
-            if final:
+            if call.decision.action == "finish":
+                plan.final = True
                 call = await task.astart_model_call(
                     call.model, messages=messages, tools=tools, max_tokens=call.max_tokens,
                     finish=True,
                 )  # fmt: skip
         except BaseException as exc:
-            if owned:
+            if plan.owned:
                 await task.aclose(exc)
             raise
+        plan.call = call
+        decision = call.decision
         try:
-            return self._plan(ask, task, owned, call, final, stop, kwargs)
+            self._route(plan, decision.model or call.model, decision.max_tokens)
         except BaseException as exc:
-            await call.afail(exc)
-            if owned:
-                await task.aclose(exc)
+            await self._aabort(plan, exc)
             raise
+        return plan
 
-    def _forward(
-        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[BaseChatModel, list[str] | None, dict[str, Any]]:
-        """The call as it goes out when agentguard meters it elsewhere."""
-        kwargs = dict(kwargs)
-        spec: _BoundTools | None = kwargs.pop(_RAW_TOOLS, None)
-        asked = kwargs.pop("model", None)
-        default_id = _default_of(self)
-        model, select = self._resolve(asked if isinstance(asked, str) else default_id, default_id)
-        kw = self._kwargs_for(model, spec, kwargs, final=False)
-        kw.update(select)
-        self._apply_cap(model, kw, self._caller_cap(model, kw))
-        return model, stop or self.stop or None, kw
+    def _forward(self, stop: list[str] | None, kwargs: dict[str, Any]) -> _Plan:
+        """The call as it goes out when agentguard meters it elsewhere (no task, no call)."""
+        plan = self._ask(stop, kwargs)
+        self._route(plan, plan.requested, plan.cap)
+        return plan
 
     # -- ending a call -------------------------------------------------------------------------
 
@@ -681,9 +654,10 @@ class BudgetedChatModel(BaseChatModel):
     def _reported(self, plan: _Plan, result: ChatResult) -> tuple[Any, str | None, str | None]:
         """What a result reports to commit: (usage, output text, model name); marks the
         graceful final answer."""
-        if not result.generations:
+        generations = result.generations
+        if not generations:
             return None, "", None
-        message = result.generations[0].message
+        message = generations[0].message
         usage = _usage_or_raw(message)
         if usage is None and result.llm_output:
             usage = result.llm_output.get("token_usage") or result.llm_output.get("usage")
@@ -701,35 +675,47 @@ class BudgetedChatModel(BaseChatModel):
 
     # -- BaseChatModel ---------------------------------------------------------------------------
 
+    # ``_call_generate`` / ``_acall_generate`` add ``run_manager`` to ``plan.kwargs`` itself
+    # (the call's own dict, no copy) and set the metered flag without ``metered_here()``:
+    # they run on every call.
+
     def _call_generate(
         self,
-        model: BaseChatModel,
+        plan: _Plan,
         messages: list[BaseMessage],
-        stop: list[str] | None,
         run_manager: CallbackManagerForLLMRun | None,
-        kwargs: dict[str, Any],
     ) -> ChatResult:
+        model = plan.model
         if model.rate_limiter is not None:
             model.rate_limiter.acquire(blocking=True)
-        if _accepts_run_manager(model, "_generate"):
-            kwargs = {**kwargs, "run_manager": run_manager}
-        with metered_here():
-            return model._generate(messages, stop=stop, **kwargs)
+        kwargs = plan.kwargs
+        cls = type(model)
+        if "_generate" in (_FACTS.get(cls) or _facts_of(cls)).run_manager:
+            kwargs["run_manager"] = run_manager
+        token = METERED.set(True)
+        try:
+            return model._generate(messages, stop=plan.stop, **kwargs)
+        finally:
+            METERED.reset(token)
 
     async def _acall_generate(
         self,
-        model: BaseChatModel,
+        plan: _Plan,
         messages: list[BaseMessage],
-        stop: list[str] | None,
         run_manager: AsyncCallbackManagerForLLMRun | None,
-        kwargs: dict[str, Any],
     ) -> ChatResult:
+        model = plan.model
         if model.rate_limiter is not None:
             await model.rate_limiter.aacquire(blocking=True)
-        if _accepts_run_manager(model, "_agenerate"):
-            kwargs = {**kwargs, "run_manager": run_manager}
-        with metered_here():
-            return await model._agenerate(messages, stop=stop, **kwargs)
+        kwargs = plan.kwargs
+        cls = type(model)
+        if "_agenerate" in (_FACTS.get(cls) or _facts_of(cls)).run_manager:
+            kwargs["run_manager"] = run_manager
+        token = METERED.set(True)
+        try:
+            return await model._agenerate(messages, stop=plan.stop, **kwargs)
+        finally:
+            METERED.reset(token)
 
     def _generate(
         self,
@@ -740,10 +726,9 @@ class BudgetedChatModel(BaseChatModel):
     ) -> ChatResult:
         plan = self._begin(messages, stop, kwargs)
         if plan is None:
-            model, stops, kw = self._forward(messages, stop, kwargs)
-            return self._call_generate(model, messages, stops, run_manager, kw)
+            return self._call_generate(self._forward(stop, kwargs), messages, run_manager)
         try:
-            result = self._call_generate(plan.model, messages, plan.stop, run_manager, plan.kwargs)
+            result = self._call_generate(plan, messages, run_manager)
         except BaseException as exc:
             self._abort(plan, exc)
             raise
@@ -759,12 +744,9 @@ class BudgetedChatModel(BaseChatModel):
     ) -> ChatResult:
         plan = await self._abegin(messages, stop, kwargs)
         if plan is None:
-            model, stops, kw = self._forward(messages, stop, kwargs)
-            return await self._acall_generate(model, messages, stops, run_manager, kw)
+            return await self._acall_generate(self._forward(stop, kwargs), messages, run_manager)
         try:
-            result = await self._acall_generate(
-                plan.model, messages, plan.stop, run_manager, plan.kwargs
-            )
+            result = await self._acall_generate(plan, messages, run_manager)
         except BaseException as exc:
             await self._aabort(plan, exc)
             raise
@@ -773,26 +755,23 @@ class BudgetedChatModel(BaseChatModel):
 
     def _delegate_stream(
         self,
-        model: BaseChatModel,
+        plan: _Plan,
         messages: list[BaseMessage],
-        stop: list[str] | None,
         run_manager: CallbackManagerForLLMRun | None,
-        kwargs: dict[str, Any],
     ) -> Generator[ChatGenerationChunk, None, None]:
-        streams = type(model)._stream is not BaseChatModel._stream
+        model = plan.model
+        kwargs = plan.kwargs
+        cls = type(model)
+        streams = cls._stream is not BaseChatModel._stream
         disabled = getattr(model, "_streaming_disabled", None)
         if not streams or (disabled is not None and disabled(**kwargs)):
-            yield _as_chunk(
-                self._call_generate(model, messages, stop, run_manager, kwargs)
-                .generations[0]
-                .message
-            )
+            yield _as_chunk(self._call_generate(plan, messages, run_manager).generations[0].message)
             return
         if model.rate_limiter is not None:
             model.rate_limiter.acquire(blocking=True)
-        if _accepts_run_manager(model, "_stream"):
-            kwargs = {**kwargs, "run_manager": run_manager}
-        chunks = model._stream(messages, stop=stop, **kwargs)
+        if "_stream" in (_FACTS.get(cls) or _facts_of(cls)).run_manager:
+            kwargs["run_manager"] = run_manager
+        chunks = model._stream(messages, stop=plan.stop, **kwargs)
         try:
             while True:
                 with metered_here():  # only while the provider's code runs, not between chunks
@@ -807,26 +786,26 @@ class BudgetedChatModel(BaseChatModel):
 
     async def _adelegate_stream(
         self,
-        model: BaseChatModel,
+        plan: _Plan,
         messages: list[BaseMessage],
-        stop: list[str] | None,
         run_manager: AsyncCallbackManagerForLLMRun | None,
-        kwargs: dict[str, Any],
     ) -> AsyncGenerator[ChatGenerationChunk, None]:
+        model = plan.model
+        kwargs = plan.kwargs
         cls = type(model)
         streams = cls._astream is not BaseChatModel._astream or cls._stream is not (
             BaseChatModel._stream
         )
         disabled = getattr(model, "_streaming_disabled", None)
         if not streams or (disabled is not None and disabled(**kwargs)):
-            result = await self._acall_generate(model, messages, stop, run_manager, kwargs)
+            result = await self._acall_generate(plan, messages, run_manager)
             yield _as_chunk(result.generations[0].message)
             return
         if model.rate_limiter is not None:
             await model.rate_limiter.aacquire(blocking=True)
-        if _accepts_run_manager(model, "_astream"):
-            kwargs = {**kwargs, "run_manager": run_manager}
-        chunks = model._astream(messages, stop=stop, **kwargs)
+        if "_astream" in (_FACTS.get(cls) or _facts_of(cls)).run_manager:
+            kwargs["run_manager"] = run_manager
+        chunks = model._astream(messages, stop=plan.stop, **kwargs)
         try:
             while True:
                 with metered_here():
@@ -849,11 +828,10 @@ class BudgetedChatModel(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         plan = self._begin(messages, stop, kwargs)
         if plan is None:
-            model, stops, kw = self._forward(messages, stop, kwargs)
-            yield from self._delegate_stream(model, messages, stops, run_manager, kw)
+            yield from self._delegate_stream(self._forward(stop, kwargs), messages, run_manager)
             return
         tally = _Tally()
-        chunks = self._delegate_stream(plan.model, messages, plan.stop, run_manager, plan.kwargs)
+        chunks = self._delegate_stream(plan, messages, run_manager)
         try:
             for chunk in chunks:
                 if plan.final and not tally.chunks:
@@ -880,12 +858,12 @@ class BudgetedChatModel(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         plan = await self._abegin(messages, stop, kwargs)
         if plan is None:
-            model, stops, kw = self._forward(messages, stop, kwargs)
-            async for chunk in self._adelegate_stream(model, messages, stops, run_manager, kw):
+            forward = self._forward(stop, kwargs)
+            async for chunk in self._adelegate_stream(forward, messages, run_manager):
                 yield chunk
             return
         tally = _Tally()
-        chunks = self._adelegate_stream(plan.model, messages, plan.stop, run_manager, plan.kwargs)
+        chunks = self._adelegate_stream(plan, messages, run_manager)
         try:
             async for chunk in chunks:
                 if plan.final and not tally.chunks:

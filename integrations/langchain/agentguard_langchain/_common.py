@@ -9,12 +9,14 @@ from typing import Any
 
 from agentguard import InvalidUsage, Usage
 
-__all__ = ["already_metered", "metered_here", "usage_of"]
+__all__ = ["METERED", "already_metered", "metered_here", "usage_of"]
 
 # Set while the middleware or the budget-aware chat model is making a model call it meters
 # itself: a callback handler attached to the same run sees it and does not charge the call
-# again (a user may attach both; each call is charged once).
-_METERED: ContextVar[bool] = ContextVar("agentguard_langchain_metered", default=False)
+# again (a user may attach both; each call is charged once). A hot path may read and set it
+# directly (``METERED.get()``; ``METERED.set(True)`` ... ``METERED.reset(token)``) instead of
+# through the two helpers below.
+METERED: ContextVar[bool] = ContextVar("agentguard_langchain_metered", default=False)
 
 
 class metered_here:  # noqa: N801 - used as a function: ``with metered_here():``
@@ -27,15 +29,15 @@ class metered_here:  # noqa: N801 - used as a function: ``with metered_here():``
     __slots__ = ("_token",)
 
     def __enter__(self) -> None:
-        self._token = _METERED.set(True)
+        self._token = METERED.set(True)
 
     def __exit__(self, *exc: object) -> None:
-        _METERED.reset(self._token)
+        METERED.reset(self._token)
 
 
 def already_metered() -> bool:
     """True inside :func:`metered_here` (the call is charged by the middleware / wrapper)."""
-    return _METERED.get()
+    return METERED.get()
 
 
 def usage_of(message: Any) -> Usage | None:
