@@ -92,6 +92,7 @@ class _Plan:
 
     requested: str  # the model id asked for
     model: BaseChatModel  # the chat model serving it; once routed, the one to call
+    facts: _ClassFacts  # of ``model``'s class
     select: dict[str, Any] | None  # the kwargs that select it (``model=``), if any
     spec: _BoundTools | None  # the tools as bound, to format them for another rung
     cap: int | None  # the caller's own output cap
@@ -352,7 +353,7 @@ class BudgetedChatModel(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         models = self.models
         return {
-            "model_name": _default_of(self),
+            "model_name": self.__pydantic_private__["_default_id"],  # type: ignore[index]
             "delegate": self.model._llm_type,
             "ladder": sorted(models) if models else [],
         }
@@ -381,10 +382,13 @@ class BudgetedChatModel(BaseChatModel):
             params["ls_temperature"] = temperature
         requested = kwargs.get("model")
         params["ls_model_name"] = (
-            requested if isinstance(requested, str) else private["_default_id"]
+            requested
+            if requested is not None and isinstance(requested, str)
+            else private["_default_id"]
         )
         params["ls_model_type"] = "chat"
-        cap = self._caller_cap(model, kwargs)
+        cls = type(model)
+        cap = self._caller_cap(model, _FACTS.get(cls) or _facts_of(cls), kwargs)
         if cap is not None:
             params["ls_max_tokens"] = cap
         else:
@@ -453,15 +457,18 @@ class BudgetedChatModel(BaseChatModel):
             return self.model, None
         return self.model, {"model": model_id}
 
-    def _caller_cap(self, model: BaseChatModel, kwargs: Mapping[str, Any]) -> int | None:
+    def _caller_cap(
+        self, model: BaseChatModel, facts: _ClassFacts, kwargs: Mapping[str, Any]
+    ) -> int | None:
+        """The caller's own output cap: ``max_tokens``, a cap in the call's kwargs, the
+        model's constructor cap (the least of them)."""
         cap = self.max_tokens
         if not _CAP_KEY_SET.isdisjoint(kwargs):
             for k in _CAP_KEYS:
                 v = kwargs.get(k)
                 if v is not None and (c := _int_cap(v)) is not None and (cap is None or c < cap):
                     cap = c
-        cls = type(model)
-        for k in (_FACTS.get(cls) or _facts_of(cls)).cap_attrs:
+        for k in facts.cap_attrs:
             v = getattr(model, k, None)
             if v is None:
                 continue
@@ -504,13 +511,16 @@ class BudgetedChatModel(BaseChatModel):
         asked = kwargs.pop("model", None)
         private: dict[str, Any] = self.__pydantic_private__  # type: ignore[assignment]
         default_id: str = private["_default_id"]
-        requested = asked if isinstance(asked, str) else default_id
+        requested = asked if asked is not None and isinstance(asked, str) else default_id
         if requested == default_id and default_id not in self.models:  # the wrapped model
             model, select = self.model, None
         else:
             model, select = self._resolve(requested, default_id)
-        cap = self._caller_cap(model, kwargs)
-        return _Plan(requested, model, select, spec, cap, stop or self.stop or None, kwargs)
+        cls = type(model)
+        facts = _FACTS.get(cls) or _facts_of(cls)
+        cap = self._caller_cap(model, facts, kwargs)
+        stops = stop or self.stop or None
+        return _Plan(requested, model, facts, select, spec, cap, stops, kwargs)
 
     def _route(self, plan: _Plan, model_id: str, cap: int | None) -> None:
         """Point ``plan`` at the chat model serving ``model_id`` (raises on a bad rung), its
@@ -518,6 +528,8 @@ class BudgetedChatModel(BaseChatModel):
         ``model=`` that selects it and the output cap ``cap``."""
         if model_id != plan.requested:
             plan.model, plan.select = self._resolve(model_id)
+            cls = type(plan.model)
+            plan.facts = _FACTS.get(cls) or _facts_of(cls)
         model = plan.model
         kw = plan.kwargs
         if plan.final or (plan.spec is not None and model is not self.model):
@@ -526,8 +538,7 @@ class BudgetedChatModel(BaseChatModel):
             kw.update(plan.select)
         if cap is None:
             return
-        cls = type(model)
-        facts = _FACTS.get(cls) or _facts_of(cls)
+        facts = plan.facts
         param = self.max_tokens_param or facts.cap_param
         if param in facts.cap_attrs or param not in _CAP_FIELDS:
             own = getattr(model, param, None)
@@ -666,7 +677,7 @@ class BudgetedChatModel(BaseChatModel):
         # from it) or content is captured: tool-call JSON is not rebuilt otherwise
         text = (
             _output_text(message)
-            if not isinstance(usage, Usage) or self.guard.capture_content
+            if type(usage) is not Usage or self.guard.capture_content
             else None
         )
         if plan.final:
@@ -689,8 +700,7 @@ class BudgetedChatModel(BaseChatModel):
         if model.rate_limiter is not None:
             model.rate_limiter.acquire(blocking=True)
         kwargs = plan.kwargs
-        cls = type(model)
-        if "_generate" in (_FACTS.get(cls) or _facts_of(cls)).run_manager:
+        if "_generate" in plan.facts.run_manager:
             kwargs["run_manager"] = run_manager
         token = METERED.set(True)
         try:
@@ -708,8 +718,7 @@ class BudgetedChatModel(BaseChatModel):
         if model.rate_limiter is not None:
             await model.rate_limiter.aacquire(blocking=True)
         kwargs = plan.kwargs
-        cls = type(model)
-        if "_agenerate" in (_FACTS.get(cls) or _facts_of(cls)).run_manager:
+        if "_agenerate" in plan.facts.run_manager:
             kwargs["run_manager"] = run_manager
         token = METERED.set(True)
         try:
@@ -769,7 +778,7 @@ class BudgetedChatModel(BaseChatModel):
             return
         if model.rate_limiter is not None:
             model.rate_limiter.acquire(blocking=True)
-        if "_stream" in (_FACTS.get(cls) or _facts_of(cls)).run_manager:
+        if "_stream" in plan.facts.run_manager:
             kwargs["run_manager"] = run_manager
         chunks = model._stream(messages, stop=plan.stop, **kwargs)
         try:
@@ -803,7 +812,7 @@ class BudgetedChatModel(BaseChatModel):
             return
         if model.rate_limiter is not None:
             await model.rate_limiter.aacquire(blocking=True)
-        if "_astream" in (_FACTS.get(cls) or _facts_of(cls)).run_manager:
+        if "_astream" in plan.facts.run_manager:
             kwargs["run_manager"] = run_manager
         chunks = model._astream(messages, stop=plan.stop, **kwargs)
         try:
