@@ -328,7 +328,11 @@ class BudgetedChatModel(BaseChatModel):
     task_tags: dict[str, str] = Field(default_factory=dict)
 
     _default_id: str = PrivateAttr(default="")
-    _ls_base: tuple[BaseChatModel, Any, LangSmithParams] | None = PrivateAttr(default=None)
+    # the wrapped model, its temperature, its tracing params as the wrapper reports them
+    # (without a call's) and its class facts: see _get_ls_params
+    _ls_base: tuple[BaseChatModel, Any, LangSmithParams, _ClassFacts] | None = PrivateAttr(
+        default=None
+    )
 
     @model_validator(mode="after")
     def _read_default_id(self) -> Self:
@@ -375,7 +379,12 @@ class BudgetedChatModel(BaseChatModel):
                 base = model._get_ls_params()
             except Exception:  # pragma: no cover - a provider's tracing params are best effort
                 base = LangSmithParams(ls_provider="agentguard")
-            held = private["_ls_base"] = (model, temperature, base)
+            base.pop("ls_max_tokens", None)  # the caller's cap is the wrapper's to report
+            base["ls_model_type"] = "chat"
+            base[METERED_METADATA_KEY] = True  # type: ignore[literal-required]
+            cls = type(model)
+            held = (model, temperature, base, _FACTS.get(cls) or _facts_of(cls))
+            private["_ls_base"] = held
         params: LangSmithParams = held[2].copy()
         temperature = kwargs.get("temperature")
         if temperature is not None and isinstance(temperature, (int, float)):
@@ -386,17 +395,12 @@ class BudgetedChatModel(BaseChatModel):
             if requested is not None and isinstance(requested, str)
             else private["_default_id"]
         )
-        params["ls_model_type"] = "chat"
-        cls = type(model)
-        cap = self._caller_cap(model, _FACTS.get(cls) or _facts_of(cls), kwargs)
+        cap = self._caller_cap(model, held[3], kwargs)
         if cap is not None:
             params["ls_max_tokens"] = cap
-        else:
-            params.pop("ls_max_tokens", None)
         stops = stop or self.stop
         if stops:
             params["ls_stop"] = stops
-        params[METERED_METADATA_KEY] = True  # type: ignore[literal-required]
         return params
 
     def _get_invocation_params(
