@@ -678,13 +678,12 @@ class _Counting:
             known = self._known  # a text's kept count (see ``count``), else None
             if type(name) is not str:
                 name = str(name)
-            total = known(name)
-            if total is None:
-                total = self.count(name)
+            n: int | None = known(name)
+            total = TOKENS_PER_TOOL_CALL + (self.count(name) if n is None else n)
             if type(call_id) is not str:
                 call_id = str(call_id)
             n = known(call_id)
-            total += TOKENS_PER_TOOL_CALL + (self.count(call_id) if n is None else n)
+            total += self.count(call_id) if n is None else n
             if args is not None:
                 if not isinstance(args, str):
                     args = _dumps(args)
