@@ -440,7 +440,9 @@ class _Counting:
     name: str
     exact: bool
     margin: float
-    _msg_chars: int  # characters the message cache (``_msgs``, if any) keeps alive
+    _msgs: dict[int, _Kept]  # id(message) -> its kept count (see count_messages)
+    _msg_chars: int  # characters the message cache keeps alive
+    _tools: dict[int, tuple[Any, int]]  # id(tool) -> (tool, its count)
     _roles: dict[str, int]  # role -> its tokens plus TOKENS_PER_MESSAGE
     # ``get`` of a dict text -> its count as ``count`` returns it (a TiktokenCounter's text
     # cache; a racing ``count`` may clear it, so no subscript), or of an empty dict
@@ -475,8 +477,8 @@ class _Counting:
         count = self.count
         known = self._known  # a text's kept count, else None (then ``count`` it)
         total = REPLY_PRIMING_TOKENS
-        cache: dict[int, _Kept] | None = getattr(self, "_msgs", None)
-        cache_get = cache.get if cache is not None else None
+        cache = self._msgs
+        cache_get = cache.get
         # role -> its tokens plus the per-message ones (a handful of roles recur)
         role_tokens: dict[str, int] = self._roles
         for message in messages:
@@ -497,27 +499,27 @@ class _Counting:
                 # attributes are their ``__dict__`` entries are kept (LangChain's; see
                 # _reader), so those objects are what was counted. A hit reads the message's
                 # ``__dict__`` with subscripts only: two calls (``id``, ``get``) per message.
-                if cache_get is not None:
-                    hit = cache_get(id(message))
-                    if hit is not None and hit[0] is message:
-                        fields = message.__dict__
-                        # subscripts, not ``fields.get``: no call per kept message
-                        calls = fields["tool_calls"] if "tool_calls" in fields else None  # noqa: SIM401
-                        extra = (
-                            fields["additional_kwargs"] if "additional_kwargs" in fields else None  # noqa: SIM401
-                        )
-                        if (
-                            "content" in fields
-                            and fields["content"] is hit[1]
-                            and calls is hit[2]
-                            and extra is hit[3]
-                            and (fields["name"] if "name" in fields else None) is hit[6]  # noqa: SIM401
-                            and (fields["tool_call_id"] if "tool_call_id" in fields else None)  # noqa: SIM401
-                            is hit[7]
-                            and not (hit[5] and message.__pydantic_extra__)
-                        ):
-                            total += hit[4]
-                            continue
+                mid = id(message)
+                hit = cache_get(mid)
+                if hit is not None and hit[0] is message:
+                    fields = message.__dict__
+                    # subscripts, not ``fields.get``: no call per kept message
+                    calls = fields["tool_calls"] if "tool_calls" in fields else None  # noqa: SIM401
+                    extra = (
+                        fields["additional_kwargs"] if "additional_kwargs" in fields else None  # noqa: SIM401
+                    )
+                    if (
+                        "content" in fields
+                        and fields["content"] is hit[1]
+                        and calls is hit[2]
+                        and extra is hit[3]
+                        and (fields["name"] if "name" in fields else None) is hit[6]  # noqa: SIM401
+                        and (fields["tool_call_id"] if "tool_call_id" in fields else None)  # noqa: SIM401
+                        is hit[7]
+                        and not (hit[5] and message.__pydantic_extra__)
+                    ):
+                        total += hit[4]
+                        continue
                 plain = _PLAIN_MESSAGES.get(cls)
                 if not plain:  # (a plain class is never a str or tuple: see _plain_attr)
                     if isinstance(message, str):
@@ -535,7 +537,7 @@ class _Counting:
                     extra_attr = getattr(message, "__pydantic_extra__", None)
                     if not extra_attr:
                         f = fields
-                        if cache is not None and "content" in fields:
+                        if "content" in fields:
                             keep = cache
                             pydantic = extra_attr is not None
                     else:  # an attribute in __dict__ wins over an extra
@@ -603,19 +605,19 @@ class _Counting:
                     keep.clear()  # racing threads may both clear: harmless
                     held = size
                 self._msg_chars = held
-                keep[id(message)] = (message, content, calls, extra, n, pydantic, name, call_id)
+                keep[mid] = (message, content, calls, extra, n, pydantic, name, call_id)
             total += n
         if tools:
-            tool_cache: dict[int, tuple[Any, int]] | None = getattr(self, "_tools", None)
+            tool_cache = self._tools
             total += TOOLS_PREAMBLE_TOKENS
             for tool in tools:
                 # a bound tool (a schema dict, a tool object) is passed again on every call:
                 # its JSON is built once per object (held, so its id cannot be reused)
-                seen = tool_cache.get(id(tool)) if tool_cache is not None else None
+                seen = tool_cache.get(id(tool))
                 if seen is not None and seen[0] is tool:
                     total += seen[1]
                     continue
-                if tool_cache is None or isinstance(tool, str):
+                if isinstance(tool, str):
                     total += TOKENS_PER_TOOL + count(_tool_json(tool))
                     continue
                 if len(tool_cache) >= _MESSAGE_CACHE_MAX:
