@@ -346,12 +346,16 @@ def _dumps(value: Any) -> str:
         True
     """
     if type(value) is dict:
-        out = "{"
+        out = ""
         for key, item in value.items():
             if type(key) is not str or type(item) is not str:
                 return _ENCODE(value)
-            out += _ESCAPE(key) + ":" + _ESCAPE(item) + ","
-        return "{}" if out == "{" else out[:-1] + "}"
+            out = (
+                f"{out},{_ESCAPE(key)}:{_ESCAPE(item)}"
+                if out
+                else f"{_ESCAPE(key)}:{_ESCAPE(item)}"
+            )
+        return f"{{{out}}}"
     return _ENCODE(value)
 
 
@@ -591,6 +595,27 @@ class _Counting:
                 found = [legacy] if legacy else None
             if found:
                 for call in found:
+                    # LangChain's tool call {"name", "args", "id", "type"} inline (no call but
+                    # the JSON of its args); any other shape, and an empty name or id, by _call
+                    if (
+                        type(call) is dict
+                        and "function" not in call
+                        and "arguments" not in call
+                        and "args" in call
+                    ):
+                        cn = call["name"] if "name" in call else None  # noqa: SIM401
+                        args = call["args"]
+                        cid = call["id"] if "id" in call else None  # noqa: SIM401
+                        if type(cn) is str and cn and type(cid) is str and cid and args is not None:
+                            if type(args) is not str and not isinstance(args, str):
+                                args = _dumps(args)
+                            m = known(cn)
+                            n += TOKENS_PER_TOOL_CALL + (count(cn) if m is None else m)
+                            m = known(cid)
+                            n += count(cid) if m is None else m
+                            m = known(args)
+                            n += count(args) if m is None else m
+                            continue
                     n += self._call(call)
             if (
                 type(call_id) is str or (call_id is not None and isinstance(call_id, str))

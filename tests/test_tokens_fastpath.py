@@ -12,7 +12,7 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import (
     AIMessage,
@@ -110,17 +110,29 @@ _RAW_CALL = st.builds(  # OpenAI's wire shape, as LangChain keeps it in addition
     _TEXT,
     _ARGS,
 )
+
+
+class _Label(str):
+    """A ``str`` subclass: counted as text, like a ``str``, never as JSON."""
+
+
 _OTHER_CALL = st.fixed_dictionaries(  # LlamaIndex-like keys, and "arguments" / "input" ones
     {},
     optional={
         "name": st.one_of(st.just(""), _TEXT),
         "tool_name": _TEXT,
         "arguments": st.one_of(st.none(), _TEXT, _ARGS),
+        "args": st.one_of(st.none(), _TEXT, _ARGS, st.builds(_Label, _TEXT)),
         "input": _ARGS,
         "tool_kwargs": _ARGS,
         "id": st.one_of(st.none(), st.just(""), _TEXT, st.integers()),
         "tool_id": _TEXT,
     },
+)
+_ODD = st.one_of(st.none(), st.just(""), _TEXT, st.integers(), st.builds(_Label, _TEXT))
+_LC_LIKE_CALL = st.fixed_dictionaries(  # LangChain's keys, with values of other types too
+    {"name": _ODD, "args": st.one_of(_ODD, _ARGS), "id": _ODD},
+    optional={"type": st.just("tool_call"), "tool_name": _TEXT, "tool_id": _TEXT, "input": _ARGS},
 )
 _BLOCKS = st.lists(
     st.one_of(
@@ -171,7 +183,7 @@ _LC_MESSAGE = st.one_of(
     ),
     st.builds(
         lambda calls: {"role": "assistant", "content": "", "tool_calls": calls},
-        st.lists(_OTHER_CALL, min_size=1, max_size=3),
+        st.lists(st.one_of(_OTHER_CALL, _LC_LIKE_CALL), min_size=1, max_size=3),
     ),
 )
 _TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
@@ -195,6 +207,17 @@ def test_new_and_kept_langchain_messages_count_as_the_general_path(
 
 
 @settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(_LC_LIKE_CALL, _OTHER_CALL), min_size=1, max_size=4))
+@example([{"name": "lookup", "args": _Label("order 1182"), "id": "call_1"}])
+@example([{"name": _Label("lookup"), "args": {"q": "1"}, "id": 7}])
+def test_tool_call_dicts_of_every_shape_count_as_the_general_path(calls: list[Any]) -> None:
+    """The inline LangChain tool-call path and ``_call``'s dict path against ``_call``'s
+    general one (read-only mappings), for names, args and ids of other types too."""
+    message = {"role": "assistant", "content": "", "tool_calls": calls}
+    assert counter_for("gpt-4o").count_messages([message]) == reference([message])
+
+
+@settings(max_examples=300, deadline=None)
 @given(
     st.dictionaries(
         st.one_of(_TEXT, st.integers(), st.booleans()),
@@ -208,10 +231,14 @@ def test_dumps_writes_what_the_json_encoder_writes(value: dict[Any, Any]) -> Non
 
 
 def test_dumps_of_string_subclasses_and_other_mappings_matches_the_encoder() -> None:
-    class Label(str):
-        pass
-
-    for value in ({Label("k"): Label("v\n")}, {"k": Label("é")}, {}, [], "s", MappingProxyType({})):
+    for value in (
+        {_Label("k"): _Label("v\n")},
+        {"k": _Label("é")},
+        {},
+        [],
+        "s",
+        MappingProxyType({}),
+    ):
         plain = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
         assert tokens_module._dumps(value) == plain
 
