@@ -535,10 +535,17 @@ class _Counting:
                         continue
                 keep = None
                 pydantic = False
-                fields = getattr(message, "__dict__", None)
-                if plain and type(fields) is dict:
-                    # what _reader reads, merged over absent fields: subscripts, not calls
-                    extra_attr = getattr(message, "__pydantic_extra__", None)
+                # what _reader reads, read by subscript; attributes read as ``getattr(message,
+                # key, None)`` reads them, without its call
+                try:
+                    fields = message.__dict__ if plain else None
+                except AttributeError:
+                    fields = None
+                if type(fields) is dict:
+                    try:
+                        extra_attr = message.__pydantic_extra__
+                    except AttributeError:
+                        extra_attr = None
                     if not extra_attr:
                         f = fields
                         if "content" in fields:
