@@ -382,13 +382,7 @@ _MESSAGE_KEYS = (
 #: else its pydantic extra, else ``None`` for every key above (see :func:`_plain_attr`); never
 #: for a mapping.
 _PLAIN_MESSAGES: dict[type, bool] = {}
-#: ``_MESSAGE_KEYS`` at ``None``: a message's fields merged over it read every key by subscript
-_NO_FIELDS: dict[str, Any] = dict.fromkeys(_MESSAGE_KEYS)
 _UNREAD: Any = object()  # a field not read yet
-#: the keys ``_call`` reads from a tool call, at ``None``
-_NO_CALL_FIELDS: dict[str, Any] = dict.fromkeys(
-    ("name", "tool_name", "arguments", "args", "input", "tool_kwargs", "id", "tool_id")
-)
 
 
 def _plain_attr(cls: type, key: str) -> bool:
