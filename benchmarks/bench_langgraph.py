@@ -38,11 +38,13 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from _agent_loop import Variant, interleaved_medians, print_ratios
-from langchain_core.runnables import RunnableLambda
+from langchain_core.language_models import BaseChatModel
+from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
@@ -133,6 +135,79 @@ def guarded(steps: int, guard: ag.Guard, steps_in: str = "node") -> tuple[Any, S
     return gg.bind(b.compile()), model
 
 
+class _Passthrough(BaseChatModel):
+    """A chat model wrapper that only forwards (``floor``): what wrapping a model costs."""
+
+    model: BaseChatModel
+
+    @property
+    def _llm_type(self) -> str:
+        return "passthrough"
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        return self.bind(**self.model.bind_tools(tools, **kwargs).kwargs)  # type: ignore[attr-defined]
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any) -> Any:
+        return self.model._generate(messages, stop=stop, **kw)
+
+    async def _agenerate(
+        self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> Any:
+        return await self.model._agenerate(messages, stop=stop, **kw)
+
+
+_MODEL_SPEND = {
+    "cost_usd": Decimal("0.0014"),
+    "tokens": 84,
+    "input_tokens": 64,
+    "output_tokens": 20,
+    "model_calls": 1,
+    "steps": 1,
+}
+_TOOL_SPEND = {"tool_calls": 1, "tool_calls_by_name": {"lookup": 1}}
+
+
+class _WritingToolNode(ToolNode):
+    """``ToolNode`` with a pass-through tool wrapper whose update carries a constant spend."""
+
+    def _func(self, input: Any, config: RunnableConfig, runtime: Any) -> Any:
+        return {**super()._func(input, config, runtime), "agentguard": _TOOL_SPEND}
+
+    async def _afunc(self, input: Any, config: RunnableConfig, runtime: Any) -> Any:
+        return {**await super()._afunc(input, config, runtime), "agentguard": _TOOL_SPEND}
+
+
+def floor(steps: int) -> tuple[Any, ScriptedChatModel]:
+    """What any guard of this shape costs before it decides anything: the guarded graph's
+    integration points with no guard logic — a chat model wrapper that only forwards, the
+    ``BudgetState`` key, a constant spend written by the agent node and by the tool node (through
+    a pass-through tool wrapper)."""
+    model = scripted(steps)
+    llm = _Passthrough(model=model).bind_tools([lookup])
+
+    def agent(state: State) -> dict[str, Any]:
+        return {"messages": [llm.invoke(state["messages"])], "agentguard": _MODEL_SPEND}
+
+    async def aagent(state: State) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(state["messages"])], "agentguard": _MODEL_SPEND}
+
+    def passing(request: Any, handler: Any) -> Any:
+        return handler(request)
+
+    async def apassing(request: Any, handler: Any) -> Any:
+        return await handler(request)
+
+    b = StateGraph(State)
+    b.add_node("agent", RunnableLambda(agent, afunc=aagent))
+    b.add_node(
+        "tools", _WritingToolNode([lookup], wrap_tool_call=passing, awrap_tool_call=apassing)
+    )
+    b.add_edge(START, "agent")
+    b.add_conditional_edges("agent", tools_condition)
+    b.add_edge("tools", "agent")
+    return b.compile(), model
+
+
 class _Served:
     """A :class:`OpenAIServer` seen as ``_agent_loop`` sees a scripted model: setting
     ``_calls`` restarts its script (``steps`` tool-calling answers, then text), ``calls`` is
@@ -207,6 +282,7 @@ def bench(
     drift in the machine's load hits them all alike."""
     tmp = Path(tempfile.mkdtemp(prefix="agentguard-bench-"))
     base, base_model = bare(steps)
+    low, low_model = floor(steps)
     g_off = ag.Guard(policy(), traces=False)
     node, node_model = guarded(steps, g_off, "node")
     edge, edge_model = guarded(steps, g_off, "route")
@@ -230,6 +306,7 @@ def bench(
     variants: dict[str, Variant] = {}
     for name, graph, model in (
         ("bare graph", base, base_model),
+        ("integration floor (no guard logic)", low, low_model),
         ("guarded, steps in the node", node, node_model),
         ("guarded, steps in route edges", edge, edge_model),
         ("guarded, steps in the node + SQLite", sql, sql_model),
