@@ -41,6 +41,7 @@ from langgraph.graph import END
 from langgraph.prebuilt import ToolNode
 from langgraph.runtime import get_runtime
 from langgraph.types import Command
+from typing_extensions import TypedDict  # the one LangGraph's own state schemas use
 
 from agentguard import BudgetExceeded, PolicyError, current_task
 from agentguard_langchain import AgentGuardMiddleware, BudgetedChatModel
@@ -186,12 +187,26 @@ def _at_cap(task: Task, spent: Spent) -> bool:
     return cap is not None and spent.steps >= cap
 
 
+class _RouteInput(TypedDict, total=False):
+    """What :meth:`GraphGuard.route` reads of the state: a key of its own that no node writes.
+
+    LangGraph takes a conditional edge's input schema from its callable's type hints and reads
+    only that schema's keys, fresh (the step's writes applied to copies of those channels).
+    The guard decides from the task, not the state: asking for the whole state would copy the
+    conversation's channel and re-apply its reducer on every edge (~40 Python calls).
+    """
+
+    agentguard_route: None
+
+
 class _Edge(Runnable[Any, Any]):
     """A conditional-edge function as LangGraph takes it: a ``Runnable`` it calls as is.
 
     A plain function would be wrapped in a traced runnable (a callback run per call) and,
     under ``ainvoke``, run in a thread pool; the guard's decision takes microseconds and
     never blocks, so it is called directly, sync and async. Also callable: ``edge(state)``.
+    Its type hints (what LangGraph reads an edge's input schema from) name
+    :class:`_RouteInput`, so the edge reads no channel a node writes.
     """
 
     def __init__(
@@ -200,6 +215,7 @@ class _Edge(Runnable[Any, Any]):
         self._decide = decide
         self._adecide = adecide
         self.name = name
+        self.__annotations__ = {"state": _RouteInput}
 
     def __call__(self, state: Any = None) -> Any:
         return self._decide(state)

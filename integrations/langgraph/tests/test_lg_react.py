@@ -344,3 +344,31 @@ async def test_route_sends_a_downgraded_run_to_the_users_own_node(mode: str) -> 
     assert len(visits) in (len(mini.seen) - 1, len(mini.seen) - 2)
     assert out["agentguard"]["decisions"][0] == "model:downgrade"
     assert out["messages"][-1].tool_calls == []
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_the_route_edge_reads_no_channel_a_node_writes(mode: str) -> None:
+    """LangGraph reads a conditional edge's input fresh (the step's writes applied to copies of
+    the channels it reads): the route asks for none of the state's keys, so no step copies the
+    conversation for it, and the graph's state and output carry no key of the route's."""
+    guard = ag.Guard(ag.Policy(max_steps=4, on_limit="finish"), traces=False)
+    gg = GraphGuard(guard)
+    seen: list[Any] = []
+    edge: Any = gg.route
+    decide, adecide = edge._decide, edge._adecide
+
+    def spy(state: Any) -> Any:
+        seen.append(state)
+        return decide(state)
+
+    async def aspy(state: Any) -> Any:
+        seen.append(state)
+        return await adecide(state)
+
+    edge._decide, edge._adecide = spy, aspy
+    graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o")))
+    out = graph.invoke(user()) if mode == "sync" else await graph.ainvoke(user())
+    assert len(seen) == 4  # START and three tool steps, each routed once
+    assert all(state == {} for state in seen), seen
+    assert set(out) == {"messages", "agentguard"}
+    assert out["agentguard"]["steps"] == 4
