@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage
 from langchain_core.runnables import RunnableLambda
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.prebuilt import tools_condition
 from langgraph.types import RetryPolicy
@@ -366,9 +367,16 @@ async def test_the_route_edge_reads_no_channel_a_node_writes(mode: str) -> None:
         return await adecide(state)
 
     edge._decide, edge._adecide = spy, aspy
-    graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o")))
-    out = graph.invoke(user()) if mode == "sync" else await graph.ainvoke(user())
+    saver = InMemorySaver()
+    graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o"), checkpointer=saver))
+    config: Any = {"configurable": {"thread_id": f"route-{mode}"}}
+    out = graph.invoke(user(), config) if mode == "sync" else await graph.ainvoke(user(), config)
     assert len(seen) == 4  # START and three tool steps, each routed once
     assert all(state == {} for state in seen), seen
     assert set(out) == {"messages", "agentguard"}
     assert out["agentguard"]["steps"] == 4
+    # the route's own key is a channel of the compiled graph, never written nor checkpointed
+    assert "agentguard_route" in graph.graph.channels
+    assert set(graph.graph.get_state(config).values) == {"messages", "agentguard"}
+    for saved in saver.list(config):
+        assert "agentguard_route" not in saved.checkpoint["channel_values"]
