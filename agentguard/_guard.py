@@ -523,7 +523,8 @@ class Task:
         load: bool = True,
     ) -> None:
         self.guard = guard
-        self.id = task_id or uuid.uuid4().hex[:12]
+        # 12 random hex digits, as uuid4().hex[:12] gives, without building a UUID
+        self.id = task_id or os.urandom(6).hex()
         self.parent = parent
         base_tags = parent.tags if parent is not None else guard.tags
         self.tags: dict[str, str] = {**base_tags, **tags}
@@ -1486,16 +1487,26 @@ class Task:
             await self._aclose(exc)
 
     def _close(self, exc: BaseException | None) -> None:
-        drive(self._close_steps(exc))
+        if self._open:
+            drive(self._close_steps(exc))
+        else:  # nothing to release: no store operation, no steps to drive
+            self._closed(exc)
 
     async def _aclose(self, exc: BaseException | None) -> None:
-        await adrive(self._close_steps(exc))
+        if self._open:
+            await adrive(self._close_steps(exc))
+        else:
+            self._closed(exc)
 
     def _close_steps(self, exc: BaseException | None) -> Steps[None]:
         with self._lock:
             leftovers = list(self._open.values())
         for call in leftovers:  # a call that never ended must not hold budget forever
             yield from call._fail_steps(RuntimeError("task closed while the call was open"))
+        self._closed(exc)
+
+    def _closed(self, exc: BaseException | None) -> None:
+        """The task's status, span and record, once no call of it holds budget."""
         self.ended = time.time()
         if isinstance(exc, BudgetExceeded):
             self.status = "stopped"
@@ -1509,11 +1520,14 @@ class Task:
         self.span.status = self.status
         self.span.usage = usage
         self.span.cost_usd = self.cost_usd
+        guard = self.guard
+        if guard.sink.__class__ is _NULL_SINK:  # traces off: no span or record to build
+            return
         counts: dict[str, int] = {}
         for rec in self.decisions:
             counts[rec.action] = counts.get(rec.action, 0) + 1
-        self.guard._write([self.span])
-        self.guard._write_task(
+        guard._write([self.span])
+        guard._write_task(
             TaskRecord(
                 task_id=self.id,
                 parent_id=self.parent.id if self.parent else None,
