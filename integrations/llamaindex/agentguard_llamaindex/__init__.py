@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     "Instrumentation": "_handler",
     "instrument": "_handler",
     "BudgetedLLM": "_llm",
+    "GuardedFunctionTool": "_agent",
     "GuardedTool": "_agent",
     "guard_agent": "_agent",
     "TokenBudgetPostprocessor": "_postprocess",
@@ -29,6 +30,7 @@ __all__ = [
     "AgentGuardSpanHandler",
     "BudgetRateLimiter",
     "BudgetedLLM",
+    "GuardedFunctionTool",
     "GuardedTool",
     "Instrumentation",
     "TokenBudgetPostprocessor",
@@ -48,7 +50,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from agentguard_llamaindex._agent import GuardedTool, guard_agent
+    from agentguard_llamaindex._agent import GuardedFunctionTool, GuardedTool, guard_agent
     from agentguard_llamaindex._handler import (
         AgentGuardEventHandler,
         AgentGuardSpanHandler,

@@ -7,7 +7,8 @@
   and reserved; at a cap under ``on_limit="finish"`` the next call is the graceful final answer
   (no tools, output-capped), which ends the agent's run; under ``"raise"``
   :class:`~agentguard.BudgetExceeded` comes out of ``await agent.run(...)``;
-* its tools become :class:`GuardedTool` s — each call counts against ``max_tool_calls`` and
+* its tools become :class:`GuardedTool` s (a ``FunctionTool`` that takes the workflow
+  ``Context``: a :class:`GuardedFunctionTool`) — each call counts against ``max_tool_calls`` and
   ``tool_limits``; a call over a cap is not made (the model reads why) and the next model call
   is the final one;
 * the instrumentation is attached (:func:`~agentguard_llamaindex.instrument`): each agent
@@ -32,7 +33,7 @@ from agentguard_llamaindex._common import defer_stop, metered_here
 if TYPE_CHECKING:
     from agentguard import Task
 
-__all__ = ["BLOCKED_TOOL_MESSAGE", "GuardedTool", "guard_agent"]
+__all__ = ["BLOCKED_TOOL_MESSAGE", "GuardedFunctionTool", "GuardedTool", "guard_agent"]
 
 #: What the model reads instead of a tool's output when a cap blocks the call.
 BLOCKED_TOOL_MESSAGE = "[agentguard: this tool call was not made: {reason}. Answer without it.]"
@@ -99,8 +100,10 @@ class GuardedTool(AsyncBaseTool):
         if call.allowed:
             return call, None
         text = self.blocked_message.format(reason=call.decision.reason)
+        ctx = getattr(self.tool, "ctx_param_name", None)  # a Context is not part of the input
+        raw_input = {k: v for k, v in kwargs.items() if k != ctx} if ctx else kwargs
         return None, ToolOutput(
-            content=text, tool_name=name, raw_input=kwargs, raw_output=None, is_error=True
+            content=text, tool_name=name, raw_input=raw_input, raw_output=None, is_error=True
         )
 
     def call(self, *args: Any, **kwargs: Any) -> ToolOutput:
@@ -135,17 +138,61 @@ class GuardedTool(AsyncBaseTool):
         return out
 
 
+class GuardedFunctionTool(FunctionTool):
+    """A ``FunctionTool`` that takes the workflow ``Context``, gated as :class:`GuardedTool`
+    gates a tool.
+
+    A workflow agent injects its ``Context`` only into a tool it sees as a ``FunctionTool``
+    that requires one, so such a tool stays a ``FunctionTool``: this one carries the wrapped
+    tool's function, metadata, callbacks and context parameter, and its calls go through a
+    :class:`GuardedTool` (counted against the tool caps; a call over a cap is not made). The
+    context is passed on to the function and left out of a blocked call's ``raw_input``.
+
+    Example:
+        >>> import agentguard as ag
+        >>> from llama_index.core.tools import FunctionTool
+        >>> from llama_index.core.workflow import Context
+        >>> def note(ctx, text: str) -> str:
+        ...     "Keep a note."
+        ...     return f"noted: {text}"
+        >>> note.__annotations__["ctx"] = Context  # i.e. def note(ctx: Context, text: str)
+        >>> guard = ag.Guard(ag.Policy(max_tool_calls=1, on_limit="finish"), traces=False)
+        >>> tool = GuardedFunctionTool(FunctionTool.from_defaults(note), guard)
+        >>> tool.requires_context, tool.ctx_param_name
+        (True, 'ctx')
+        >>> with guard.task("t1"):
+        ...     first, second = tool.call(ctx=None, text="a"), tool.call(ctx=None, text="b")
+        >>> first.content, second.is_error, second.raw_input
+        ('noted: a', True, {'text': 'b'})
+    """
+
+    _agentguard_meters = True  # the instrumentation leaves its calls to it
+
+    def __init__(
+        self, tool: FunctionTool, guard: Guard, *, blocked_message: str = BLOCKED_TOOL_MESSAGE
+    ) -> None:
+        # the wrapped tool's state (function, metadata, callbacks, partial params, context
+        # parameter) as is: not rebuilt from its function, which may be a partial or a callable
+        self.__dict__.update(tool.__dict__)
+        self.gate = GuardedTool(tool, guard, blocked_message=blocked_message)
+
+    def call(self, *args: Any, **kwargs: Any) -> ToolOutput:
+        return self.gate.call(*args, **kwargs)
+
+    async def acall(self, *args: Any, **kwargs: Any) -> ToolOutput:
+        return await self.gate.acall(*args, **kwargs)
+
+
 def _guard_tool(tool: Any, guard: Guard) -> Any:
-    if isinstance(tool, GuardedTool):
+    if isinstance(tool, GuardedTool | GuardedFunctionTool):
         return tool
     if not isinstance(tool, BaseTool):
         if not callable(tool):
             return tool
         tool = FunctionTool.from_defaults(tool)
     if isinstance(tool, FunctionTool) and tool.requires_context:
-        # the agent injects its Context only into a FunctionTool it sees as such: such a tool
-        # is counted by the instrumentation but cannot be blocked
-        return tool
+        # the agent injects its Context only into a FunctionTool it sees as such
+        return GuardedFunctionTool(tool, guard)
     return GuardedTool(tool, guard)
 
 

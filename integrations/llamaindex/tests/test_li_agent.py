@@ -15,10 +15,11 @@ import pytest
 from li_support import clean_llamaindex_state, in_fresh_loop
 from llama_index.core.agent.workflow import AgentWorkflow, FunctionAgent, ReActAgent
 from llama_index.core.tools import FunctionTool
+from llama_index.core.workflow import Context
 
 import agentguard as ag
 from agentguard import MemorySink
-from agentguard_llamaindex import GuardedTool, guard_agent, instrument
+from agentguard_llamaindex import GuardedFunctionTool, GuardedTool, guard_agent, instrument
 from agentguard_llamaindex._llm import DEFAULT_FINISH_PROMPT
 from agentguard_llamaindex.testing import ScriptedLLM
 
@@ -232,3 +233,42 @@ async def test_guarding_twice_changes_nothing() -> None:
         await run(agent)
     assert task.steps == 2
     assert task.model_calls == 3
+
+
+@pytest.mark.parametrize("how", ["await", "stream"])
+@in_fresh_loop
+async def test_a_tool_taking_the_workflow_context_is_capped_and_gets_its_context(
+    how: str,
+) -> None:
+    """A FunctionTool whose function takes the workflow ``Context``: the agent still injects
+    the context (the guarded tool is still a FunctionTool requiring one), and the cap blocks
+    the call over it — the function does not run."""
+    g = make_guard(tool_limits={"search": 2}, on_limit="finish")
+    contexts: list[Any] = []
+
+    async def search(ctx: Context, query: str) -> str:
+        """Search the order system."""
+        contexts.append(ctx)
+        await ctx.store.set("searches", len(contexts))
+        return f"result {len(contexts)} for {query}: nothing conclusive"
+
+    # LlamaIndex finds the context parameter by its annotation object; this module's
+    # annotations are strings (``from __future__ import annotations``)
+    search.__annotations__ = {"ctx": Context, "query": str, "return": str}
+    llm = runaway()
+    agent = guard_agent(FunctionAgent(tools=[FunctionTool.from_defaults(search)], llm=llm), g)
+    assert isinstance(agent.tools[0], GuardedFunctionTool)
+    async with g.task("t") as task:
+        result = await run(agent, how)
+    assert str(result) == FINAL
+    assert len(contexts) == 2  # the third call was blocked, not made
+    assert all(isinstance(c, Context) for c in contexts)
+    assert task.tool_calls == 2
+    assert [d.limit for d in task.decisions if d.action == "block"] == ["tool_limits.search"]
+    assert llm.seen[-1]["tools"] == []
+    last = [t.tool_output for t in result.tool_calls][-1]
+    assert last.is_error and "not made" in last.content
+    assert set(last.raw_input) == {"query"}  # the Context is not part of the input
+    # the tool spans are the guard's own, one per call made, not the instrumentation's too
+    spans = [s for s in g.sink.spans if s.kind == "tool" and s.task_id == "t"]
+    assert len([s for s in spans if s.decision == "allow"]) == 2

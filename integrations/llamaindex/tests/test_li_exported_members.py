@@ -15,6 +15,7 @@ EXPECTED = {
     "AgentGuardSpanHandler",
     "BudgetRateLimiter",
     "BudgetedLLM",
+    "GuardedFunctionTool",
     "GuardedTool",
     "Instrumentation",
     "TokenBudgetPostprocessor",
