@@ -184,8 +184,9 @@ class Guard:
     Args:
         policy: a :class:`Policy`, a mapping of policy fields, or a path to a TOML/YAML file.
         store: where budgets live; :class:`MemoryStore` by default.
-        traces: a trace sink, a path (``.db`` SQLite, ``.jsonl``), ``"memory"``, ``None`` for
-            the default ``agentguard.db``, or ``False`` for no traces.
+        traces: a trace sink, a path (``.db`` SQLite, ``.jsonl``), ``"memory"``, ``"otel"``
+            (:class:`OTelSink` on the global OpenTelemetry providers), ``None`` for the
+            default ``agentguard.db``, or ``False`` for no traces.
         prices: a :class:`PriceBook` (genai-prices plus overrides); a default one if omitted.
         tags: attribution tags every task inherits (``env="prod"``, ``org="acme"``).
         capture_content: store prompt and completion text in traces (off by default).

@@ -192,7 +192,7 @@ class OTelSink:
     ) -> None:
         try:
             from opentelemetry import metrics, trace
-        except ImportError as exc:  # pragma: no cover - the dev environment has it
+        except ImportError as exc:
             raise ImportError(
                 'OTelSink needs opentelemetry-api: pip install "agentguard[otel]"'
             ) from exc

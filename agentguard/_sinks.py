@@ -840,12 +840,16 @@ def open_sink(spec: SinkSpec) -> TraceSink:
       in the current directory;
     * ``False``, ``"off"``, ``"none"``: no traces (:class:`NullSink`);
     * ``"memory"`` / ``":memory:"``: :class:`MemorySink`;
+    * ``"otel"``: :class:`~agentguard.OTelSink` on the global OpenTelemetry providers (the
+      ``otel`` extra);
     * a path ending in ``.jsonl``: :class:`JSONLSink`; in ``.db``, ``.sqlite`` or ``.sqlite3``:
       :class:`SQLiteSink`;
     * a sink object is returned as it is.
 
     Raises:
         ValueError: any other value (the message names it).
+        ImportError: ``"otel"`` without opentelemetry-api installed (the message names the
+            extra to install).
 
     Example:
         >>> open_sink(False)
@@ -863,6 +867,10 @@ def open_sink(spec: SinkSpec) -> TraceSink:
             return NullSink()
         if text in ("memory", ":memory:"):
             return MemorySink()
+        if text.lower() == "otel":  # (ImportError naming the extra without opentelemetry-api)
+            from agentguard._otel import OTelSink
+
+            return OTelSink()
         suffix = Path(text).suffix.lower()
         if suffix == ".jsonl":
             return JSONLSink(text)
@@ -870,12 +878,12 @@ def open_sink(spec: SinkSpec) -> TraceSink:
             return SQLiteSink(text)
         raise ValueError(
             f"trace={text!r}: expected a path ending in .db, .sqlite, .sqlite3 or .jsonl, "
-            "'memory', False, or a sink object"
+            "'memory', 'otel', False, or a sink object"
         )
     if isinstance(spec, TraceSink):
         return spec
     raise ValueError(
-        f"trace={spec!r}: expected a path, 'memory', None, False, or an object with "
+        f"trace={spec!r}: expected a path, 'memory', 'otel', None, False, or an object with "
         "write_spans / write_task / flush / close"
     )
 

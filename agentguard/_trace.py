@@ -429,8 +429,9 @@ class TraceSink(Protocol):
         """Record the summary of a finished task."""
         ...
 
-    def flush(self) -> None:
-        """Persist everything buffered so far."""
+    def flush(self) -> object:
+        """Persist everything buffered so far. What it returns is the sink's own (e.g.
+        :class:`~agentguard.OTelSink` says whether its queue drained); callers ignore it."""
         ...
 
     def close(self) -> None:

@@ -264,7 +264,8 @@ def test_import_agentguard_does_not_import_opentelemetry() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_global_providers_are_used_by_default() -> None:
+@pytest.mark.parametrize("traces", ["ag.OTelSink()", "'otel'"])
+def test_global_providers_are_used_by_default(traces: str) -> None:
     code = (
         "from opentelemetry import trace\n"
         "from opentelemetry.sdk.trace import TracerProvider\n"
@@ -273,7 +274,8 @@ def test_global_providers_are_used_by_default() -> None:
         "import agentguard as ag\n"
         "e = InMemorySpanExporter(); tp = TracerProvider()\n"
         "tp.add_span_processor(SimpleSpanProcessor(e)); trace.set_tracer_provider(tp)\n"
-        "g = ag.Guard(traces=ag.OTelSink())\n"
+        f"g = ag.Guard(traces={traces})\n"
+        "assert type(g.sink).__name__ == 'OTelSink'\n"
         "tracer = trace.get_tracer('app')\n"
         "with tracer.start_as_current_span('request') as req:\n"
         "    with g.task('t') as t:\n"
@@ -351,3 +353,9 @@ def test_an_exporter_failure_is_logged_and_the_worker_goes_on() -> None:
     assert otel.sink.errors == 1
     assert [e["event"] for e in logs] == ["agentguard.trace_error"]
     assert {(s.attributes or {})["agentguard.task_id"] for s in spans} >= {"b"}
+
+
+def test_otel_traces_without_opentelemetry_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"agentguard\[otel\]"):
+        ag.Guard(traces="otel")
