@@ -770,14 +770,28 @@ class Task:
         if not soft:
             self._balances.update(balances)
             return
-        before = self._headroom().fraction_spent
+        before = self._committed_fraction()[0]
         self._balances.update(balances)
-        after = self._headroom().fraction_spent
+        after, budget = self._committed_fraction()
         for f in crossed_soft_limits(soft, before, after):
-            self._soft_limit(f, after)
+            self._soft_limit(f, after, budget)
 
-    def _soft_limit(self, fraction: float, now_fraction: float) -> None:
-        key = (self._headroom().budget or self._key, fraction)
+    def _committed_fraction(self) -> tuple[float, str | None]:
+        """The largest committed spend / limit over the task's money budgets, and that budget:
+        what soft limits read — money spent, not the worst cases reserved for calls in flight
+        (a reservation that is mostly released must not raise an alert)."""
+        money, _tokens = self._line_limits()
+        fraction, budget = 0.0, None
+        for key, lim in money:
+            bal = self._balances.get(key)
+            used = _ZERO if bal is None else bal.committed.get("cost_usd", _ZERO)
+            f = float(used / lim) if lim > 0 else 1.0
+            if budget is None or f > fraction:
+                fraction, budget = f, key
+        return fraction, budget
+
+    def _soft_limit(self, fraction: float, now_fraction: float, budget: str | None) -> None:
+        key = (budget or self._key, fraction)
         if key in self._soft_seen:
             return
         self._soft_seen.add(key)

@@ -114,8 +114,9 @@ class Policy(_Frozen):
     * ``max_output_tokens`` — the output cap bound on *each* model call.
     * ``context_budget_tokens`` — retrieved context per call, for the trimmers.
 
-    Behaviour: ``soft_limits`` (fractions of a ceiling that log a warning once each),
-    ``downgrade`` (the ladder), ``on_limit`` (``raise`` / ``finish`` / ``warn``),
+    Behaviour: ``soft_limits`` (fractions of a ceiling that log a warning once each when the
+    money spent, not reserved, crosses them), ``downgrade`` (the ladder), ``on_limit``
+    (``raise`` / ``finish`` / ``warn``),
     ``finish_output_tokens`` (the cap of the graceful final answer, kept in reserve),
     ``budgets`` (enclosing team / org / window budgets) and ``tags`` (default attribution).
 

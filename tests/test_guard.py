@@ -297,6 +297,24 @@ def test_soft_limits_log_once_each() -> None:
     assert [d.action for d in task.decisions if d.kind == "soft_limit"] == ["soft_limit"] * 2
 
 
+def test_soft_limits_read_money_spent_not_reserved() -> None:
+    """A call's reservation (its worst case) can pass a soft limit that its real cost does not:
+    the alert comes when the spend does, and names the budget it was spent on."""
+    g = guard(max_cost_usd="0.01", soft_limits=(0.5,))
+    with capture_logs() as logs, g.task() as task:
+        # gpt-4o: 100 in + up to 1000 out reserve ~$0.01025 -> capped to fit, well over 50%
+        call = task.start_model_call("gpt-4o", input_tokens=100, max_tokens=1000)
+        assert call.decision.reserve_usd is not None
+        assert call.decision.reserve_usd > Decimal("0.005")
+        assert not [e for e in logs if e["event"] == "agentguard.soft_limit"]
+        call.end(ag.Usage(100, 20))  # $0.00045: 4.5% spent
+        assert not [e for e in logs if e["event"] == "agentguard.soft_limit"]
+        task.start_model_call("gpt-4o", input_tokens=100).end(ag.Usage(100, 500))  # +$0.00525
+    soft = [e for e in logs if e["event"] == "agentguard.soft_limit"]
+    assert [(e["threshold"], e["budget"]) for e in soft] == [(0.5, "task:" + task.id)]
+    assert soft[0]["spent_fraction"] == pytest.approx(0.57)
+
+
 def test_current_task_follows_threads_with_copied_context_and_asyncio() -> None:
     g = guard()
     with g.task("outer") as outer:
