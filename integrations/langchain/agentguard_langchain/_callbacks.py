@@ -98,30 +98,6 @@ def _retry_attempt(tags: Sequence[str] | None) -> int | None:
     return None
 
 
-def _message_dicts(messages: Sequence[Any]) -> list[Any]:
-    """LangChain messages as plain mappings (the handler now hands the guard the message
-    objects, whose counts the counter keeps; this is the same count, read from mappings).
-
-    Same count as the message objects (role, content, name, tool calls, tool call id), but
-    read from each model's field dict: looking up a field a pydantic message does not have
-    (``role``, ``tool_call_id`` on a human message...) costs microseconds per miss.
-    Anything that is not a LangChain message is passed through as it is.
-    """
-    out: list[Any] = []
-    for m in messages:
-        fields = getattr(m, "__dict__", None)
-        if not fields or "type" not in fields or "content" not in fields:
-            out.append(m)
-            continue
-        d = {"role": fields.get("role") or fields["type"], "content": fields["content"]}
-        for key in ("name", "tool_calls", "tool_call_id", "additional_kwargs"):
-            value = fields.get(key)
-            if value:
-                d[key] = value
-        out.append(d)
-    return out
-
-
 def _usage_record(message: Any) -> Any:
     """The usage a message reports (a ``Usage``), or its raw record when malformed — the core
     then charges the call's bound and logs it instead of breaking the run — or ``None``."""

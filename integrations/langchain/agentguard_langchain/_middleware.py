@@ -40,7 +40,7 @@ from langchain.agents.middleware.types import (
 )
 from langchain.agents.structured_output import ProviderStrategy
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.channels.untracked_value import UntrackedValue
@@ -127,37 +127,6 @@ def refused_tool_call(
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def _form(m: BaseMessage) -> dict[str, Any]:
-    """A message as the mapping the guard's token counter reads (the same count as the
-    message object, without attribute look-ups that miss on pydantic models)."""
-    return {
-        "role": getattr(m, "role", None) or m.type,
-        "content": m.content,
-        "name": m.name,
-        "tool_calls": getattr(m, "tool_calls", None),
-        "additional_kwargs": m.additional_kwargs,
-        "function_call": None,
-        "tool_call_id": getattr(m, "tool_call_id", None),
-    }
-
-
-def _forms(
-    cache: dict[int, tuple[BaseMessage, dict[str, Any]]],
-    messages: Sequence[BaseMessage],
-    system: BaseMessage | None,
-) -> list[dict[str, Any]]:
-    """The request's messages as counted mappings, each converted once per ``cache``
-    (the same count as the message objects, which the guard is now given directly)."""
-    out = []
-    for m in (system, *messages) if system is not None else messages:
-        hit = cache.get(id(m))
-        if hit is None or hit[0] is not m:
-            hit = (m, _form(m))
-            cache[id(m)] = hit
-        out.append(hit[1])
-    return out
 
 
 def _note(message: AIMessage, note: str) -> str | list[str | dict[str, Any]]:

@@ -731,11 +731,23 @@ async def test_a_task_of_another_guard_is_not_charged() -> None:
     assert [r.model_calls for r in sink_of(g).tasks] == [1]
 
 
-def test_messages_are_counted_as_the_core_counts_message_objects() -> None:
-    """The handler hands the counter plain mappings (faster); the count must not change."""
-    from langchain_core.messages import ChatMessage, HumanMessage, SystemMessage
+def _as_mapping(m: Any) -> Any:
+    """A LangChain message as the plain mapping of the same message (role, content, name,
+    tool calls, tool call id, extra kwargs); anything else as it is."""
+    fields = getattr(m, "__dict__", None)
+    if not fields or "type" not in fields or "content" not in fields:
+        return m
+    d = {"role": fields.get("role") or fields["type"], "content": fields["content"]}
+    for key in ("name", "tool_calls", "tool_call_id", "additional_kwargs"):
+        if fields.get(key):
+            d[key] = fields[key]
+    return d
 
-    from agentguard_langchain._callbacks import _message_dicts
+
+def test_message_objects_count_as_the_same_messages_given_as_mappings() -> None:
+    """The handler and the middleware hand the counter LangChain's message objects (their
+    counts are kept across calls); each counts exactly as the same message as a mapping."""
+    from langchain_core.messages import ChatMessage, HumanMessage, SystemMessage
 
     msgs: list[Any] = [
         SystemMessage("You help."),
@@ -743,8 +755,10 @@ def test_messages_are_counted_as_the_core_counts_message_objects() -> None:
         HumanMessage(
             [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}]
         ),
+        HumanMessage([{"type": "text", "text": "and this photo"}, {"type": "image_url"}]),
         AIMessage("", tool_calls=[{"name": "search", "args": {"q": "x"}, "id": "c1"}]),
         ToolMessage("result", tool_call_id="c1"),
+        ToolMessage("order 1182: shipped late", tool_call_id="c1", name="lookup"),
         AIMessage(
             "",
             additional_kwargs={
@@ -753,14 +767,19 @@ def test_messages_are_counted_as_the_core_counts_message_objects() -> None:
                 ]
             },
         ),
+        AIMessage("", additional_kwargs={"function_call": {"name": "x", "arguments": "{}"}}),
         ChatMessage(role="critic", content="meh"),
         AIMessageChunk(content="partial"),
+        AIMessage("It ships on Friday."),
         "a bare prompt string",
     ]
-    for model in ("gpt-4o-mini", "gpt-4", "claude-3-5-haiku"):
+    for model in ("gpt-4o", "gpt-4o-mini", "gpt-4", "gpt-3.5-turbo", "claude-3-5-haiku"):
         counter = ag.counter_for(model)
         for m in msgs:
-            assert counter.count_messages(_message_dicts([m])) == counter.count_messages([m])
+            assert counter.count_messages([_as_mapping(m)]) == counter.count_messages([m]), m
+        assert counter.count_messages([_as_mapping(m) for m in msgs]) == counter.count_messages(
+            msgs
+        )
 
 
 def test_handler_flags_and_tag_names() -> None:

@@ -585,31 +585,6 @@ def _no_leaked_current_task() -> Iterator[None]:
     assert ag.current_task() is None
 
 
-def test_messages_are_counted_as_the_guard_counts_the_objects() -> None:
-    """The middleware hands the counter plain mappings (made once per message per run); they
-    must count exactly as the LangChain message objects do."""
-    from langchain_core.messages import ChatMessage, HumanMessage, SystemMessage
-
-    from agentguard_langchain._middleware import _forms
-
-    messages: list[BaseMessage] = [
-        HumanMessage("Where is my parcel?", name="ana"),
-        HumanMessage([{"type": "text", "text": "and this photo"}, {"type": "image_url"}]),
-        AIMessage("", tool_calls=[{"name": "lookup", "args": {"query": "1182"}, "id": "c1"}]),
-        ToolMessage("order 1182: shipped late", tool_call_id="c1", name="lookup"),
-        AIMessage("", additional_kwargs={"function_call": {"name": "x", "arguments": "{}"}}),
-        ChatMessage(role="critic", content="Too long."),
-        AIMessage("It ships on Friday."),
-    ]
-    system = SystemMessage("You are a support agent.")
-    for model in ("gpt-4o", "claude-3-5-haiku", "gpt-3.5-turbo"):
-        counter = ag.counter_for(model)
-        cache: dict[int, Any] = {}
-        forms = _forms(cache, messages, system)
-        assert counter.count_messages(forms) == counter.count_messages([system, *messages])
-        assert _forms(cache, messages, system)[1] is forms[1]  # converted once
-
-
 @MODES
 def test_when_not_even_the_final_answer_fits_the_run_ends_with_a_message(mode: str) -> None:
     g = make_guard(max_cost_usd="0.0001", on_limit="finish")  # less than the prompt costs
