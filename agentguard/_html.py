@@ -34,7 +34,7 @@ from decimal import Decimal
 from typing import Any
 
 from agentguard._cli import format_usd
-from agentguard._sinks import SQLiteTraceReader, _span_from_row
+from agentguard._sinks import SQLiteTraceReader
 from agentguard._trace import DECISIONS, Span, TaskRecord
 
 __all__ = ["CSP", "MAX_DECISION_ROWS", "MAX_GROUP_ROWS", "MAX_SPANS_PER_TASK", "render_report"]
@@ -173,20 +173,6 @@ def _decision_label(s: Span) -> str | None:
     if s.decision == "allow":
         return "cap" if s.reason and "capped" in s.reason else None
     return s.decision
-
-
-def _decision_spans(
-    reader: SQLiteTraceReader, since: float | None, feature: str | None, team: str | None
-) -> list[Span]:
-    """Every span of the matching tasks that records a decision other than a plain allow."""
-    where, params = reader._where(since, feature, team)
-    rows = reader._query(
-        "SELECT * FROM spans WHERE (decision IS NOT NULL AND decision != 'allow'"
-        " OR (decision = 'allow' AND reason LIKE '%capped%'))"
-        f" AND task_id IN (SELECT task_id FROM tasks{where}) ORDER BY start_time, rowid",
-        params,
-    )
-    return [_span_from_row(r) for r in rows]
 
 
 def _saved(s: Span) -> Decimal | None:
@@ -810,7 +796,7 @@ def render_report(
     tasks = reader.tasks(**filters)
     totals = {by: reader.totals(by, **filters) for by in ("feature", "team", "model")}
     ranked = _ranked(tasks)
-    decision_spans = _decision_spans(reader, since, feature, team)
+    decision_spans = reader.decision_spans(since, feature, team)
     anchors = {t.task_id: i for i, t in enumerate(ranked[:waterfalls])}
     scope = [f"{len(tasks):,} task{'s' * (len(tasks) != 1)}"]
     if since is not None:

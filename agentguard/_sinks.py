@@ -1019,6 +1019,30 @@ class SQLiteTraceReader:
         )
         return [_span_from_row(r) for r in rows]
 
+    def decision_spans(
+        self,
+        since: float | datetime | None = None,
+        feature: str | None = None,
+        team: str | None = None,
+    ) -> list[Span]:
+        """The spans of the matching tasks that record a decision the guard took: any other
+        than a plain ``allow``, and an ``allow`` whose output cap the budget lowered (its
+        reason says ``capped``) — in start order.
+
+        Args:
+            since: only tasks started at or after this (epoch seconds or aware datetime).
+            feature: only tasks with this ``feature`` tag.
+            team: only tasks with this ``team`` tag.
+        """
+        where, params = self._where(since, feature, team)
+        rows = self._query(
+            "SELECT * FROM spans WHERE (decision IS NOT NULL AND decision != 'allow'"
+            " OR (decision = 'allow' AND reason LIKE '%capped%'))"
+            f" AND task_id IN (SELECT task_id FROM tasks{where}) ORDER BY start_time, rowid",
+            params,
+        )
+        return [_span_from_row(r) for r in rows]
+
     def totals(
         self,
         by: GroupBy,

@@ -755,6 +755,33 @@ def test_totals_are_exact_decimal_sums(populated: Path) -> None:
     assert {g["key"] for g in reader.totals("env")} == {"prod"}
 
 
+def test_decision_spans_are_the_guards_decisions_of_the_matching_tasks(tmp_path: Path) -> None:
+    db = tmp_path / "decisions.db"
+
+    def decided(sid: str, task: str, decision: str, reason: str, at: float) -> Span:
+        return Span(sid, task, "model", "gpt-4o", T0 + at, decision=decision, reason=reason)
+
+    with SQLiteSink(db) as sink:
+        sink.write_task(record("a", Decimal("0.1"), feature="faq", team="cx", start=T0))
+        sink.write_task(record("b", Decimal("0.2"), feature="search", team="cx", start=T0 + 10))
+        sink.write_spans(
+            [
+                decided("a1", "a", "allow", "within budget", 1),
+                decided("a2", "a", "allow", "within budget; output capped at 40 tokens", 2),
+                decided("a3", "a", "downgrade", "gpt-4o -> gpt-4o-mini: 60% spent", 3),
+                decided("b1", "b", "finish", "12 of 12 steps used", 11),
+                Span("b2", "b", "tool", "search", T0 + 12),
+            ]
+        )
+    reader = SQLiteTraceReader(db)
+    assert [s.span_id for s in reader.decision_spans()] == ["a2", "a3", "b1"]
+    assert [s.span_id for s in reader.decision_spans(feature="search")] == ["b1"]
+    assert [s.span_id for s in reader.decision_spans(since=T0 + 5)] == ["b1"]
+    assert reader.decision_spans(team="growth") == []
+    (finish,) = reader.decision_spans(feature="search")
+    assert (finish.decision, finish.reason) == ("finish", "12 of 12 steps used")
+
+
 def test_totals_by_model_come_from_model_spans(populated: Path) -> None:
     reader = SQLiteTraceReader(populated)
     (g,) = reader.totals("model")
