@@ -27,7 +27,6 @@ background thread, off the hot path). A failing callback or webhook is logged
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 import urllib.error
@@ -40,6 +39,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
 from agentguard._trace import Span, TaskRecord
+from agentguard._worker import BackgroundQueue
 
 if TYPE_CHECKING:
     from agentguard._guard import Guard
@@ -220,41 +220,25 @@ class Webhook:
         self.sent = 0
         self.failed = 0
         self.dropped = 0
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(max_queue)
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._worker: BackgroundQueue[dict[str, Any]] = BackgroundQueue(
+            self._post, name="agentguard-webhook", max_queue=max_queue, on_error=self._failed
+        )
 
     def __repr__(self) -> str:
         return f"Webhook({self.url!r}, sent={self.sent}, failed={self.failed})"
 
     def __call__(self, alert: Alert) -> None:
         """Queue the alert; returns at once."""
-        self._ensure_thread()
-        try:
-            self._queue.put_nowait(alert.to_dict())
-        except queue.Full:
+        if not self._worker.put(alert.to_dict()):
             self.dropped += 1
             _log().error("agentguard.alert_error", target=self.url, error="queue full: dropped")
 
-    def _ensure_thread(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="agentguard-webhook", daemon=True
-                )
-                self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            body = self._queue.get()
-            try:
-                if body is None:
-                    return
-                self._post(body)
-            finally:
-                self._queue.task_done()
+    def _failed(self, exc: Exception) -> None:
+        """An unexpected error posting (the expected ones are handled in :meth:`_post`):
+        counted and logged, never raised."""
+        self.failed += 1
+        error = f"{type(exc).__name__}: {exc}"
+        _log().error("agentguard.alert_error", target=self.url, error=error)
 
     def _post(self, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -274,26 +258,11 @@ class Webhook:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued alert was posted (or failed); ``False`` on timeout."""
-        deadline = time.monotonic() + timeout
-        q = self._queue
-        with q.all_tasks_done:
-            while q.unfinished_tasks:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                q.all_tasks_done.wait(left)
-        return True
+        return self._worker.drain(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Post what is queued (up to ``timeout``) and stop the thread."""
-        if self._thread is None:
-            return
-        self.flush(timeout)
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:  # pragma: no cover - flush timed out with a full queue
-            return
-        self._thread.join(timeout)
+        self._worker.stop(timeout)
 
 
 class Alerts:

@@ -37,15 +37,14 @@ opentelemetry-api is imported when the sink is built, never at ``import agentgua
 from __future__ import annotations
 
 import json
-import queue
 import re
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from agentguard._trace import Span, TaskRecord
+from agentguard._worker import BackgroundQueue
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -238,11 +237,9 @@ class OTelSink:
         self.dropped = 0
         self.errors = 0
         self.background = background
-        self._queue: queue.Queue[tuple[list[Span], Span | None, Any] | None] = queue.Queue(
-            max_queue
+        self._worker: BackgroundQueue[tuple[list[Span], Span | None, Any]] = BackgroundQueue(
+            self._emit_tree, name="agentguard-otel", max_queue=max_queue, on_error=self._failed
         )
-        self._thread: threading.Thread | None = None
-        self._thread_lock = threading.Lock()
         self._lock = threading.Lock()
         self._by_task: dict[str, dict[str, Span]] = {}
         self._task_span: dict[str, Span] = {}
@@ -280,39 +277,20 @@ class OTelSink:
             return
         ctx = self._context.get_current()  # the application's context at task close
         for root, tree in zip(roots, trees, strict=True):
-            if self.background:
-                self._ensure_thread()
-                try:
-                    self._queue.put_nowait((tree, root, ctx))
-                except queue.Full:
-                    self.dropped += len(tree)
-            else:
+            if not self.background:
                 self._emit_spans(tree, root, ctx)
+            elif not self._worker.put((tree, root, ctx)):
+                self.dropped += len(tree)
 
-    def _ensure_thread(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        with self._thread_lock:  # (re)started lazily: also after a fork
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="agentguard-otel", daemon=True
-                )
-                self._thread.start()
+    def _emit_tree(self, item: tuple[list[Span], Span | None, Any]) -> None:
+        self._emit_spans(*item)
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                self._emit_spans(*item)
-            except Exception as exc:  # an exporter's bug must not kill the worker
-                self.errors += 1
-                from agentguard._guard import _logger
+    def _failed(self, exc: Exception) -> None:
+        """An exporter's bug, on the background thread: counted and logged, never raised."""
+        self.errors += 1
+        from agentguard._guard import _logger
 
-                _logger().error("agentguard.trace_error", error=f"{type(exc).__name__}: {exc}")
-            finally:
-                self._queue.task_done()
+        _logger().error("agentguard.trace_error", error=f"{type(exc).__name__}: {exc}")
 
     def write_task(self, record: TaskRecord) -> None:
         """Nothing to do: the task span carries what the record summarises."""
@@ -321,17 +299,7 @@ class OTelSink:
         """Emit every finished task's tree queued so far, then force the providers'
         processors to export what they hold (spans of tasks still running stay buffered).
         ``False`` if the queue did not drain within ``timeout`` seconds."""
-        drained = True
-        if self._thread is not None:
-            deadline = time.monotonic() + timeout
-            q = self._queue
-            with q.all_tasks_done:
-                while q.unfinished_tasks:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        drained = False
-                        break
-                    q.all_tasks_done.wait(left)
+        drained = self._worker.drain(timeout)
         for provider in (self._tp, self._mp):
             fn = getattr(provider, "force_flush", None)
             if fn is not None:
@@ -351,9 +319,7 @@ class OTelSink:
         if leftovers:
             self._emit_spans(leftovers, None, None)
         self.flush()
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(10)
+        self._worker.stop(10)
 
     # -- tree -------------------------------------------------------------------------------
 

@@ -326,7 +326,7 @@ def test_emitted_on_a_background_thread_or_in_place(background: bool) -> None:
     expected = "agentguard-otel" if background else threading.current_thread().name
     assert set(seen) == {expected}
     otel.sink.close()
-    assert otel.sink._thread is None or not otel.sink._thread.is_alive()
+    assert not otel.sink._worker.alive
 
 
 def test_an_exporter_failure_is_logged_and_the_worker_goes_on() -> None:
