@@ -584,12 +584,24 @@ class Task:
             tuple[list[BudgetLine], list[tuple[str, Decimal]], list[tuple[str, int]]] | None
         ) = None
         self._balances: dict[str, Balance] = {}
+        # a fresh random id has spent nothing yet: its own line is not read back
+        self._fresh = task_id is None
         if load:  # else the opener awaits _aload()
-            self._balances.update(guard.store.snapshot([ln.key for ln in self._lines]))
+            keys = self._load_keys()
+            if keys:
+                self._balances.update(guard.store.snapshot(keys))
+
+    def _load_keys(self) -> list[str]:
+        """The lines whose balances a new task reads: all of them, but its own line when its
+        id is a fresh random one (nothing can have charged it)."""
+        if self._fresh:
+            return [ln.key for ln in self._lines if ln.key != self._key]
+        return [ln.key for ln in self._lines]
 
     async def _aload(self) -> None:
-        keys = [ln.key for ln in self._lines]
-        self._balances.update(await self.guard.store.asnapshot(keys))
+        keys = self._load_keys()
+        if keys:
+            self._balances.update(await self.guard.store.asnapshot(keys))
 
     # -- budgets ----------------------------------------------------------------------------
 

@@ -315,6 +315,45 @@ def test_soft_limits_read_money_spent_not_reserved() -> None:
     assert soft[0]["spent_fraction"] == pytest.approx(0.57)
 
 
+class _SnapshotSpy(ag.MemoryStore):
+    """A real MemoryStore that notes which lines each snapshot reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[list[str]] = []
+
+    def snapshot(self, keys: Any) -> Any:
+        self.reads.append(list(keys))
+        return super().snapshot(keys)
+
+
+async def test_a_task_with_a_fresh_id_does_not_read_its_own_line_back() -> None:
+    """Nothing can have charged a line named by a fresh random id: opening such a task reads
+    only the other lines (a store round trip saved per task on Redis)."""
+    team = ag.Budget(scope="team", max_cost_usd="5")
+    store = _SnapshotSpy()
+    g = ag.Guard(ag.Policy(max_cost_usd="1", budgets=[team]), store=store, traces=False)
+    with g.task() as fresh:
+        pass
+    with g.task(team="cx") as fresh_in_team:
+        pass
+    with g.task("ticket-1") as named:
+        pass
+    async with g.task(team="cx") as afresh:
+        pass
+    assert store.reads == [
+        ["team:cx"],  # the fresh task without a team reads nothing at all
+        ["task:ticket-1"],  # a task named by the caller may have spent already
+        ["team:cx"],
+    ]
+    assert fresh.status == fresh_in_team.status == named.status == afresh.status == "ok"
+    # a named task resumes what its line already holds
+    with g.task("ticket-1") as again:
+        again.start_model_call("gpt-4o-mini", input_tokens=10).end(ag.Usage(10, 5))
+    with g.task("ticket-1") as third:
+        assert third.last_spent.model_calls == 1
+
+
 def test_current_task_follows_threads_with_copied_context_and_asyncio() -> None:
     g = guard()
     with g.task("outer") as outer:
