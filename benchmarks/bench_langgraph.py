@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from _agent_loop import Variant, interleaved_medians, print_ratios
+from bench_guard import react_policy as policy
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langchain_core.tools import tool
@@ -75,24 +76,15 @@ class State(MessagesState, BudgetState):
     pass
 
 
-def policy() -> ag.Policy:
-    return ag.Policy(
-        max_cost_usd="1000",
-        max_steps=1000,
-        max_output_tokens=400,
-        downgrade=[ag.Downgrade(at=0.6, to="gpt-4o-mini")],
-        on_limit="finish",
-    )
-
-
 def scripted(steps: int) -> ScriptedChatModel:
     return ScriptedChatModel(model_name="gpt-4o", tool_calls=steps, reply_tokens=20)
 
 
-def bare(steps: int) -> tuple[Any, ScriptedChatModel]:
+def bare(steps: int, model: Any = None) -> tuple[Any, Any]:
     """The graph without agentguard: plain model, plain ``ToolNode``, plain edges, and the
-    state without ``BudgetState`` (its key is part of what the guard costs)."""
-    model = scripted(steps)
+    state without ``BudgetState`` (its key is part of what the guard costs). ``model``: the
+    chat model (default: the scripted one)."""
+    model = model or scripted(steps)
     llm = model.bind_tools([lookup])
 
     def agent(state: MessagesState) -> dict[str, Any]:
@@ -110,12 +102,16 @@ def bare(steps: int) -> tuple[Any, ScriptedChatModel]:
     return b.compile(), model
 
 
-def guarded(steps: int, guard: ag.Guard, steps_in: str = "node") -> tuple[Any, ScriptedChatModel]:
+def guarded(
+    steps: int, guard: ag.Guard, steps_in: str = "node", model: Any = None, mini: Any = None
+) -> tuple[Any, Any]:
     """The guarded graph: with ``steps_in="node"`` the bare graph's shape (plain edges), the
     agent node's wrapper counting the steps; with ``"route"`` the ``gg.route`` conditional
-    edges before every step and a finishing node."""
-    model = scripted(steps)
-    gg = GraphGuard(guard, models={"gpt-4o-mini": ScriptedChatModel(model_name="gpt-4o-mini")})
+    edges before every step and a finishing node. ``model`` / ``mini``: the chat models of
+    gpt-4o and of the ladder's gpt-4o-mini (default: scripted ones)."""
+    model = model or scripted(steps)
+    mini = mini or ScriptedChatModel(model_name="gpt-4o-mini")
+    gg = GraphGuard(guard, models={"gpt-4o-mini": mini})
     llm = gg.chat_model(model).bind_tools([lookup])
 
     def agent(state: State) -> dict[str, Any]:
@@ -253,30 +249,8 @@ def openai_graphs(steps: int, guard: ag.Guard, server: OpenAIServer) -> tuple[An
     def client(model: str) -> Any:
         return ChatOpenAI(base_url=server.base_url, api_key="test", model=model, max_retries=0)
 
-    def build(llm: Any, state: Any, gg: GraphGuard | None) -> Any:
-        def agent(s: Any) -> dict[str, Any]:
-            return {"messages": [llm.invoke(s["messages"])]}
-
-        async def aagent(s: Any) -> dict[str, Any]:
-            return {"messages": [await llm.ainvoke(s["messages"])]}
-
-        b = StateGraph(state)
-        if gg is None:
-            b.add_node("agent", RunnableLambda(agent, afunc=aagent))
-            b.add_node("tools", ToolNode([lookup]))
-        else:
-            b.add_node(
-                "agent", RunnableLambda(gg.node(agent, step=True), afunc=gg.node(aagent, step=True))
-            )
-            b.add_node("tools", gg.tool_node([lookup]))
-        b.add_edge(START, "agent")
-        b.add_conditional_edges("agent", tools_condition)
-        b.add_edge("tools", "agent")
-        return b.compile() if gg is None else gg.bind(b.compile())
-
-    gg = GraphGuard(guard, models={"gpt-4o-mini": client("gpt-4o-mini")})
-    bare_graph = build(client("gpt-4o").bind_tools([lookup]), MessagesState, None)
-    guarded_graph = build(gg.chat_model(client("gpt-4o")).bind_tools([lookup]), State, gg)
+    bare_graph, _ = bare(steps, client("gpt-4o"))
+    guarded_graph, _ = guarded(steps, guard, "node", client("gpt-4o"), client("gpt-4o-mini"))
     return bare_graph, guarded_graph
 
 
