@@ -31,22 +31,25 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias, cast
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+from langchain_core.runnables.config import var_child_runnable_config as _child_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph._internal._constants import CONF, CONFIG_KEY_RUNTIME
 from langgraph.graph import END
 from langgraph.prebuilt import ToolNode
-from langgraph.runtime import get_runtime
 from langgraph.types import Command
 from typing_extensions import TypedDict  # the one LangGraph's own state schemas use
 
-from agentguard import BudgetExceeded, PolicyError, current_task
+from agentguard import BudgetExceeded, PolicyError
+from agentguard._guard import _current as _current_task
 from agentguard_langchain import AgentGuardMiddleware, BudgetedChatModel
 from agentguard_langchain._chat_model import _model_id, _usage_or_raw
-from agentguard_langchain._common import metered_here
+from agentguard_langchain._common import METERED, metered_here
 from agentguard_langchain._middleware import DEFAULT_FINISH_MESSAGE, _note, refused_tool_call
 from agentguard_langgraph._state import SPEND_KEY
 
@@ -66,116 +69,64 @@ _STOP_MESSAGE = "[agentguard: the run's budget stopped the run — {error}]"
 _NodeFn: TypeAlias = Callable[..., Any]
 
 
-class _Ledger(NamedTuple):
-    """What of a task's spend is already in the graph state (so each node adds the rest)."""
+class _Ledger:
+    """What of a task's spend one graph guard has already put in the graph state, so each
+    record adds only the rest. Updated in place, under the guard's lock; a new ledger holds
+    nothing (the class attributes) and its first record sets what changed.
+    """
 
     cost: Decimal = Decimal(0)
     input_tokens: int = 0
     output_tokens: int = 0
     model_calls: int = 0
     tool_calls: int = 0
-    tool_calls_by_name: tuple[tuple[str, int], ...] = ()
+    tool_calls_by_name: Mapping[str, int] = MappingProxyType({})
     retries: int = 0
     steps: int = 0
     decisions: int = 0
 
 
-_NOTHING = _Ledger()
-
-
-def _ledger(task: Task) -> _Ledger:
-    # the task's running token counts, read as they are kept: ``task.usage`` builds (and
-    # validates) a new ``Usage`` on every read, twice per iteration here
-    # (built as a tuple: a NamedTuple's own ``__new__`` is a Python call, twice per iteration)
-    usage = task._usage
-    by_name = task.tool_calls_by_name
-    return _new_ledger(
-        _Ledger,
-        (
-            task.priced_cost_usd,
-            usage[0],
-            usage[1],
-            task.model_calls,
-            task.tool_calls,
-            tuple(by_name.items()) if by_name else (),
-            task.retries,
-            task.steps,
-            len(task.decisions),
-        ),
-    )
-
-
-_new_ledger = tuple.__new__
-
-
-def _spend_delta(task: Task, was: _Ledger, now: _Ledger) -> dict[str, Any]:
-    spend: dict[str, Any] = {}
-    if now.cost != was.cost:
-        spend["cost_usd"] = now.cost - was.cost
-    d_in, d_out = now.input_tokens - was.input_tokens, now.output_tokens - was.output_tokens
-    if d_in or d_out:
-        spend["tokens"] = d_in + d_out
-        spend["input_tokens"] = d_in
-        spend["output_tokens"] = d_out
-    if now.model_calls != was.model_calls:
-        spend["model_calls"] = now.model_calls - was.model_calls
-    if now.tool_calls != was.tool_calls:
-        spend["tool_calls"] = now.tool_calls - was.tool_calls
-        before = dict(was.tool_calls_by_name)
-        spend["tool_calls_by_name"] = {
-            name: n - before.get(name, 0)
-            for name, n in now.tool_calls_by_name
-            if n != before.get(name, 0)
-        }
-    if now.retries != was.retries:
-        spend["retries"] = now.retries - was.retries
-    if now.steps != was.steps:
-        spend["steps"] = now.steps - was.steps
-    if now.decisions != was.decisions:
-        new = task.decisions[was.decisions : now.decisions]
-        kinds = [f"{d.kind}:{d.action}" for d in new if d.kind != "soft_limit"]
-        if kinds:
-            spend["decisions"] = kinds
-    return spend
-
-
-def _merge(result: Any, update: dict[str, Any]) -> Any:
-    """A node's return value with the spend update added."""
-    if not update:
+def _merge(result: Any, spend: dict[str, Any]) -> Any:
+    """A node's return value with the spend update (a :class:`GraphSpend` delta) added."""
+    if not spend:
         return result
     if result is None:
-        return update
+        return {SPEND_KEY: spend}
     if type(result) is dict or isinstance(result, Mapping):
-        return {**result, **update}
+        return {**result, SPEND_KEY: spend}
     if isinstance(result, Command) and (result.update is None or isinstance(result.update, dict)):
         return Command(
             graph=result.graph,
-            update={**(result.update or {}), **update},
+            update={**(result.update or {}), SPEND_KEY: spend},
             resume=result.resume,
             goto=result.goto,
         )
     if isinstance(result, list) and result and all(isinstance(r, Command) for r in result):
-        return [*result, Command(update=update)]  # e.g. create_agent's model node
+        return [*result, Command(update={SPEND_KEY: spend})]  # e.g. create_agent's model node
     return result  # other update lists, a pydantic state: the next recording node adds it
 
 
-def _attempt() -> int:
-    """Which attempt of the running node this is (``RetryPolicy`` re-runs: 2, 3...); 1 outside
-    a graph run. A node run again is a retry, counted against ``max_retries`` (raising
-    ``BudgetExceeded`` past it) before the attempt runs."""
-    try:
-        info = getattr(get_runtime(), "execution_info", None)
-    except (RuntimeError, KeyError):  # called outside a graph run
-        return 1
-    attempt = getattr(info, "node_attempt", 1)
-    return attempt if isinstance(attempt, int) else 1
+# Attempts: which attempt of the running node this is (``RetryPolicy`` re-runs: 2, 3...); 1
+# outside a graph run. A node run again is a retry, counted against ``max_retries`` (raising
+# ``BudgetExceeded`` past it) before the attempt runs. The node wrappers read it inline: the
+# ``execution_info`` of the runtime LangGraph puts in the running node's config — what
+# ``langgraph.runtime.get_runtime()`` returns, without its two calls.
+_NO_CONF: Mapping[str, Any] = MappingProxyType({})
+#: The decision actions with which a tool does not run (``ToolCall.allowed`` is false).
+_REFUSED = ("stop", "block")
 
 
-def _past_cap(task: Task, d: Decision) -> None:
+def _no_task() -> RuntimeError:
+    return RuntimeError(
+        "GraphGuard found no task of its guard: run the graph with "
+        "gg.bind(graph).invoke(...) or inside `with guard.task(...)`"
+    )
+
+
+def _past_cap_error(task: Task, d: Decision) -> BudgetExceeded:
     """A wrapped node's step past the cap stops (the cap's last step made the final answer
     already: the graph came back anyway)."""
-    if d.action == "finish":
-        raise BudgetExceeded(d.limit or "max_steps", None, None, task_id=task.id, detail=d.reason)
+    return BudgetExceeded(d.limit or "max_steps", None, None, task_id=task.id, detail=d.reason)
 
 
 def _finishes_at_cap(task: Task) -> bool:
@@ -234,12 +185,20 @@ class _RecordingToolNode(ToolNode):
     _gg: GraphGuard
 
     def _func(self, input: Any, config: RunnableConfig, runtime: Any) -> Any:
-        out = super()._func(input, config, runtime)
-        return _merge(out, self._gg._record(self._gg._task()))
+        out = ToolNode._func(self, input, config, runtime)
+        gg = self._gg
+        task = _current_task.get()
+        if task is None or task.guard is not gg.guard:
+            raise _no_task()
+        return gg._record(task, out)
 
     async def _afunc(self, input: Any, config: RunnableConfig, runtime: Any) -> Any:
-        out = await super()._afunc(input, config, runtime)
-        return _merge(out, self._gg._record(self._gg._task()))
+        out = await ToolNode._afunc(self, input, config, runtime)
+        gg = self._gg
+        task = _current_task.get()
+        if task is None or task.guard is not gg.guard:
+            raise _no_task()
+        return gg._record(task, out)
 
 
 class GraphGuard:
@@ -313,12 +272,9 @@ class GraphGuard:
     # -- tasks ----------------------------------------------------------------------------------
 
     def _task(self) -> Task:
-        task = current_task()
+        task = _current_task.get()
         if task is None or task.guard is not self.guard:
-            raise RuntimeError(
-                "GraphGuard found no task of its guard: run the graph with "
-                "gg.bind(graph).invoke(...) or inside `with guard.task(...)`"
-            )
+            raise _no_task()
         return task
 
     def _exit(self, task: Task) -> str:
@@ -334,8 +290,11 @@ class GraphGuard:
 
         return GuardedGraph(self, graph)
 
-    def _record(self, task: Task) -> dict[str, Any]:
-        """The state update adding the task's spend not yet in the state (only what changed)."""
+    def _record(self, task: Task, out: Any) -> Any:
+        """A node's return value ``out`` with the task's spend not yet in the state added
+        under :data:`SPEND_KEY` (only the fields that changed; ``out`` as it is if nothing
+        did). Called once per recording node: one call does the whole of it."""
+        spend: dict[str, Any] = {}
         with self._lock:  # parallel nodes of one task: each adds a disjoint share
             # the task that recorded last keeps its ledger here (a weak mapping's get and set
             # cost a weakref each); the others' are in the weak mapping
@@ -343,13 +302,67 @@ class GraphGuard:
             if last is not None and last[0] is task:
                 was = last[1]
             else:
-                if last is not None:
+                if last is not None and last[0].ended is None:  # a closed task spends no more
                     self._ledgers[last[0]] = last[1]
-                was = self._ledgers.get(task, _NOTHING)
-            now = _ledger(task)
-            self._last = (task, now)
-        # the update adding ``now - was``: only the fields that changed; none if nothing did
-        return {} if now == was else {SPEND_KEY: _spend_delta(task, was, now)}
+                was = self._ledgers.get(task) or _Ledger()
+                self._last = (task, was)
+            # each counter read once and compared with the ledger on its own (a parallel
+            # node's event may land between two reads: the next record adds the rest)
+            cost = task.priced_cost_usd
+            if cost != was.cost:
+                spend["cost_usd"] = cost - was.cost
+                was.cost = cost
+            usage = task._usage  # as kept: ``task.usage`` builds and validates a ``Usage``
+            d_in = usage[0] - was.input_tokens
+            d_out = usage[1] - was.output_tokens
+            if d_in or d_out:
+                spend["tokens"] = d_in + d_out
+                spend["input_tokens"] = d_in
+                spend["output_tokens"] = d_out
+                was.input_tokens += d_in
+                was.output_tokens += d_out
+            n = task.model_calls
+            if n != was.model_calls:
+                spend["model_calls"] = n - was.model_calls
+                was.model_calls = n
+            n = task.tool_calls
+            if n != was.tool_calls:
+                spend["tool_calls"] = n - was.tool_calls
+                was.tool_calls = n
+            by_name = task.tool_calls_by_name
+            if by_name != was.tool_calls_by_name:
+                by_name = dict(by_name)  # one copy: the task's dict keeps changing
+                before = was.tool_calls_by_name
+                counts: dict[str, int] = {}
+                for name, k in by_name.items():
+                    if k != before.get(name, 0):
+                        counts[name] = k - before.get(name, 0)
+                spend["tool_calls_by_name"] = counts
+                was.tool_calls_by_name = by_name
+            n = task.retries
+            if n != was.retries:
+                spend["retries"] = n - was.retries
+                was.retries = n
+            n = task.steps
+            if n != was.steps:
+                spend["steps"] = n - was.steps
+                was.steps = n
+            decisions = task.decisions
+            n = len(decisions)
+            if n != was.decisions:
+                kinds = [
+                    f"{d.kind}:{d.action}"
+                    for d in decisions[was.decisions : n]
+                    if d.kind != "soft_limit"
+                ]
+                if kinds:
+                    spend["decisions"] = kinds
+                was.decisions = n
+        if not spend:
+            return out
+        if type(out) is dict:
+            return {**out, SPEND_KEY: spend}
+        return _merge(out, spend)
 
     def _stopped(self, exc: BudgetExceeded, task: Task) -> dict[str, Any]:
         msg = AIMessage(
@@ -413,19 +426,25 @@ class GraphGuard:
     ) -> Any:
         """The tool gate of :meth:`tool_node`: counted against the tool caps before it runs;
         a blocked call answers the model with an error ``ToolMessage``."""
-        task = self._task()
+        task = _current_task.get()
+        if task is None or task.guard is not self.guard:
+            raise _no_task()
         try:
             tool = task.start_tool_call(request.tool_call["name"])
         except BudgetExceeded as exc:
             return self._tool_refused(task, request, exc)
-        if not tool.allowed:
+        if tool.decision.action in _REFUSED:  # ``not tool.allowed``, without its two calls
             return refused_tool_call(request.tool_call, blocked=tool.decision.reason)
+        # a callback handler on the same run does not count it again (``metered_here()``,
+        # set and reset here without its object)
+        token = METERED.set(True)
         try:
-            with metered_here():  # a callback handler on the same run does not count it again
-                result = handler(request)
+            result = handler(request)
         except BaseException as exc:
+            METERED.reset(token)
             tool.fail(exc)
             raise
+        METERED.reset(token)
         tool.end()
         return result
 
@@ -433,19 +452,23 @@ class GraphGuard:
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Awaitable[Any]]
     ) -> Any:
         """Async :meth:`_wrap_tool` (the store is awaited)."""
-        task = self._task()
+        task = _current_task.get()
+        if task is None or task.guard is not self.guard:
+            raise _no_task()
         try:
             tool = await task.astart_tool_call(request.tool_call["name"])
         except BudgetExceeded as exc:
             return self._tool_refused(task, request, exc)
-        if not tool.allowed:
+        if tool.decision.action in _REFUSED:
             return refused_tool_call(request.tool_call, blocked=tool.decision.reason)
+        token = METERED.set(True)
         try:
-            with metered_here():
-                result = await handler(request)
+            result = await handler(request)
         except BaseException as exc:
+            METERED.reset(token)
             await tool.afail(exc)
             raise
+        METERED.reset(token)
         await tool.aend()
         return result
 
@@ -550,52 +573,71 @@ class GraphGuard:
         works.
         """
         name = getattr(fn, "__name__", "node")
+        guard = self.guard
+        # the hot path of every guarded iteration: the task, the attempt number and the spend
+        # record are read inline (each Python call costs ~3x its tight-loop cost in a graph)
         if inspect.iscoroutinefunction(fn):
             afn = cast("Callable[..., Awaitable[Any]]", fn)
 
             @functools.wraps(afn)
             async def anode(*args: Any, **kwargs: Any) -> Any:
-                task = self._task()
+                task = _current_task.get()
+                if task is None or task.guard is not guard:
+                    raise _no_task()
                 try:
-                    attempt = _attempt()
-                    if attempt > 1:
+                    config = _child_config.get()  # the node's, with its runtime: see "Attempts"
+                    runtime = config.get(CONF, _NO_CONF).get(CONFIG_KEY_RUNTIME) if config else None
+                    attempt = getattr(getattr(runtime, "execution_info", None), "node_attempt", 1)
+                    if attempt != 1 and isinstance(attempt, int) and attempt > 1:
                         await task.arecord_retry(f"{name}: attempt {attempt}")
                     if step:
-                        _past_cap(task, await task.astep("agent"))
+                        d = await task.astep("agent")
+                        if d.action == "finish":
+                            raise _past_cap_error(task, d)
                     out = await afn(*args, **kwargs)
                 except BudgetExceeded as exc:
                     if self._exit(task) == "error":
                         raise
                     out = self._stopped(exc, task)
-                return _merge(out, self._record(task)) if record else out
+                return self._record(task, out) if record else out
 
             return anode
 
         @functools.wraps(fn)
         def snode(*args: Any, **kwargs: Any) -> Any:
-            task = self._task()
+            task = _current_task.get()
+            if task is None or task.guard is not guard:
+                raise _no_task()
             try:
-                attempt = _attempt()
-                if attempt > 1:
+                config = _child_config.get()  # the node's, with its runtime: see "Attempts"
+                runtime = config.get(CONF, _NO_CONF).get(CONFIG_KEY_RUNTIME) if config else None
+                attempt = getattr(getattr(runtime, "execution_info", None), "node_attempt", 1)
+                if attempt != 1 and isinstance(attempt, int) and attempt > 1:
                     task.record_retry(f"{name}: attempt {attempt}")
                 if step:
-                    _past_cap(task, task.step("agent"))
+                    d = task.step("agent")
+                    if d.action == "finish":
+                        raise _past_cap_error(task, d)
                 out = fn(*args, **kwargs)
             except BudgetExceeded as exc:
                 if self._exit(task) == "error":
                     raise
                 out = self._stopped(exc, task)
-            return _merge(out, self._record(task)) if record else out
+            return self._record(task, out) if record else out
 
         return snode
 
     def _step(self, task: Task) -> None:
-        """Count one agent step of a wrapped node (see :func:`_past_cap`)."""
-        _past_cap(task, task.step("agent"))
+        """Count one agent step of a wrapped node (see :func:`_past_cap_error`)."""
+        d = task.step("agent")
+        if d.action == "finish":
+            raise _past_cap_error(task, d)
 
     async def _astep(self, task: Task) -> None:
         """Async :meth:`_step` (the store is awaited)."""
-        _past_cap(task, await task.astep("agent"))
+        d = await task.astep("agent")
+        if d.action == "finish":
+            raise _past_cap_error(task, d)
 
     def finish_node(
         self, model: BaseChatModel, *, tools: Sequence[Any] | None = None
@@ -645,7 +687,7 @@ class GraphGuard:
                 raise
             update, usage, name = answer(task, ai)
             call.end(usage, output_text=ai.text, model=name)
-            return {**update, **self._record(task)}
+            return cast("dict[str, Any]", self._record(task, update))
 
         async def afinal(state: Any) -> dict[str, Any]:
             task = self._task()
@@ -665,7 +707,7 @@ class GraphGuard:
                 raise
             update, usage, name = answer(task, ai)
             await call.aend(usage, output_text=ai.text, model=name)
-            return {**update, **self._record(task)}
+            return cast("dict[str, Any]", self._record(task, update))
 
         return RunnableLambda(final, afunc=afinal, name="agentguard_finish")
 
@@ -673,7 +715,7 @@ class GraphGuard:
         task = self._task()
         if self._exit(task) == "error":
             raise exc
-        return {**self._stopped(exc, task), **self._record(task)}
+        return cast("dict[str, Any]", self._record(task, self._stopped(exc, task)))
 
     def _final(self, task: Task, ai: BaseMessage) -> AIMessage:
         """The final answer: no tool calls, a note saying the budget ended the run."""
@@ -732,29 +774,31 @@ class GraphGuard:
             return exc
 
         def close_out(child: Task, spent: Spent, out: Any, stopped: BudgetExceeded | None) -> Any:
-            # spent: the child's own and its children's, read from the store
-            total = _Ledger(
-                spent.cost_usd,
-                spent.input_tokens,
-                spent.output_tokens,
-                spent.model_calls,
-                spent.tool_calls,
-                tuple(child.tool_calls_by_name.items()),
-                spent.retries,
-                spent.steps,
-            )
-            spend = _spend_delta(child, _NOTHING, total)
+            # spent: the child's own and its children's, read from the store; the update has
+            # the fields spent (the three token counts if any token was), and the decisions
+            totals: list[tuple[str, Any]] = [
+                ("cost_usd", spent.cost_usd),
+                ("model_calls", spent.model_calls),
+                ("tool_calls", spent.tool_calls),
+                ("tool_calls_by_name", {k: n for k, n in child.tool_calls_by_name.items() if n}),
+                ("retries", spent.retries),
+                ("steps", spent.steps),
+            ]
+            spend: dict[str, Any] = {k: v for k, v in totals if v}
+            if spent.input_tokens or spent.output_tokens:
+                spend["tokens"] = spent.input_tokens + spent.output_tokens
+                spend["input_tokens"] = spent.input_tokens
+                spend["output_tokens"] = spent.output_tokens
             spend["decisions"] = [f"{d.kind}:{d.action}" for d in child.decisions] + (
                 ["branch:stop"] if stopped is not None else []
             )
-            update = {SPEND_KEY: spend}
             if stopped is not None:
-                return update
+                return {SPEND_KEY: spend}
             if is_runnable and isinstance(out, Mapping):
                 # a subgraph's output is its whole state; its own spend key is replaced by
                 # the child task's total
                 out = {k: v for k, v in out.items() if k != SPEND_KEY}
-            return _merge(out, update)
+            return _merge(out, spend)
 
         if is_runnable:
             runnable = cast("Runnable[Any, Any]", fn)

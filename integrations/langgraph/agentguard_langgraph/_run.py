@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from langchain_core.runnables import Runnable
 
 from agentguard import BudgetExceeded, BudgetLine, current_task
-from agentguard_langgraph._gate import _merge
 from agentguard_langgraph._state import SPEND_KEY
 
 if TYPE_CHECKING:
@@ -75,7 +74,7 @@ class _ModelStep(Runnable[Any, Any]):
             if gg._exit(task) == "error":
                 raise
             out = gg._stopped(exc, task)
-        return _merge(out, gg._record(task))
+        return gg._record(task, out)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         gg = self.gg
@@ -88,7 +87,7 @@ class _ModelStep(Runnable[Any, Any]):
             if gg._exit(task) == "error":
                 raise
             out = gg._stopped(exc, task)
-        return _merge(out, gg._record(task))
+        return gg._record(task, out)
 
 
 def _guard_prebuilt(gg: GraphGuard, graph: Any) -> Any:
