@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.runnables import Runnable
 
-from agentguard import BudgetExceeded, BudgetLine, current_task
+from agentguard import BudgetExceeded, BudgetLine
+from agentguard._guard import _current as _current_task
 from agentguard_langgraph._state import SPEND_KEY
 
 if TYPE_CHECKING:
@@ -127,17 +128,26 @@ class GuardedGraph:
 
     # -- opening a run's task -------------------------------------------------------------------
 
-    def _scope(self, config: RunnableConfig | None) -> Any:
+    def _task_args(
+        self, config: RunnableConfig | None
+    ) -> tuple[str | None, Task | None, dict[str, str]]:
+        """The id, the parent (the caller's current task of this guard, if any) and the tags
+        of a run's task."""
         gg = self.gg
-        tid = _thread_id(config)
         task_id = gg.task_id(config) if callable(gg.task_id) else gg.task_id
-        tags = dict(gg.tags)
-        if tid is not None:
-            tags.setdefault("thread_id", tid)
-        cur = current_task()
-        parent: Task | Literal[False] = cur if cur is not None and cur.guard is gg.guard else False
-        open_scope: Callable[..., Any] = gg.guard.task  # tags are plain **kwargs
-        return open_scope(task_id, parent=parent, **tags)
+        tags = gg.tags
+        tid = _thread_id(config) if config else None
+        if tid is not None and "thread_id" not in tags:
+            tags = {**tags, "thread_id": tid}
+        cur = _current_task.get()
+        return task_id, (cur if cur is not None and cur.guard is gg.guard else None), tags
+
+    def _scope(self, config: RunnableConfig | None) -> Any:
+        """``with`` / ``async with`` the run's task (for streams: a generator may be closed
+        from another context, which the scope handles)."""
+        task_id, parent, tags = self._task_args(config)
+        open_scope: Callable[..., Any] = self.gg.guard.task  # tags are plain **kwargs
+        return open_scope(task_id, parent=parent or False, **tags)
 
     def _seed(self, task: Task, values: Mapping[str, Any] | None) -> None:
         """``budget="thread"``: the task starts from what the thread's state says it spent."""
@@ -157,7 +167,6 @@ class GuardedGraph:
 
     def _seeded(self, task: Task, values: Mapping[str, Any] | None) -> dict[str, Decimal | int]:
         """The counters a thread's state seeds its run's task with (none for run budgets)."""
-        self.last_task = task
         amounts: dict[str, Decimal | int] = {}
         if self.gg.budget != "thread" or not values:
             return amounts
@@ -191,19 +200,46 @@ class GuardedGraph:
 
     # -- running ---------------------------------------------------------------------------------
 
+    # invoke / ainvoke open and close the run's task themselves (what ``with guard.task()``
+    # does, without its scope object and five calls): they run once per graph run
+
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         """``graph.invoke`` under a task of its own."""
-        values = self._values(config)
-        with self._scope(config) as task:
-            self._seed(task, values)
-            return self.graph.invoke(input, config, **kwargs)
+        values = self._values(config) if self.gg.budget == "thread" else None
+        task_id, parent, tags = self._task_args(config)
+        open_task: Callable[..., Task] = self.gg.guard.open_task  # tags are plain **kwargs
+        task = self.last_task = open_task(task_id, parent=parent, **tags)
+        token = _current_task.set(task)
+        try:
+            if values:
+                self._seed(task, values)
+            out = self.graph.invoke(input, config, **kwargs)
+        except BaseException as exc:
+            _current_task.reset(token)
+            task.close(exc)
+            raise
+        _current_task.reset(token)
+        task.close()
+        return out
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         """``graph.ainvoke`` under a task of its own."""
-        values = await self._avalues(config)
-        async with self._scope(config) as task:
-            await self._aseed(task, values)
-            return await self.graph.ainvoke(input, config, **kwargs)
+        values = await self._avalues(config) if self.gg.budget == "thread" else None
+        task_id, parent, tags = self._task_args(config)
+        aopen_task: Callable[..., Awaitable[Task]] = self.gg.guard.aopen_task
+        task = self.last_task = await aopen_task(task_id, parent=parent, **tags)
+        token = _current_task.set(task)
+        try:
+            if values:
+                await self._aseed(task, values)
+            out = await self.graph.ainvoke(input, config, **kwargs)
+        except BaseException as exc:
+            _current_task.reset(token)
+            await task.aclose(exc)
+            raise
+        _current_task.reset(token)
+        await task.aclose()
+        return out
 
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
@@ -211,6 +247,7 @@ class GuardedGraph:
         """``graph.stream`` under a task of its own (closed when the stream ends)."""
         values = self._values(config)
         with self._scope(config) as task:
+            self.last_task = task
             self._seed(task, values)
             with contextlib.closing(self.graph.stream(input, config, **kwargs)) as it:
                 yield from it
@@ -221,6 +258,7 @@ class GuardedGraph:
         """``graph.astream`` under a task of its own (closed when the stream ends)."""
         values = await self._avalues(config)
         async with self._scope(config) as task:
+            self.last_task = task
             await self._aseed(task, values)
             async for chunk in self.graph.astream(input, config, **kwargs):
                 yield chunk
