@@ -86,9 +86,14 @@ def add_spend(left: Mapping[str, Any] | None, right: Mapping[str, Any] | None) -
     if not _FIELDS.issubset(out):  # the first record (or a partial value): every field present
         out = {**empty_spend(), **out}
     if right:
+        # LangGraph calls this for every write of the key (and again for each fresh read of
+        # the state in an edge): the per-tool counts are added inline, as add_counts does
         for name, value in right.items():
             if name == "tool_calls_by_name":
-                out[name] = add_counts(out[name], value)
+                counts = dict(out[name])
+                for tool, n in value.items():
+                    counts[tool] = counts.get(tool, 0) + n
+                out[name] = counts
             elif name in out:
                 out[name] = out[name] + value
             else:  # a field this version does not know: kept as given
