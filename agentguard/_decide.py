@@ -511,8 +511,13 @@ def decide_tool_call(policy: Policy, spent: Spent, tool: str) -> Decision:
         >>> decide_tool_call(Policy(tool_limits={"search": 2}), spent, "search").limit
         'tool_limits.search'
     """
+    return _tool_decision(policy, tool, spent.tool_calls_by_name.get(tool, 0), spent.tool_calls)
+
+
+def _tool_decision(policy: Policy, tool: str, used_tool: int, tool_calls: int) -> Decision:
+    """:func:`decide_tool_call` from the two counts it reads (the guard reads them from the
+    task's balance without building a :class:`Spent`)."""
     per_tool = policy.tool_limits.get(tool)
-    used_tool = spent.tool_calls_by_name.get(tool, 0)
     if per_tool is not None and used_tool >= per_tool:
         return _tool_limit(
             policy,
@@ -522,13 +527,9 @@ def decide_tool_call(policy: Policy, spent: Spent, tool: str) -> Decision:
             f"{tool!r} was called {used_tool} of {per_tool} times",
         )
     t = policy.max_tool_calls
-    if t is not None and spent.tool_calls >= t:
+    if t is not None and tool_calls >= t:
         return _tool_limit(
-            policy,
-            "max_tool_calls",
-            t,
-            spent.tool_calls + 1,
-            f"{spent.tool_calls} of {t} tool calls used",
+            policy, "max_tool_calls", t, tool_calls + 1, f"{tool_calls} of {t} tool calls used"
         )
     return _ALLOW_TOOL
 
@@ -540,30 +541,35 @@ def _tool_limit(policy: Policy, limit: str, value: int, actual: int, reason: str
 
 def decide_retry(policy: Policy, spent: Spent) -> Decision:
     """Decide a retry: allow, or stop / warn at ``max_retries`` (a retry cannot be 'finished')."""
+    return _retry_decision(policy, spent.retries)
+
+
+def _retry_decision(policy: Policy, retries: int) -> Decision:
+    """:func:`decide_retry` from the count it reads."""
     r = policy.max_retries
-    if r is not None and spent.retries >= r:
+    if r is not None and retries >= r:
         action: Action = "warn" if policy.on_limit == "warn" else "stop"
         return Decision(
             action,
-            reason=f"{spent.retries} of {r} retries used",
+            reason=f"{retries} of {r} retries used",
             limit="max_retries",
             limit_value=r,
-            actual=spent.retries + 1,
+            actual=retries + 1,
         )
     return _ALLOW_RETRY
 
 
 def decide_step(policy: Policy, spent: Spent) -> Decision:
     """Decide an agent / graph step: allow, or finish / stop / warn at ``max_steps``."""
+    return _step_decision(policy, spent.steps)
+
+
+def _step_decision(policy: Policy, steps: int) -> Decision:
+    """:func:`decide_step` from the count it reads."""
     s = policy.max_steps
-    if s is not None and spent.steps >= s:
+    if s is not None and steps >= s:
         return _limit_decision(
-            policy,
-            "max_steps",
-            s,
-            spent.steps + 1,
-            f"{spent.steps} of {s} steps used",
-            finish_ok=True,
+            policy, "max_steps", s, steps + 1, f"{steps} of {s} steps used", finish_ok=True
         )
     return _ALLOW_STEP
 

@@ -45,11 +45,11 @@ from agentguard._decide import (
     Decision,
     Headroom,
     Spent,
+    _retry_decision,
+    _step_decision,
+    _tool_decision,
     crossed_soft_limits,
     decide_model_call,
-    decide_retry,
-    decide_step,
-    decide_tool_call,
 )
 from agentguard._errors import BudgetExceeded, InvalidUsage, PolicyError, UnknownModelError
 from agentguard._policy import Policy
@@ -83,6 +83,8 @@ _NO_KW: dict[str, Any] = {}  # the kwargs of most operations (only ever unpacked
 _NO_CHECK: dict[str, Any] = {"check": False}  # likewise
 # the arguments of a charge: (lines, amounts, check)
 _Charge = tuple[list[BudgetLine], dict[str, Decimal | int], bool]
+# a step's or retry's span before it is built: (span id, name, start, parent id)
+_Counted = tuple[str, str, float, str]
 
 
 class _Events:
@@ -142,6 +144,18 @@ _NO_SPEND: dict[str, Decimal | int] = {
     "retries": 0,
     "steps": 0,
 }
+
+
+def _used(balance: Balance | None, counter: str) -> Any:
+    """Committed plus reserved ``counter`` of a balance (0 without one): one count, read
+    without building the whole :class:`Spent`."""
+    if balance is None:
+        return 0
+    com, res = balance.committed, balance.reserved
+    n = com[counter] if counter in com else 0  # noqa: SIM401
+    if res and counter in res:
+        n += res[counter]
+    return n
 
 
 def _tokens() -> Any:
@@ -567,6 +581,17 @@ class Task:
         # coroutine per store call); a subclass (agentguard.testing.LoopCheckingStore) is
         # awaited as any other store is
         self._local = type(guard.store) is MemoryStore
+        # the sync store operations of the hot events: on the embedded store, their in-place
+        # twins (no balances copied back: ``_balances`` is the store's live mapping)
+        store: Any = guard.store
+        if self._local:
+            self._reserve_op = store.reserve_in_place
+            self._commit_op = store.commit_in_place
+            self._charge_op = store.charge_in_place
+        else:
+            self._reserve_op = store.reserve
+            self._commit_op = store.commit
+            self._charge_op = store.charge
         self.span: Span = Span(
             span_id=guard._next_id(),
             task_id=self.id,
@@ -583,13 +608,22 @@ class Task:
         self._limits_of: (
             tuple[list[BudgetLine], list[tuple[str, Decimal]], list[tuple[str, int]]] | None
         ) = None
-        self._balances: dict[str, Balance] = {}
+        # the balances of the task's lines, as of its latest event. On the embedded store this
+        # is the store's own ``live`` mapping, changed in place by every operation (there is
+        # nothing to load, and results carry no copies): never written here — every write of
+        # returned balances below is for other stores only
+        self._balances: dict[str, Balance] = (
+            guard.store.live if self._local else {}  # type: ignore[attr-defined]
+        )
         # a fresh random id has spent nothing yet: its own line is not read back
         self._fresh = task_id is None
-        if load:  # else the opener awaits _aload()
+        if load and not self._local:  # else the opener awaits _aload()
             keys = self._load_keys()
             if keys:
                 self._balances.update(guard.store.snapshot(keys))
+        # the committed fraction of the money budgets as of the latest event (soft limits fire
+        # when it crosses one)
+        self._seen_fraction = self._committed_fraction()[0] if self._soft else 0.0
 
     def _load_keys(self) -> list[str]:
         """The lines whose balances a new task reads: all of them, but its own line when its
@@ -599,9 +633,13 @@ class Task:
         return [ln.key for ln in self._lines]
 
     async def _aload(self) -> None:
+        if self._local:
+            return
         keys = self._load_keys()
         if keys:
             self._balances.update(await self.guard.store.asnapshot(keys))
+        if self._soft:
+            self._seen_fraction = self._committed_fraction()[0]
 
     # -- budgets ----------------------------------------------------------------------------
 
@@ -660,9 +698,9 @@ class Task:
             self._lines = self._build_lines(now)
         return self._lines
 
-    def _spent(self, *, tool: str | None = None) -> Spent:
-        """The task's spend from its balances; with ``tool``, ``tool_calls_by_name`` holds that
-        tool's count (all a tool decision reads), not every tool's."""
+    def _spent(self) -> Spent:
+        """The task's spend from its balances (``tool_calls_by_name`` empty: the tool decision
+        reads its two counts itself, see :meth:`_decide_tool`)."""
         b = self._balances.get(self._key)
         if b is None:
             return Spent(finished=self.finished, blocked=self._blocked)
@@ -670,37 +708,27 @@ class Task:
         # a decision reads is a subscript (no call)
         com = {**_NO_SPEND, **b.committed}
         res = b.reserved
-        by_name: dict[str, int] = {}
-        key = None if tool is None else "tool:" + tool
         if not res:  # nothing in flight (the usual case between calls): committed is all
-            if key is not None and key in com:
-                n = int(com[key])
-                if n:
-                    by_name[tool] = n  # type: ignore[index]
             return Spent(
                 com["cost_usd"],  # type: ignore[arg-type]
                 com["input_tokens"],  # type: ignore[arg-type]
                 com["output_tokens"],  # type: ignore[arg-type]
                 com["model_calls"],  # type: ignore[arg-type]
                 com["tool_calls"],  # type: ignore[arg-type]
-                by_name,
+                {},
                 com["retries"],  # type: ignore[arg-type]
                 com["steps"],  # type: ignore[arg-type]
                 self.finished,
                 self._blocked,
             )
         r = {**_NO_SPEND, **res}
-        if key is not None:
-            n = int(com.get(key, 0)) + int(r.get(key, 0))
-            if n:
-                by_name[tool] = n  # type: ignore[index]
         return Spent(
             com["cost_usd"] + r["cost_usd"],  # type: ignore[arg-type]
             com["input_tokens"] + r["input_tokens"],  # type: ignore[arg-type]
             com["output_tokens"] + r["output_tokens"],  # type: ignore[arg-type]
             com["model_calls"] + r["model_calls"],  # type: ignore[arg-type]
             com["tool_calls"] + r["tool_calls"],  # type: ignore[arg-type]
-            by_name,
+            {},
             com["retries"] + r["retries"],  # type: ignore[arg-type]
             com["steps"] + r["steps"],  # type: ignore[arg-type]
             self.finished,
@@ -773,18 +801,24 @@ class Task:
         drive(self._refresh_steps())
 
     def _refresh_steps(self) -> Steps[None]:
+        if self._local:  # the embedded store's balances are read live
+            return
         self._balances.update(
             (yield (self.guard.store, "snapshot", ([ln.key for ln in self._lines],), _NO_KW))
         )
 
     def _update(self, balances: Mapping[str, Balance]) -> None:
+        """Take the balances a store operation returned (none on the embedded store, whose
+        balances are read live) and raise the soft limits the committed spend crossed since
+        the task's previous event."""
+        if not self._local:
+            self._balances.update(balances)
         soft = self.policy.soft_limits
         if not soft:
-            self._balances.update(balances)
             return
-        before = self._committed_fraction()[0]
-        self._balances.update(balances)
+        before = self._seen_fraction
         after, budget = self._committed_fraction()
+        self._seen_fraction = after
         for f in crossed_soft_limits(soft, before, after):
             self._soft_limit(f, after, budget)
 
@@ -896,7 +930,8 @@ class Task:
     def last_spent(self) -> Spent:
         """:attr:`spent` as the store reported it with the task's latest event (no store I/O):
         what an adapter reads right after an event of its own, e.g. the steps used after
-        :meth:`step`. Spend by other workers since then is not in it.
+        :meth:`step`. Spend by other workers since then is not in it — except on the embedded
+        :class:`MemoryStore`, whose balances a task reads live.
 
         Example:
             >>> import agentguard as ag
@@ -940,7 +975,7 @@ class Task:
         call = self._model_call_begin(
             model, messages, tools, input_tokens, max_tokens, finish, parent_span, name
         )
-        reserve = self.guard.store.reserve
+        reserve = self._reserve_op
         while type(call) is _Reservation:  # refused: decided again, up to four attempts
             call = self._model_call_reserved(call, reserve(call.rid, call.lines, call.amounts))
         return call  # type: ignore[return-value]
@@ -1084,14 +1119,15 @@ class Task:
         """The rest of a model call, given what its reservation returned: the call, or (when
         another worker took the budget first) the next attempt, decided again."""
         if not res.ok:
-            self._balances.update(res.balances)  # someone else took it: decide again
+            if res.balances:  # (none from the embedded store: read live)
+                self._balances.update(res.balances)  # someone else took it: decide again
             plan.attempt += 1
             if plan.attempt == 4:
                 raise self._stop(_denied_decision(res.denied, "model call"), "model", plan.span)
             return self._model_call_plan(plan)
         if self._soft:
             self._update(res.balances)
-        else:
+        elif res.balances:  # (none from the embedded store: read live)
             self._balances.update(res.balances)
         d = plan.decision
         span = plan.span
@@ -1237,7 +1273,7 @@ class Task:
         ``block`` means skip the tool and tell the model why (``decision.reason``).
         Raises :class:`BudgetExceeded` on ``stop``."""
         span, d, op = self._tool_call_begin(name, parent_span)
-        res = None if op is None else self.guard.store.charge(op[0], op[1], check=op[2])
+        res = None if op is None else self._charge_op(op[0], op[1], check=op[2])
         return self._tool_call_end(name, span, d, res)
 
     async def astart_tool_call(self, name: str, *, parent_span: str | None = None) -> ToolCall:
@@ -1262,7 +1298,7 @@ class Task:
             time.time(),
             parent_span or self.current_step_id or self.span.span_id,
         )
-        d = decide_tool_call(self.policy, self._spent(tool=name), name)
+        d = self._decide_tool(name)
         if d.action == "allow" or d.action == "warn":
             lines = self._lines  # _current_lines(), without a call until a window ends
             if self._lines_until != _INF and time.time() >= self._lines_until:
@@ -1270,6 +1306,13 @@ class Task:
             amounts: dict[str, Decimal | int] = {"tool_calls": 1, f"tool:{name}": 1}
             return span, d, (lines, amounts, d.action == "allow")  # a warning is not checked
         return span, d, None
+
+    def _decide_tool(self, name: str) -> Decision:
+        """:func:`~agentguard._decide.decide_tool_call` on the task's balance."""
+        b = self._balances.get(self._key)
+        return _tool_decision(
+            self.policy, name, int(_used(b, "tool:" + name)), _used(b, "tool_calls")
+        )
 
     def _tool_call_end(
         self, name: str, span: Span, d: Decision, res: ReserveResult | None
@@ -1279,11 +1322,12 @@ class Task:
             if res.ok:
                 if self._soft:
                     self._update(res.balances)
-                else:
+                elif res.balances:  # (none from the embedded store: read live)
                     self._balances.update(res.balances)
             else:  # only a checked charge (``allow``) can be refused
-                self._balances.update(res.balances)
-                d = decide_tool_call(self.policy, self._spent(tool=name), name)
+                if res.balances:
+                    self._balances.update(res.balances)
+                d = self._decide_tool(name)
                 if d.action == "allow":  # refused on an enclosing line the policy doesn't see
                     d = _denied_decision(res.denied, f"{name!r} tool call")
                     if self.policy.on_limit != "raise":
@@ -1307,81 +1351,86 @@ class Task:
 
     def record_retry(self, reason: str = "", *, parent_span: str | None = None) -> Decision:
         """A retry is about to happen. Raises :class:`BudgetExceeded` past ``max_retries``."""
-        span, d, op = self._counted_begin("retry", "retries", decide_retry, reason, parent_span)
-        res = None if op is None else self.guard.store.charge(op[0], op[1], check=op[2])
-        return self._counted_end("retry", decide_retry, span, d, res)
+        span, d, op = self._counted_begin("retry", "retries", _retry_decision, reason, parent_span)
+        res = None if op is None else self._charge_op(op[0], op[1], check=op[2])
+        return self._counted_end("retry", _retry_decision, span, d, res)
 
     async def arecord_retry(self, reason: str = "", *, parent_span: str | None = None) -> Decision:
         """The async twin of :meth:`record_retry`."""
         if self._local:
             return self.record_retry(reason, parent_span=parent_span)
-        span, d, op = self._counted_begin("retry", "retries", decide_retry, reason, parent_span)
+        span, d, op = self._counted_begin("retry", "retries", _retry_decision, reason, parent_span)
         res = None if op is None else await self.guard.store.acharge(op[0], op[1], check=op[2])
-        return self._counted_end("retry", decide_retry, span, d, res)
+        return self._counted_end("retry", _retry_decision, span, d, res)
 
     def step(self, name: str = "step", *, parent_span: str | None = None) -> Decision:
         """An agent or graph step begins. Past ``max_steps``: ``finish`` is returned under
         ``on_limit="finish"``, otherwise :class:`BudgetExceeded` is raised."""
-        span, d, op = self._counted_begin("step", "steps", decide_step, name, parent_span)
-        res = None if op is None else self.guard.store.charge(op[0], op[1], check=op[2])
-        return self._counted_end("step", decide_step, span, d, res)
+        span, d, op = self._counted_begin("step", "steps", _step_decision, name, parent_span)
+        res = None if op is None else self._charge_op(op[0], op[1], check=op[2])
+        return self._counted_end("step", _step_decision, span, d, res)
 
     async def astep(self, name: str = "step", *, parent_span: str | None = None) -> Decision:
         """The async twin of :meth:`step`."""
         if self._local:
             return self.step(name, parent_span=parent_span)
-        span, d, op = self._counted_begin("step", "steps", decide_step, name, parent_span)
+        span, d, op = self._counted_begin("step", "steps", _step_decision, name, parent_span)
         res = None if op is None else await self.guard.store.acharge(op[0], op[1], check=op[2])
-        return self._counted_end("step", decide_step, span, d, res)
+        return self._counted_end("step", _step_decision, span, d, res)
 
     def _counted_begin(
         self, kind: str, counter: str, decide: Any, name: str, parent_span: str | None
-    ) -> tuple[Span, Decision, _Charge | None]:
-        """A step or retry up to its one store operation: the span, the decision, and the
-        charge to make (``None``: the decision refuses it)."""
+    ) -> tuple[_Counted, Decision, _Charge | None]:
+        """A step or retry up to its one store operation: its span's id, name, start and
+        parent (the span itself is built only when it is written or recorded), the decision,
+        and the charge to make (``None``: the decision refuses it)."""
         guard = self.guard
-        span = Span(
+        ident = (
             f"{guard._prefix}-{next(guard._ids)}",
-            self.id,
-            kind,  # type: ignore[arg-type]
             name or kind,
             time.time(),
             (parent_span or self.current_step_id or self.span.span_id)
             if kind != "step"
             else (parent_span or self.span.span_id),
         )
-        d: Decision = decide(self.policy, self._spent())
+        d: Decision = decide(self.policy, _used(self._balances.get(self._key), counter))
         if d.action == "allow" or d.action == "warn":
             lines = self._lines  # _current_lines(), without a call until a window ends
             if self._lines_until != _INF and time.time() >= self._lines_until:
                 lines = self._current_lines()
-            return span, d, (lines, {counter: 1}, d.action == "allow")
-        return span, d, None
+            return ident, d, (lines, {counter: 1}, d.action == "allow")
+        return ident, d, None
 
     def _counted_end(
-        self, kind: str, decide: Any, span: Span, d: Decision, res: ReserveResult | None
+        self, kind: str, decide: Any, ident: _Counted, d: Decision, res: ReserveResult | None
     ) -> Decision:
         """The rest of a step or retry, given what the charge returned (``None``: not made)."""
         if res is not None:
             if res.ok:
                 if self._soft:
                     self._update(res.balances)
-                else:
+                elif res.balances:  # (none from the embedded store: read live)
                     self._balances.update(res.balances)
             else:
-                self._balances.update(res.balances)
-                d = decide(self.policy, self._spent())
+                if res.balances:
+                    self._balances.update(res.balances)
+                counter = "retries" if kind == "retry" else "steps"
+                d = decide(self.policy, _used(self._balances.get(self._key), counter))
                 if d.action == "allow":
                     d = _denied_decision(res.denied, kind)
-        span.decision, span.reason = d.action, d.reason
-        span.end = span.start
         if d.action == "allow" or d.action == "warn":
             with self._lock:
                 if kind == "retry":
                     self.retries += 1
                 else:
                     self.steps += 1
-                    self.current_step_id = span.span_id
+                    self.current_step_id = ident[0]
+        guard = self.guard
+        if d.action == "allow" and guard.sink.__class__ is _NULL_SINK:
+            return d  # no span to write, no decision to record
+        span = Span(ident[0], self.id, kind, ident[1], ident[2], ident[3])  # type: ignore[arg-type]
+        span.decision, span.reason = d.action, d.reason
+        span.end = span.start
         if d.action == "stop":
             span.status = "stopped"
             self.guard._write([span])
@@ -1391,7 +1440,6 @@ class Task:
                 self.finished = True
                 self.limit_hit = self.limit_hit or d.limit
             self._record(kind, d.action, d.reason, span, limit=d.limit)
-        guard = self.guard
         if guard.sink.__class__ is not _NULL_SINK:
             guard._write([span])
         return d
@@ -1620,11 +1668,11 @@ class ModelCall:
         if self.done:
             return self.span.cost_usd
         u, cost, actual = self._end_begin(usage, output_text, model)
-        store = self.task.guard.store
+        task = self.task
         if self.reservation_id is not None:
-            balances = store.commit(self.reservation_id, self.lines, actual)
+            balances = task._commit_op(self.reservation_id, self.lines, actual)
         else:  # an unreserved call: its spend is recorded as it is
-            balances = store.charge(self.lines, actual, check=False).balances
+            balances = task._charge_op(self.lines, actual, check=False).balances
         return self._end_finish(u, cost, output_text, model, balances)
 
     async def aend(
@@ -1731,7 +1779,7 @@ class ModelCall:
                     task.saved_usd += saved
         if task._soft:
             task._update(balances)
-        else:
+        elif balances:  # (none from the embedded store: read live)
             task._balances.update(balances)
         span.end = time.time()
         span.usage = u

@@ -28,7 +28,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "Balance",
@@ -41,7 +42,7 @@ __all__ = [
 
 Amount = Decimal | int
 
-_EMPTY: Mapping[str, Amount] = {}  # read only
+_EMPTY: Mapping[str, Any] = MappingProxyType({})  # read only
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,11 @@ class ReserveResult:
     ok: bool
     denied: Denied | None = None
     balances: Mapping[str, Balance] = field(default_factory=dict)
+
+
+#: What the in-place operations of :class:`MemoryStore` return when they succeed (shared:
+#: never changed).
+_HELD = ReserveResult(True, None, _EMPTY)
 
 
 @runtime_checkable
@@ -143,36 +149,49 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._committed: dict[str, dict[str, Amount]] = {}
-        self._reserved: dict[str, dict[str, Amount]] = {}
+        # key -> its balance, changed in place: a key's committed and reserved dicts are made
+        # once, on its first operation, and never replaced (see ``live``)
+        self._live: dict[str, Balance] = {}
         # reservation id -> (keys, amounts)
         self._holds: dict[str, tuple[tuple[str, ...], dict[str, Amount]]] = {}
+
+    @property
+    def live(self) -> Mapping[str, Balance]:
+        """Every key's balance as the store keeps it, changed in place by each operation.
+
+        For the guard's own tasks on this store (in the same process): they read their
+        balances here instead of from copies each operation returns. Read only; a key appears
+        on its first operation and its ``Balance`` object (and that balance's two dicts) is
+        never replaced.
+        """
+        return self._live
 
     # -- internals (called with the lock held) -------------------------------------------------
     #
     # reserve, commit and charge run once or twice per agent event: ``in`` tests and subscripts
     # rather than ``get`` calls, and no helper call per line or counter.
 
-    def _balances(self, lines: Sequence[BudgetLine]) -> dict[str, Balance]:
-        com, res = self._committed, self._reserved
+    def _copies(self, lines: Sequence[BudgetLine]) -> dict[str, Balance]:
+        """The lines' balances, copied (what the public operations hand back)."""
+        live = self._live
         out = {}
         for ln in lines:
             key = ln.key
-            c = com.get(key)
-            r = res.get(key)
-            out[key] = Balance({} if c is None else c.copy(), {} if r is None else r.copy())
+            if key in live:
+                b = live[key]
+                out[key] = Balance(b.committed.copy(), b.reserved.copy())  # type: ignore[attr-defined]
+            else:
+                out[key] = Balance({}, {})
         return out
-
-    def _balance(self, key: str) -> Balance:
-        return Balance(dict(self._committed.get(key, {})), dict(self._reserved.get(key, {})))
 
     def _free(self, reservation_id: str) -> None:
         hold = self._holds.pop(reservation_id, None)
         if hold is None:
             return
         keys, amounts = hold
+        live = self._live
         for key in keys:
-            res = self._reserved[key]
+            res: dict[str, Amount] = live[key].reserved  # type: ignore[assignment]
             for counter, amount in amounts.items():
                 left = res[counter] - amount
                 if left:
@@ -180,34 +199,33 @@ class MemoryStore:
                 else:
                     del res[counter]
 
-    def _add(
-        self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
-    ) -> dict[str, Balance]:
-        """Add ``amounts`` to each line's committed counters; the lines' balances after it."""
-        committed, reserved = self._committed, self._reserved
-        out = {}
+    def _add(self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]) -> None:
+        """Add ``amounts`` to each line's committed counters."""
+        live = self._live
         for line in lines:
             key = line.key
-            if key in committed:
-                com = committed[key]
+            if key in live:
+                com: dict[str, Amount] = live[key].committed  # type: ignore[assignment]
             else:
-                com = committed[key] = {}
+                com = {}
+                live[key] = Balance(com, {})
             for counter, amount in amounts.items():
                 if amount:
                     com[counter] = (com[counter] + amount) if counter in com else amount
-            out[key] = Balance(com.copy(), reserved[key].copy() if key in reserved else {})
-        return out
 
     def _check(self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]) -> Denied | None:
-        committed, reserved = self._committed, self._reserved
+        live = self._live
         for line in lines:
             limits = line.limits
             if not limits:
                 continue
             key = line.key
             # ``in`` and subscripts rather than ``get`` calls: this runs on every reservation
-            com = committed[key] if key in committed else _EMPTY  # noqa: SIM401
-            res = reserved[key] if key in reserved else _EMPTY  # noqa: SIM401
+            if key in live:
+                b = live[key]
+                com, res = b.committed, b.reserved
+            else:
+                com = res = _EMPTY
             for counter, limit in limits.items():
                 if counter in amounts:
                     amount = amounts[counter]
@@ -219,43 +237,83 @@ class MemoryStore:
                             return Denied(key, counter, limit, used, amount)
         return None
 
+    def _hold(
+        self, reservation_id: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
+    ) -> Denied | None:
+        """``reserve`` in place: the refusal, or ``None`` when the amounts are held."""
+        if reservation_id in self._holds:
+            raise ValueError(f"reservation_id={reservation_id!r} is already held")
+        denied = self._check(lines, amounts)
+        if denied is not None:
+            return denied
+        held = {}
+        for counter, amount in amounts.items():  # a loop, not a comprehension's frame
+            if amount:
+                held[counter] = amount  # noqa: PERF403 - see above
+        live = self._live
+        keys = []
+        for line in lines:
+            key = line.key
+            keys.append(key)
+            if key in live:
+                res: dict[str, Amount] = live[key].reserved  # type: ignore[assignment]
+                for counter, amount in held.items():
+                    res[counter] = (res[counter] + amount) if counter in res else amount
+            else:
+                live[key] = Balance({}, held.copy())
+        self._holds[reservation_id] = (tuple(keys), held)
+        return None
+
+    # -- in place: the guard's tasks on this store read ``live`` instead of copies ---------------
+    #
+    # The operations of the contract, returning no balances (an empty mapping): the caller
+    # reads them from ``live``.
+
+    def reserve_in_place(
+        self, reservation_id: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
+    ) -> ReserveResult:
+        """:meth:`reserve` without copying the balances."""
+        with self._lock:
+            denied = self._hold(reservation_id, lines, amounts)
+        return _HELD if denied is None else ReserveResult(False, denied, _EMPTY)
+
+    def commit_in_place(
+        self, reservation_id: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
+    ) -> Mapping[str, Balance]:
+        """:meth:`commit` without copying the balances."""
+        with self._lock:
+            self._free(reservation_id)
+            self._add(lines, actual)
+        return _EMPTY
+
+    def charge_in_place(
+        self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount], *, check: bool = True
+    ) -> ReserveResult:
+        """:meth:`charge` without copying the balances."""
+        with self._lock:
+            if check:
+                denied = self._check(lines, amounts)
+                if denied is not None:
+                    return ReserveResult(False, denied, _EMPTY)
+            self._add(lines, amounts)
+        return _HELD
+
     # -- the contract -------------------------------------------------------------------------
 
     def reserve(
         self, reservation_id: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
     ) -> ReserveResult:
         with self._lock:
-            if reservation_id in self._holds:
-                raise ValueError(f"reservation_id={reservation_id!r} is already held")
-            denied = self._check(lines, amounts)
-            if denied is not None:
-                return ReserveResult(False, denied, self._balances(lines))
-            held = {}
-            for counter, amount in amounts.items():  # a loop, not a comprehension's frame
-                if amount:
-                    held[counter] = amount  # noqa: PERF403 - see above
-            committed, reserved = self._committed, self._reserved
-            keys = []
-            out = {}
-            for line in lines:
-                key = line.key
-                keys.append(key)
-                if key in reserved:
-                    res = reserved[key]
-                    for counter, amount in held.items():
-                        res[counter] = (res[counter] + amount) if counter in res else amount
-                else:
-                    res = reserved[key] = held.copy()
-                out[key] = Balance(committed[key].copy() if key in committed else {}, res.copy())
-            self._holds[reservation_id] = (tuple(keys), held)
-            return ReserveResult(True, None, out)
+            denied = self._hold(reservation_id, lines, amounts)
+            return ReserveResult(denied is None, denied, self._copies(lines))
 
     def commit(
         self, reservation_id: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
     ) -> Mapping[str, Balance]:
         with self._lock:
             self._free(reservation_id)
-            return self._add(lines, actual)
+            self._add(lines, actual)
+            return self._copies(lines)
 
     def release(self, reservation_id: str) -> None:
         with self._lock:
@@ -265,15 +323,20 @@ class MemoryStore:
         self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount], *, check: bool = True
     ) -> ReserveResult:
         with self._lock:
-            if check:
-                denied = self._check(lines, amounts)
-                if denied is not None:
-                    return ReserveResult(False, denied, self._balances(lines))
-            return ReserveResult(True, None, self._add(lines, amounts))
+            denied = self._check(lines, amounts) if check else None
+            if denied is None:
+                self._add(lines, amounts)
+            return ReserveResult(denied is None, denied, self._copies(lines))
 
     def snapshot(self, keys: Sequence[str]) -> Mapping[str, Balance]:
         with self._lock:
-            return {k: self._balance(k) for k in keys}
+            live = self._live
+            return {
+                k: Balance(dict(live[k].committed), dict(live[k].reserved))
+                if k in live
+                else Balance({}, {})
+                for k in keys
+            }
 
     async def areserve(
         self, reservation_id: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
