@@ -71,19 +71,30 @@ _NodeFn: TypeAlias = Callable[..., Any]
 
 class _Ledger:
     """What of a task's spend one graph guard has already put in the graph state, so each
-    record adds only the rest. Updated in place, under the guard's lock; a new ledger holds
-    nothing (the class attributes) and its first record sets what changed.
-    """
+    record adds only the rest. Updated in place, under the guard's lock."""
 
-    cost: Decimal = Decimal(0)
-    input_tokens: int = 0
-    output_tokens: int = 0
-    model_calls: int = 0
-    tool_calls: int = 0
-    tool_calls_by_name: Mapping[str, int] = MappingProxyType({})
-    retries: int = 0
-    steps: int = 0
-    decisions: int = 0
+    __slots__ = (
+        "cost",
+        "decisions",
+        "input_tokens",
+        "model_calls",
+        "output_tokens",
+        "retries",
+        "steps",
+        "tool_calls",
+        "tool_calls_by_name",
+    )
+
+    def __init__(self) -> None:
+        self.cost = Decimal(0)
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.model_calls = 0
+        self.tool_calls = 0
+        self.tool_calls_by_name: Mapping[str, int] = {}
+        self.retries = 0
+        self.steps = 0
+        self.decisions = 0  # how many of the task's decisions
 
 
 def _merge(result: Any, spend: dict[str, Any]) -> Any:
