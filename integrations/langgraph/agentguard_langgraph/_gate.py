@@ -31,7 +31,6 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 from langchain_core.language_models import BaseChatModel
@@ -121,8 +120,8 @@ def _merge(result: Any, spend: dict[str, Any]) -> Any:
 # outside a graph run. A node run again is a retry, counted against ``max_retries`` (raising
 # ``BudgetExceeded`` past it) before the attempt runs. The node wrappers read it inline: the
 # ``execution_info`` of the runtime LangGraph puts in the running node's config — what
-# ``langgraph.runtime.get_runtime()`` returns, without its two calls.
-_NO_CONF: Mapping[str, Any] = MappingProxyType({})
+# ``langgraph.runtime.get_runtime()`` returns, without its two calls and without a call per
+# step of the way (no config, runtime or execution info: not a graph run, the first attempt).
 #: The decision actions with which a tool does not run (``ToolCall.allowed`` is false).
 _REFUSED = ("stop", "block")
 
@@ -595,10 +594,12 @@ class GraphGuard:
                 task = _current_task.get()
                 if task is None or task.guard is not guard:
                     raise _no_task()
+                try:  # see "Attempts"
+                    runtime = _child_config.get()[CONF][CONFIG_KEY_RUNTIME]  # type: ignore[index]
+                    attempt = runtime.execution_info.node_attempt
+                except (TypeError, LookupError, AttributeError):  # not in a graph run
+                    attempt = 1
                 try:
-                    config = _child_config.get()  # the node's, with its runtime: see "Attempts"
-                    runtime = config.get(CONF, _NO_CONF).get(CONFIG_KEY_RUNTIME) if config else None
-                    attempt = getattr(getattr(runtime, "execution_info", None), "node_attempt", 1)
                     if attempt != 1 and isinstance(attempt, int) and attempt > 1:
                         await task.arecord_retry(f"{name}: attempt {attempt}")
                     if step:
@@ -619,10 +620,12 @@ class GraphGuard:
             task = _current_task.get()
             if task is None or task.guard is not guard:
                 raise _no_task()
+            try:  # see "Attempts"
+                runtime = _child_config.get()[CONF][CONFIG_KEY_RUNTIME]  # type: ignore[index]
+                attempt = runtime.execution_info.node_attempt
+            except (TypeError, LookupError, AttributeError):  # not in a graph run
+                attempt = 1
             try:
-                config = _child_config.get()  # the node's, with its runtime: see "Attempts"
-                runtime = config.get(CONF, _NO_CONF).get(CONFIG_KEY_RUNTIME) if config else None
-                attempt = getattr(getattr(runtime, "execution_info", None), "node_attempt", 1)
                 if attempt != 1 and isinstance(attempt, int) and attempt > 1:
                     task.record_retry(f"{name}: attempt {attempt}")
                 if step:

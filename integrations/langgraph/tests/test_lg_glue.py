@@ -142,9 +142,16 @@ async def test_a_wrapped_node_called_outside_a_graph_run_is_a_first_attempt(mode
     async def anode(state: Any) -> dict[str, Any]:
         return {"seen": state}
 
+    from langchain_core.runnables import RunnableLambda
+
     wrapped = gg.node(node if mode == "sync" else anode, step=True)
+    # called as a function (no runnable config at all), then as a runnable outside a graph
+    # (a config without LangGraph's runtime in it)
+    as_runnable = RunnableLambda(wrapped)
     with guard.task("direct") as task:
         out = wrapped(1) if mode == "sync" else await wrapped(1)
+        again = as_runnable.invoke(2) if mode == "sync" else await as_runnable.ainvoke(2)
     assert task.retries == 0
-    assert task.steps == 1
+    assert task.steps == 2
     assert out == {"seen": 1, "agentguard": {"steps": 1}}
+    assert again == {"seen": 2, "agentguard": {"steps": 1}}
