@@ -20,6 +20,9 @@ Variants, each against the same graph without the guard (``bare``: plain model, 
 * ``guarded, steps in the node``: the bare graph's shape; ``gg.node(agent, step=True)`` counts
   the steps and records the spend, ``gg.chat_model`` gates the model, ``gg.tool_node`` the
   tools; ``gg.bind(graph)`` opens and closes a task per run — traces off;
+* ``integration floor, route edges``: the integration floor with the route variant's edges —
+  conditional edges (``START`` and ``tools`` to ``agent``) that always answer ``"continue"``,
+  built as ``gg.route`` is: what LangGraph's conditional edges cost by themselves;
 * ``guarded, steps in route edges``: ``gg.route`` conditional edges before every step, a
   finishing node;
 * ``guarded, steps in the node + SQLite``: spans written to SQLite (batched writes on the
@@ -62,6 +65,7 @@ import agentguard as ag
 from agentguard.testing import OpenAIServer
 from agentguard_langchain.testing import ScriptedChatModel
 from agentguard_langgraph import BudgetState, GraphGuard
+from agentguard_langgraph._gate import _Edge
 
 ASK: Any = {"messages": [{"role": "user", "content": "Where is my parcel for order 1182?"}]}
 
@@ -181,11 +185,21 @@ class _WritingToolNode(ToolNode):
         return {**await super()._afunc(input, config, runtime), "agentguard": _TOOL_SPEND}
 
 
-def floor(steps: int) -> tuple[Any, ScriptedChatModel]:
+async def _acontinue(state: Any) -> str:
+    return "continue"
+
+
+#: A conditional edge that always answers ``"continue"``, built as ``gg.route`` is (the same
+#: ``Runnable``, reading no channel): what LangGraph's conditional edges cost by themselves.
+_CONTINUE = _Edge(lambda state: "continue", _acontinue, "continue")
+
+
+def floor(steps: int, edges: str = "plain") -> tuple[Any, ScriptedChatModel]:
     """What any guard of this shape costs before it decides anything: the guarded graph's
     integration points with no guard logic — a chat model wrapper that only forwards, the
     ``BudgetState`` key, a constant spend written by the agent node and by the tool node (through
-    a pass-through tool wrapper)."""
+    a pass-through tool wrapper). ``edges="route"``: with conditional edges that always answer
+    ``"continue"`` where the route variant has ``gg.route``."""
     model = scripted(steps)
     llm = _Passthrough(model=model).bind_tools([lookup])
 
@@ -206,9 +220,14 @@ def floor(steps: int) -> tuple[Any, ScriptedChatModel]:
     b.add_node(
         "tools", _WritingToolNode([lookup], wrap_tool_call=passing, awrap_tool_call=apassing)
     )
-    b.add_edge(START, "agent")
     b.add_conditional_edges("agent", tools_condition)
-    b.add_edge("tools", "agent")
+    if edges == "route":
+        paths = {"continue": "agent", "downgrade": "agent", "finish": END, "stop": END}
+        b.add_conditional_edges(START, _CONTINUE, paths)
+        b.add_conditional_edges("tools", _CONTINUE, paths)
+    else:
+        b.add_edge(START, "agent")
+        b.add_edge("tools", "agent")
     return b.compile(), model
 
 
@@ -265,6 +284,7 @@ def bench(
     tmp = Path(tempfile.mkdtemp(prefix="agentguard-bench-"))
     base, base_model = bare(steps)
     low, low_model = floor(steps)
+    low_route, low_route_model = floor(steps, "route")
     g_off = ag.Guard(policy(), traces=False)
     node, node_model = guarded(steps, g_off, "node")
     edge, edge_model = guarded(steps, g_off, "route")
@@ -290,6 +310,7 @@ def bench(
         ("bare graph", base, base_model),
         ("integration floor (no guard logic)", low, low_model),
         ("guarded, steps in the node", node, node_model),
+        ("integration floor, route edges", low_route, low_route_model),
         ("guarded, steps in route edges", edge, edge_model),
         ("guarded, steps in the node + SQLite", sql, sql_model),
     ):
