@@ -155,3 +155,39 @@ async def test_a_wrapped_node_called_outside_a_graph_run_is_a_first_attempt(mode
     assert task.steps == 2
     assert out == {"seen": 1, "agentguard": {"steps": 1}}
     assert again == {"seen": 2, "agentguard": {"steps": 1}}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_wrapped_node_carries_its_signature_and_still_gets_its_config(mode: str) -> None:
+    import inspect
+
+    from langchain_core.runnables import RunnableConfig, RunnableLambda
+    from langgraph.graph import START, StateGraph
+    from lg_support import State
+
+    guard = ag.Guard(POLICY, traces=False)
+    gg = GraphGuard(guard)
+
+    def node(state: State, config: RunnableConfig) -> dict[str, Any]:
+        return {"messages": [("ai", str(config["configurable"]["ticket"]))]}
+
+    async def anode(state: State, config: RunnableConfig) -> dict[str, Any]:
+        return node(state, config)
+
+    fn = node if mode == "sync" else anode
+    wrapped = gg.node(fn, step=True)
+    # LangChain's RunnableLambda asks for the signature on every call: the wrapper has it at
+    # hand instead of unwrapping and rebuilding it each time
+    assert wrapped.__signature__ == inspect.signature(fn)  # type: ignore[attr-defined]
+    config: Any = {"configurable": {"ticket": 1182}}
+    for as_node in (wrapped, RunnableLambda(wrapped)):
+        b = StateGraph(State)
+        b.add_node("agent", as_node)
+        b.add_edge(START, "agent")
+        graph = gg.bind(b.compile())
+        if mode == "sync":
+            out = graph.invoke(user(), config)
+        else:
+            out = await graph.ainvoke(user(), config)
+        assert out["messages"][-1].content == "1182"
+        assert out["agentguard"]["steps"] == 1  # the wrapper ran: a step, recorded
