@@ -166,28 +166,26 @@ def _int_cap(value: Any) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class _ClassFacts:
-    """What the wrapper reads off a chat model class, found once per class
-    (:func:`_facts_of`): ``model_fields`` costs ~1 µs per read, ``inspect.signature`` ~20 µs."""
+    """What the wrapper reads off a chat model class, found once per class (``_FACTS``):
+    ``model_fields`` costs ~1 µs per read, ``inspect.signature`` ~20 µs."""
 
     # the output-cap attributes (``_CAP_FIELDS``) the class can have: its fields, class
     # attributes and properties (any, if it allows extras) — the others are not looked up,
-    # since a pydantic model raises (~3 µs) for each name it lacks
+    # since a pydantic model raises (~3 µs) for each name it lacks. A field's value is read
+    # from the instance's ``__dict__`` (where pydantic keeps it), the rest with ``getattr``.
     cap_attrs: tuple[str, ...]
     cap_param: str  # the output-cap field it declares (``max_tokens`` if none)
     run_manager: frozenset[str]  # its methods (``_generate``...) that take ``run_manager``
 
 
-_FACTS: dict[type, _ClassFacts] = {}
+class _FactsByClass(dict[type, _ClassFacts]):
+    """``_FACTS[cls]``: a class's facts, found on first use (``__missing__``), so a call site
+    reads them with one subscript and no call."""
 
-
-def _facts_of(cls: type[BaseChatModel]) -> _ClassFacts:
-    """``_FACTS[cls]``, found on first use. Call sites read ``_FACTS.get(cls) or
-    _facts_of(cls)``: one dict look-up per call once the class is known."""
-    got = _FACTS.get(cls)
-    if got is None:
+    def __missing__(self, cls: type[BaseChatModel]) -> _ClassFacts:
         fields = cls.model_fields
         loose = cls.model_config.get("extra") == "allow"
-        got = _FACTS[cls] = _ClassFacts(
+        got = self[cls] = _ClassFacts(
             cap_attrs=tuple(
                 k
                 for k in _CAP_FIELDS
@@ -200,7 +198,10 @@ def _facts_of(cls: type[BaseChatModel]) -> _ClassFacts:
                 if "run_manager" in inspect.signature(getattr(cls, m)).parameters
             ),
         )
-    return got
+        return got
+
+
+_FACTS = _FactsByClass()
 
 
 def _default_of(model: BudgetedChatModel) -> str:
@@ -223,10 +224,31 @@ def _binding_kwargs(bound: Runnable[Any, Any]) -> dict[str, Any]:
 def _usage_or_raw(message: BaseMessage) -> Any:
     """The usage on ``message`` for :meth:`ModelCall.end`; a malformed record is handed over
     raw so the guard charges the call's bound and flags it instead of failing the run.
-    (LangChain's ``usage_metadata``, the usual shape, is read here: one call less.)"""
-    um = getattr(message, "usage_metadata", None)
+
+    LangChain's ``usage_metadata`` as chat models build it (a dict, its details dicts or
+    absent) is read straight into a :class:`Usage` (which validates the counts, as
+    :meth:`Usage.from_langchain` would after the same reading); any other shape goes through
+    :func:`usage_of`.
+    """
+    um = (
+        message.usage_metadata
+        if type(message) is AIMessage
+        else getattr(message, "usage_metadata", None)
+    )
     try:
-        return Usage.from_langchain(um) if um else usage_of(message)
+        if type(um) is dict and um:
+            ind = um.get("input_token_details")
+            outd = um.get("output_token_details")
+            if (ind is None or type(ind) is dict) and (outd is None or type(outd) is dict):
+                # a missing count is 0, as Usage.from_langchain reads it
+                return Usage(
+                    um.get("input_tokens", 0),
+                    um.get("output_tokens", 0),
+                    ind.get("cache_read", 0) if ind else 0,
+                    ind.get("cache_creation", 0) if ind else 0,
+                    outd.get("reasoning", 0) if outd else 0,
+                )
+        return usage_of(message)
     except InvalidUsage:
         return um or message.response_metadata.get(
             "token_usage", message.response_metadata.get("usage")
@@ -333,6 +355,8 @@ class BudgetedChatModel(BaseChatModel):
     _ls_base: tuple[BaseChatModel, Any, LangSmithParams, _ClassFacts] | None = PrivateAttr(
         default=None
     )
+    # the wrapped model and its ``_llm_type``: see _get_invocation_params
+    _delegate: tuple[BaseChatModel, str] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _read_default_id(self) -> Self:
@@ -343,6 +367,10 @@ class BudgetedChatModel(BaseChatModel):
         return self
 
     # -- identity --------------------------------------------------------------------------
+    #
+    # LangChain reads ``_get_invocation_params`` and ``_get_ls_params`` on every call, before
+    # ``_generate``: they read call kwargs with ``in`` and subscripts rather than ``get`` /
+    # ``pop`` calls, and what only changes with the wrapped model is held per model.
 
     @property
     def model_name(self) -> str:
@@ -382,8 +410,7 @@ class BudgetedChatModel(BaseChatModel):
             base.pop("ls_max_tokens", None)  # the caller's cap is the wrapper's to report
             base["ls_model_type"] = "chat"
             base[METERED_METADATA_KEY] = True  # type: ignore[literal-required]
-            cls = type(model)
-            held = (model, temperature, base, _FACTS.get(cls) or _facts_of(cls))
+            held = (model, temperature, base, _FACTS[type(model)])
             private["_ls_base"] = held
         params: LangSmithParams = held[2].copy()
         temperature = kwargs.get("temperature")
@@ -407,15 +434,33 @@ class BudgetedChatModel(BaseChatModel):
         self, stop: list[str] | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         kwargs.pop(_RAW_TOOLS, None)
-        if type(self).dict is not BaseChatModel.dict:  # a subclass's own dict(): LangChain's way
+        cls = type(self)
+        if cls.dict is not BaseChatModel.dict:  # a subclass's own dict(): LangChain's way
             return super()._get_invocation_params(stop=stop, **kwargs)
         # what BaseChatModel builds (``dict()`` + stop + kwargs), without the warnings filter
         # it sets around ``dict()`` for deprecated overrides (~7 µs per call)
-        params = self._identifying_params
-        params["_type"] = "agentguard-budgeted"
-        params["stop"] = stop
-        params.update(kwargs)
-        return params
+        if cls._identifying_params is not BudgetedChatModel._identifying_params:
+            params = self._identifying_params  # a subclass's own
+            params["_type"] = "agentguard-budgeted"
+            params["stop"] = stop
+            params.update(kwargs)
+            return params
+        # ``_identifying_params`` built in place, the delegate's ``_llm_type`` (a property)
+        # read once per wrapped model
+        private: dict[str, Any] = self.__pydantic_private__  # type: ignore[assignment]
+        model = self.model
+        delegate = private["_delegate"]
+        if delegate is None or delegate[0] is not model:
+            delegate = private["_delegate"] = (model, model._llm_type)
+        models = self.models
+        return {
+            "model_name": private["_default_id"],
+            "delegate": delegate[1],
+            "ladder": sorted(models) if models else [],
+            "_type": "agentguard-budgeted",
+            "stop": stop,
+            **kwargs,
+        }
 
     # -- tools -------------------------------------------------------------------------------
 
@@ -444,9 +489,10 @@ class BudgetedChatModel(BaseChatModel):
     #
     # The common path — the wrapped model itself, no rung switch, no streaming — is
     # ``_generate`` -> ``_begin`` (``_ask``, ``_caller_cap``, the guard's decision, ``_route``)
-    # -> ``_call_generate`` -> ``_reported`` -> ``_commit``: inside a running graph each Python
-    # call costs ~3x what it costs in a tight loop, so these keep their helpers few and their
-    # allocations to one ``_Plan`` per call.
+    # -> ``_call_generate`` (the delegate's ``_generate``, ``_reported``, ``call.end``): inside
+    # a running graph each Python call costs ~3x what it costs in a tight loop, so these keep
+    # their helpers few, read dicts with ``in`` and subscripts rather than ``get`` / ``pop``
+    # calls, and allocate one ``_Plan`` per call.
 
     def _resolve(
         self, model_id: str, default_id: str | None = None
@@ -472,8 +518,9 @@ class BudgetedChatModel(BaseChatModel):
                 v = kwargs.get(k)
                 if v is not None and (c := _int_cap(v)) is not None and (cap is None or c < cap):
                     cap = c
+        fields = model.__dict__  # a pydantic field's value, read without a getattr call
         for k in facts.cap_attrs:
-            v = getattr(model, k, None)
+            v = fields[k] if k in fields else getattr(model, k, None)
             if v is None:
                 continue
             c = v if type(v) is int else _int_cap(v)
@@ -520,8 +567,7 @@ class BudgetedChatModel(BaseChatModel):
             model, select = self.model, None
         else:
             model, select = self._resolve(requested, default_id)
-        cls = type(model)
-        facts = _FACTS.get(cls) or _facts_of(cls)
+        facts = _FACTS[type(model)]
         cap = self._caller_cap(model, facts, kwargs)
         stops = stop or self.stop or None
         return _Plan(requested, model, facts, select, spec, cap, stops, kwargs)
@@ -532,8 +578,7 @@ class BudgetedChatModel(BaseChatModel):
         ``model=`` that selects it and the output cap ``cap``."""
         if model_id != plan.requested:
             plan.model, plan.select = self._resolve(model_id)
-            cls = type(plan.model)
-            plan.facts = _FACTS.get(cls) or _facts_of(cls)
+            plan.facts = _FACTS[type(plan.model)]
         model = plan.model
         kw = plan.kwargs
         if plan.final or (plan.spec is not None and model is not self.model):
@@ -545,7 +590,8 @@ class BudgetedChatModel(BaseChatModel):
         facts = plan.facts
         param = self.max_tokens_param or facts.cap_param
         if param in facts.cap_attrs or param not in _CAP_FIELDS:
-            own = getattr(model, param, None)
+            fields = model.__dict__
+            own = fields[param] if param in fields else getattr(model, param, None)
             if own is not None and type(own) is not int:
                 own = _int_cap(own)
             if own is not None and own < cap:  # a rung's own constructor cap is never raised
@@ -676,7 +722,10 @@ class BudgetedChatModel(BaseChatModel):
         usage = _usage_or_raw(message)
         if usage is None and result.llm_output:
             usage = result.llm_output.get("token_usage") or result.llm_output.get("usage")
-        name = message.response_metadata.get("model_name")
+        meta = message.response_metadata
+        name = meta.get("model_name")
+        if name is not None and type(name) is not str and not isinstance(name, str):
+            name = None
         # the text only matters when the usage is missing or malformed (an estimate is made
         # from it) or content is captured: tool-call JSON is not rebuilt otherwise
         text = (
@@ -685,50 +734,79 @@ class BudgetedChatModel(BaseChatModel):
             else None
         )
         if plan.final:
-            message.response_metadata["agentguard_final"] = True
-        return usage, text, name if isinstance(name, str) else None
+            meta["agentguard_final"] = True
+        return usage, text, name
 
     # -- BaseChatModel ---------------------------------------------------------------------------
 
     # ``_call_generate`` / ``_acall_generate`` add ``run_manager`` to ``plan.kwargs`` itself
-    # (the call's own dict, no copy) and set the metered flag without ``metered_here()``:
-    # they run on every call.
+    # (the call's own dict, no copy) and set the metered flag without ``metered_here()``;
+    # with ``end`` (a metered call of ``_generate``), they also end it — release on failure,
+    # else commit what the result reports (``_commit``'s body, inline): they run on every call.
 
     def _call_generate(
         self,
         plan: _Plan,
         messages: list[BaseMessage],
         run_manager: CallbackManagerForLLMRun | None,
+        end: bool = False,
     ) -> ChatResult:
         model = plan.model
-        if model.rate_limiter is not None:
-            model.rate_limiter.acquire(blocking=True)
-        kwargs = plan.kwargs
-        if "_generate" in plan.facts.run_manager:
-            kwargs["run_manager"] = run_manager
-        token = METERED.set(True)
         try:
-            return model._generate(messages, stop=plan.stop, **kwargs)
-        finally:
-            METERED.reset(token)
+            if model.rate_limiter is not None:
+                model.rate_limiter.acquire(blocking=True)
+            kwargs = plan.kwargs
+            if "_generate" in plan.facts.run_manager:
+                kwargs["run_manager"] = run_manager
+            token = METERED.set(True)
+            try:
+                result = model._generate(messages, stop=plan.stop, **kwargs)
+            finally:
+                METERED.reset(token)
+        except BaseException as exc:
+            if end:
+                self._abort(plan, exc)
+            raise
+        if end:
+            usage, text, name = self._reported(plan, result)
+            try:
+                plan.call.end(usage, output_text=text, model=name)
+            finally:
+                if plan.owned:
+                    plan.task.close()
+        return result
 
     async def _acall_generate(
         self,
         plan: _Plan,
         messages: list[BaseMessage],
         run_manager: AsyncCallbackManagerForLLMRun | None,
+        end: bool = False,
     ) -> ChatResult:
         model = plan.model
-        if model.rate_limiter is not None:
-            await model.rate_limiter.aacquire(blocking=True)
-        kwargs = plan.kwargs
-        if "_agenerate" in plan.facts.run_manager:
-            kwargs["run_manager"] = run_manager
-        token = METERED.set(True)
         try:
-            return await model._agenerate(messages, stop=plan.stop, **kwargs)
-        finally:
-            METERED.reset(token)
+            if model.rate_limiter is not None:
+                await model.rate_limiter.aacquire(blocking=True)
+            kwargs = plan.kwargs
+            if "_agenerate" in plan.facts.run_manager:
+                kwargs["run_manager"] = run_manager
+            token = METERED.set(True)
+            try:
+                result = await model._agenerate(messages, stop=plan.stop, **kwargs)
+            finally:
+                METERED.reset(token)
+        except BaseException as exc:
+            if end:
+                await self._aabort(plan, exc)
+            raise
+        if end:
+            usage, text, name = self._reported(plan, result)
+            try:
+                await plan.call.aend(usage, output_text=text, model=name)
+            finally:
+                if plan.owned:
+                    await plan.task.aclose()
+        return result
 
     def _generate(
         self,
@@ -740,13 +818,7 @@ class BudgetedChatModel(BaseChatModel):
         plan = self._begin(messages, stop, kwargs)
         if plan is None:
             return self._call_generate(self._forward(stop, kwargs), messages, run_manager)
-        try:
-            result = self._call_generate(plan, messages, run_manager)
-        except BaseException as exc:
-            self._abort(plan, exc)
-            raise
-        self._commit(plan, *self._reported(plan, result))
-        return result
+        return self._call_generate(plan, messages, run_manager, True)
 
     async def _agenerate(
         self,
@@ -758,13 +830,7 @@ class BudgetedChatModel(BaseChatModel):
         plan = await self._abegin(messages, stop, kwargs)
         if plan is None:
             return await self._acall_generate(self._forward(stop, kwargs), messages, run_manager)
-        try:
-            result = await self._acall_generate(plan, messages, run_manager)
-        except BaseException as exc:
-            await self._aabort(plan, exc)
-            raise
-        await self._acommit(plan, *self._reported(plan, result))
-        return result
+        return await self._acall_generate(plan, messages, run_manager, True)
 
     def _delegate_stream(
         self,
@@ -894,3 +960,14 @@ class BudgetedChatModel(BaseChatModel):
             await self._aabort(plan, exc)
             raise
         await self._acommit(plan, tally.reported(), tally.text, tally.model_name)
+
+
+# LangChain reads ``inspect.signature(self._generate)`` (``_agenerate``) on every call, to know
+# whether it takes ``run_manager``: ~20 µs from the code each time, ~6 µs from a signature the
+# function carries (what ``inspect.signature`` returns first, ``__signature__``).
+def _hold_signature(method: Callable[..., Any]) -> None:
+    method.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
+
+
+_hold_signature(BudgetedChatModel._generate)
+_hold_signature(BudgetedChatModel._agenerate)
