@@ -191,3 +191,24 @@ async def test_a_wrapped_node_carries_its_signature_and_still_gets_its_config(mo
             out = await graph.ainvoke(user(), config)
         assert out["messages"][-1].content == "1182"
         assert out["agentguard"]["steps"] == 1  # the wrapper ran: a step, recorded
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_streamed_run_charges_one_task_closed_when_the_stream_ends(mode: str) -> None:
+    guard = ag.Guard(POLICY, traces=False)
+    gg = GraphGuard(guard)
+    graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o", tool_calls=2), steps_in="node"))
+    config: Any = {"configurable": {"thread_id": "t-stream"}}
+    with guard.task("caller") as caller:
+        if mode == "sync":
+            chunks = list(graph.stream(user(), config, stream_mode="values"))
+        else:
+            chunks = [c async for c in graph.astream(user(), config, stream_mode="values")]
+        assert ag.current_task() is caller
+    task = graph.last_task
+    assert task is not None
+    assert task.parent is caller  # the caller's task of the same guard
+    assert task.tags["thread_id"] == "t-stream"
+    assert task.ended is not None and task.status == "ok"
+    assert (task.model_calls, task.tool_calls, task.steps) == (3, 2, 3)
+    state_matches_task(chunks[-1], task)
