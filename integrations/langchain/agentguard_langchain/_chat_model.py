@@ -391,8 +391,7 @@ class BudgetedChatModel(BaseChatModel):
     # -- identity --------------------------------------------------------------------------
     #
     # LangChain reads ``_get_invocation_params`` and ``_get_ls_params`` on every call, before
-    # ``_generate``: they read call kwargs with ``in`` and subscripts rather than ``get`` /
-    # ``pop`` calls, and what only changes with the wrapped model is held per model.
+    # ``_generate``: what only changes with the wrapped model is held per model object.
 
     @property
     def model_name(self) -> str:
@@ -512,9 +511,9 @@ class BudgetedChatModel(BaseChatModel):
     # The common path — the wrapped model itself, no rung switch, no streaming — is
     # ``_generate`` -> ``_begin`` (``_ask``, ``_caller_cap``, the guard's decision, ``_route``)
     # -> ``_call_generate`` (the delegate's ``_generate``, ``_reported``, ``call.end``): inside
-    # a running graph each Python call costs ~3x what it costs in a tight loop, so these keep
-    # their helpers few, read dicts with ``in`` and subscripts rather than ``get`` / ``pop``
-    # calls, and allocate one ``_Plan`` per call.
+    # a running graph each Python call and each object touched costs several times what it
+    # costs in a tight loop, so these keep their helpers few and their allocations to one
+    # ``_Plan`` per call.
 
     def _resolve(
         self, model_id: str, default_id: str | None = None
@@ -743,8 +742,6 @@ class BudgetedChatModel(BaseChatModel):
             usage = result.llm_output.get("token_usage") or result.llm_output.get("usage")
         meta = message.response_metadata
         name = meta.get("model_name")
-        if name is not None and type(name) is not str and not isinstance(name, str):
-            name = None
         # the text only matters when the usage is missing or malformed (an estimate is made
         # from it) or content is captured: tool-call JSON is not rebuilt otherwise
         text = (
@@ -754,7 +751,7 @@ class BudgetedChatModel(BaseChatModel):
         )
         if plan.final:
             meta["agentguard_final"] = True
-        return usage, text, name
+        return usage, text, name if isinstance(name, str) else None
 
     # -- BaseChatModel ---------------------------------------------------------------------------
 
@@ -837,7 +834,7 @@ class BudgetedChatModel(BaseChatModel):
         plan = self._begin(messages, stop, kwargs)
         if plan is None:
             return self._call_generate(self._forward(stop, kwargs), messages, run_manager)
-        return self._call_generate(plan, messages, run_manager, True)
+        return self._call_generate(plan, messages, run_manager, end=True)
 
     async def _agenerate(
         self,
@@ -849,7 +846,7 @@ class BudgetedChatModel(BaseChatModel):
         plan = await self._abegin(messages, stop, kwargs)
         if plan is None:
             return await self._acall_generate(self._forward(stop, kwargs), messages, run_manager)
-        return await self._acall_generate(plan, messages, run_manager, True)
+        return await self._acall_generate(plan, messages, run_manager, end=True)
 
     def _delegate_stream(
         self,
