@@ -39,13 +39,17 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.runnables.config import var_child_runnable_config as _child_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from langgraph._internal._constants import CONF, CONFIG_KEY_RUNTIME
 from langgraph.graph import END
 from langgraph.prebuilt import ToolNode
 from langgraph.types import Command
 from typing_extensions import TypedDict  # the one LangGraph's own state schemas use
 
 from agentguard import BudgetExceeded, PolicyError
+
+try:  # where a node's config holds its Runtime (private to LangGraph; the values as of 1.0)
+    from langgraph._internal._constants import CONF, CONFIG_KEY_RUNTIME
+except ImportError:  # pragma: no cover - a LangGraph that moved them
+    CONF, CONFIG_KEY_RUNTIME = "configurable", "__pregel_runtime"
 from agentguard._guard import _current as _current_task
 from agentguard_langchain import AgentGuardMiddleware, BudgetedChatModel
 from agentguard_langchain._chat_model import _model_id, _usage_or_raw
