@@ -120,6 +120,8 @@ class _Plan:
     cap: int | None  # the caller's own output cap
     stop: list[str] | None
     kwargs: dict[str, Any]  # the call's own ``**kwargs`` dict: the wrapper's keys popped
+    bind: str | None = None  # the usual call: the cap kwarg to bind (see _ask)
+    own: int | None = None  # with ``bind``: the model's own cap under it
     final: bool = False  # the task's graceful final answer
     owned: bool = False  # the task was opened for this call alone
     task: Task = field(init=False)  # set (with ``call``) on metered calls only
@@ -198,6 +200,7 @@ class _ClassFacts:
     cap_attrs: tuple[str, ...]
     cap_param: str  # the output-cap field it declares (``max_tokens`` if none)
     run_manager: frozenset[str]  # its methods (``_generate``...) that take ``run_manager``
+    one_cap: bool  # its one cap attribute is the field ``cap_param`` (read from __dict__)
 
 
 class _FactsByClass(dict[type, _ClassFacts]):
@@ -207,13 +210,14 @@ class _FactsByClass(dict[type, _ClassFacts]):
     def __missing__(self, cls: type[BaseChatModel]) -> _ClassFacts:
         fields = cls.model_fields
         loose = cls.model_config.get("extra") == "allow"
+        cap_attrs = tuple(
+            k for k in _CAP_FIELDS if loose or k in fields or any(k in vars(c) for c in cls.__mro__)
+        )
+        cap_param = next((k for k in _CAP_FIELDS if k in fields), "max_tokens")
         got = self[cls] = _ClassFacts(
-            cap_attrs=tuple(
-                k
-                for k in _CAP_FIELDS
-                if loose or k in fields or any(k in vars(c) for c in cls.__mro__)
-            ),
-            cap_param=next((k for k in _CAP_FIELDS if k in fields), "max_tokens"),
+            cap_attrs=cap_attrs,
+            cap_param=cap_param,
+            one_cap=cap_attrs == (cap_param,) and cap_param in fields and not loose,
             run_manager=frozenset(
                 m
                 for m in ("_generate", "_agenerate", "_stream", "_astream")
@@ -513,7 +517,9 @@ class BudgetedChatModel(BaseChatModel):
     # -> ``_call_generate`` (the delegate's ``_generate``, ``_reported``, ``call.end``): inside
     # a running graph each Python call and each object touched costs several times what it
     # costs in a tight loop, so these keep their helpers few and their allocations to one
-    # ``_Plan`` per call.
+    # ``_Plan`` per call. The usual call (a model class with one cap field, no cap kwarg, no
+    # ``max_tokens_param``) has its cap read once by ``_ask`` (``plan.bind`` / ``plan.own``)
+    # and bound by ``_route`` without the general reading (``_caller_cap``, ``_kwargs_for``).
 
     def _resolve(
         self, model_id: str, default_id: str | None = None
@@ -586,14 +592,38 @@ class BudgetedChatModel(BaseChatModel):
         else:
             model, select = self._resolve(requested, default_id)
         facts = _FACTS[type(model)]
-        cap = self._caller_cap(model, facts, kwargs)
         stops = stop or self.stop or None
+        if facts.one_cap and self.max_tokens_param is None and _CAP_KEY_SET.isdisjoint(kwargs):
+            # the usual call: one cap field, no cap kwarg — read once for _route too
+            own = model.__dict__.get(facts.cap_param)
+            if own is not None and type(own) is not int:
+                own = _int_cap(own)
+            cap = self.max_tokens
+            if own is not None and (cap is None or own < cap):
+                cap = own
+            return _Plan(
+                requested, model, facts, select, spec, cap, stops, kwargs, facts.cap_param, own
+            )
+        cap = self._caller_cap(model, facts, kwargs)
         return _Plan(requested, model, facts, select, spec, cap, stops, kwargs)
 
     def _route(self, plan: _Plan, model_id: str, cap: int | None) -> None:
         """Point ``plan`` at the chat model serving ``model_id`` (raises on a bad rung), its
         kwargs at that model: tools formatted by it (forced to text for a final answer), the
         ``model=`` that selects it and the output cap ``cap``."""
+        bind = plan.bind
+        if (
+            bind is not None
+            and model_id == plan.requested
+            and not plan.final
+            and (plan.spec is None or plan.model is self.model)
+        ):  # the usual call: no rung switch, no tools to format again
+            if select := plan.select:
+                plan.kwargs.update(select)
+            if cap is not None:
+                own = plan.own
+                plan.kwargs[bind] = own if own is not None and own < cap else cap
+            return
         if model_id != plan.requested:
             plan.model, plan.select = self._resolve(model_id)
             plan.facts = _FACTS[type(plan.model)]

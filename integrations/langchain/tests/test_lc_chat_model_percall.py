@@ -14,6 +14,7 @@ import inspect
 import types
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.language_models import LanguageModelInput
@@ -223,6 +224,50 @@ def test_a_cap_field_and_a_cap_property_are_both_respected() -> None:
     assert llm._get_ls_params()["ls_max_tokens"] == 7
 
 
+@pytest.mark.parametrize("wrapper_cap", [None, 50])
+@pytest.mark.parametrize("model_cap", [None, 30, 80])
+@pytest.mark.parametrize("guard_cap", [40, 400])
+@pytest.mark.parametrize(
+    "call_kwargs",
+    [{}, {"max_tokens": 20}, {"max_completion_tokens": 60}, {"model": "gpt-4o"}],
+)
+@pytest.mark.parametrize("param", [None, "max_completion_tokens"])
+def test_the_usual_calls_cap_is_the_general_reading(
+    wrapper_cap: int | None,
+    model_cap: int | None,
+    guard_cap: int,
+    call_kwargs: dict[str, Any],
+    param: str | None,
+) -> None:
+    """The usual call (one cap field, no cap kwarg, no ``max_tokens_param``) reads the
+    model's cap once for ``_ask`` and ``_route``: same caps as the general reading."""
+    g = guard(max_cost_usd="1", max_output_tokens=guard_cap)
+    model = ScriptedChatModel(model_name="gpt-4o", max_tokens=model_cap, reply_tokens=500)
+    llm = BudgetedChatModel(guard=g, model=model, max_tokens=wrapper_cap, max_tokens_param=param)
+    plan = llm._ask(None, dict(call_kwargs))
+    kwargs = {k: v for k, v in call_kwargs.items() if k != "model"}
+    assert plan.cap == llm._caller_cap(model, plan.facts, kwargs)
+    assert (plan.bind is not None) == (param is None and not kwargs)
+    with g.task("caps"):
+        answer = llm.invoke("Write the report.", **call_kwargs)
+    caps = [c for c in (wrapper_cap, model_cap, guard_cap, *kwargs.values()) if c is not None]
+    sent = model.seen[-1]["max_tokens"]
+    assert sent == min(caps)
+    assert answer.usage_metadata is not None
+    assert answer.usage_metadata["output_tokens"] == min(caps)
+    callers = [c for c in (wrapper_cap, model_cap, *kwargs.values()) if c is not None]
+    assert llm._get_ls_params(**call_kwargs).get("ls_max_tokens") == min(callers, default=None)
+
+
+def test_a_routed_cap_never_raises_the_models_own() -> None:
+    model = ScriptedChatModel(model_name="gpt-4o", max_tokens=30)
+    llm = BudgetedChatModel(guard=guard(), model=model)
+    for kwargs in ({}, {"max_tokens": 60}):  # the usual call, and the general reading
+        plan = llm._ask(None, dict(kwargs))
+        llm._route(plan, plan.requested, 10**6)  # a cap above the model's own
+        assert plan.kwargs["max_tokens"] == 30
+
+
 # -- a downgraded binding's tools ----------------------------------------------------------------
 
 
@@ -270,3 +315,17 @@ def test_a_downgraded_binding_formats_its_tools_once_per_rung_model() -> None:
     assert other.seen[-1]["tool_choice"] == "none"
     assert other.formatted == 2
     assert [s["tool_choice"] for s in other.seen[:-1]] == ["lookup"] * (other.calls - 1)
+
+
+def test_a_rung_asked_for_by_name_formats_the_bound_tools_itself() -> None:
+    g = guard(max_cost_usd="1")
+    cheap = CountingFormatChatModel(model_name="gpt-4o-mini", max_tokens=70)
+    llm = BudgetedChatModel(
+        guard=g, model=ScriptedChatModel(model_name="gpt-4o"), models={"gpt-4o-mini": cheap}
+    )
+    with g.task("by-name"):
+        answer = llm.bind_tools([lookup]).invoke("find 1182", model="gpt-4o-mini")
+    assert answer.response_metadata["model_name"] == "gpt-4o-mini"
+    assert cheap.formatted == 1
+    assert cheap.seen[-1]["tools"] == 1
+    assert cheap.seen[-1]["max_tokens"] == 70
