@@ -269,9 +269,20 @@ def decide_model_call(
     if tokens_left is not None:
         cap = _min_cap(cap, max(0, tokens_left - request.input_tokens))
 
-    candidates = _candidates(policy, request, headroom, rates)
+    # Below the ladder's first rung the requested model comes first: the cheaper rungs after it
+    # (``_candidates``) are only listed when it does not fit.
+    ladder = policy.downgrade
+    if not ladder:
+        candidates, listed = [request.model], True
+    elif headroom.fraction_spent < ladder[0].at:  # (the rungs ascend)
+        candidates, listed = [request.model], False
+    else:
+        candidates, listed = _candidates(policy, request, headroom, rates), True
     remaining = headroom.remaining_usd
-    for model in candidates:
+    i = 0
+    while i < len(candidates):
+        model = candidates[i]
+        i += 1
         r = rates.get(model)
         if remaining is None or r is None:
             if cap is not None and cap < need:
@@ -304,7 +315,12 @@ def decide_model_call(
             if user_cap is None or out < user_cap:
                 why += f"; output capped at {out} tokens by the remaining budget"
             return _allow(model, request.model, out, reserve, why)
+        if not listed:  # the requested model does not fit: the cheaper rungs next
+            candidates = _candidates(policy, request, headroom, rates)
+            listed = True
 
+    if not listed:
+        candidates = _candidates(policy, request, headroom, rates)
     # 3. nothing fits. ``actual`` is what the budget would reach with the smallest useful call
     # (spent + that call's worst case), so the message reads as an excess over the limit.
     smallest = [
