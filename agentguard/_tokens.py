@@ -37,6 +37,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import operator
 import os
 import re
 import threading
@@ -427,9 +428,26 @@ def _reader(message: Any) -> Any:
     return fields.get
 
 
-#: A kept message's count with what it was counted from: (message, content, tool_calls,
-#: additional_kwargs, tokens, pydantic?, name, tool_call_id).
-_Kept = tuple[Any, Any, Any, Any, int, bool, Any, Any]
+#: A kept message's count with what it was counted from: (message, getter, the values it got,
+#: tokens, pydantic?, number of fields) — ``getter`` reads the message's counted fields (those
+#: of :data:`_COUNTED_FIELDS` its ``__dict__`` has) as one tuple.
+_Kept = tuple[Any, Any, Any, int, bool, int]
+
+#: The fields of a message object its count depends on (besides its role).
+_COUNTED_FIELDS = ("content", "tool_calls", "additional_kwargs", "name", "tool_call_id")
+#: keys -> ``operator.itemgetter(*keys)``; class -> the getter of its instances' counted fields
+#: (a pydantic model's ``__dict__`` holds exactly its fields, so the keys are the class's)
+_GETTERS: dict[tuple[str, ...], Any] = {}
+_CLASS_GETTERS: dict[type, Any] = {}
+
+
+def _getter_of(fields: dict[str, Any]) -> Any:
+    """The getter of the counted fields ``fields`` holds (``content`` among them)."""
+    keys = tuple(k for k in _COUNTED_FIELDS if k in fields)
+    getter = _GETTERS.get(keys)
+    if getter is None:
+        getter = _GETTERS[keys] = operator.itemgetter(*keys)
+    return getter
 
 
 class _Counting:
@@ -500,23 +518,21 @@ class _Counting:
                 mid = id(message)
                 hit = cache_get(mid)
                 if hit is not None and hit[0] is message:
+                    # its counted fields read as one tuple (C) and compared with the kept one:
+                    # each the same object (or an equal one, which counts the same); a field
+                    # gone or one that cannot be compared is a miss, and so is a field added
+                    # (the number of fields) or a pydantic extra
                     fields = message.__dict__
-                    # subscripts, not ``fields.get``: no call per kept message
-                    calls = fields["tool_calls"] if "tool_calls" in fields else None  # noqa: SIM401
-                    extra = (
-                        fields["additional_kwargs"] if "additional_kwargs" in fields else None  # noqa: SIM401
-                    )
+                    try:
+                        same = hit[1](fields) == hit[2]
+                    except Exception:
+                        same = False
                     if (
-                        "content" in fields
-                        and fields["content"] is hit[1]
-                        and calls is hit[2]
-                        and extra is hit[3]
-                        and (fields["name"] if "name" in fields else None) is hit[6]  # noqa: SIM401
-                        and (fields["tool_call_id"] if "tool_call_id" in fields else None)  # noqa: SIM401
-                        is hit[7]
-                        and not (hit[5] and message.__pydantic_extra__)
+                        same
+                        and len(fields) == hit[5]
+                        and not (hit[4] and message.__pydantic_extra__)
                     ):
-                        total += hit[4]
+                        total += hit[3]
                         continue
                 plain = _PLAIN_MESSAGES.get(cls)
                 if not plain:  # (a plain class is never a str or tuple: see _plain_attr)
@@ -631,7 +647,17 @@ class _Counting:
                     keep.clear()  # racing threads may both clear: harmless
                     held = size
                 self._msg_chars = held
-                keep[mid] = (message, content, calls, extra, n, pydantic, name, call_id)
+                getter = _CLASS_GETTERS.get(cls) if pydantic else None
+                if getter is None:
+                    getter = _getter_of(f)
+                    if pydantic:
+                        _CLASS_GETTERS[cls] = getter
+                try:
+                    values = getter(f)
+                except KeyError:  # an instance without a field its class's others have
+                    values = _UNREAD
+                if values is not _UNREAD:
+                    keep[mid] = (message, getter, values, n, pydantic, len(f))
             total += n
         if tools:
             tool_cache = self._tools

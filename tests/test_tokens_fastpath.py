@@ -289,3 +289,51 @@ def test_a_named_tool_message_counts_by_hand() -> None:
     by_hand = 3 + 3 + c.count("tool") + c.count("order 1182: paid")
     by_hand += c.count("lookup") + 1 + c.count("call_9")
     assert c.count_messages([tool]) == c.count_messages([tool]) == by_hand
+
+
+class _Plain:
+    """A message object that is not a pydantic model: its attributes may come and go."""
+
+    def __init__(self, role: str, content: Any) -> None:
+        self.role = role
+        self.content = content
+
+
+class _NoTruth:
+    """A value whose ``==`` answers with something that has no truth value (as arrays do)."""
+
+    def __eq__(self, other: object) -> Any:
+        return self
+
+    def __bool__(self) -> bool:
+        raise ValueError("the truth value is ambiguous")
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __str__(self) -> str:
+        return "no truth"
+
+
+def test_a_kept_message_is_counted_again_when_a_counted_field_appears_or_cannot_compare() -> None:
+    c = counter_for("gpt-4o")
+    plain = _Plain("user", "Where is order 1182?")
+    history = [plain]
+    c.count_messages([_Plain("user", "a first object of the class: its kind is learnt")])
+    before = c.count_messages(history)
+    assert c._msgs[id(plain)][0] is plain  # kept
+    assert before == reference([{"role": "user", "content": "Where is order 1182?"}])
+    plain.name = "alice"  # type: ignore[attr-defined]  # a field the first count did not see
+    named = c.count_messages(history)
+    assert named == reference([{"role": "user", "content": plain.content, "name": "alice"}])
+    assert named != before
+    # an equal value in place of the counted one counts the same: still the kept count
+    ai = AIMessage("", tool_calls=[{"name": "lookup", "args": {"q": "1182"}, "id": "c1"}])
+    kept = c.count_messages([ai])
+    ai.additional_kwargs = dict(ai.additional_kwargs)
+    assert c.count_messages([ai]) == kept == reference([ai])
+    # a field whose == has no answer is read again, not trusted
+    odd = HumanMessage("hello")
+    c.count_messages([odd])
+    assert c._msgs[id(odd)][0] is odd  # kept
+    odd.additional_kwargs = {"x": _NoTruth()}
+    assert c.count_messages([odd]) == reference([odd])
