@@ -480,10 +480,10 @@ class _Counting:
 
         A message object (not a plain dict) or bound tool counted before is not counted again:
         an agent re-sends its history on every call, so only the new messages are read. A
-        message's count is reused while it is the same object with the same ``content``,
-        ``tool_calls``, ``additional_kwargs``, ``name`` and ``tool_call_id`` objects
-        (LangChain, LangGraph and LlamaIndex do not edit a sent message in place; replacing any
-        of them is seen).
+        message's count is reused while it is the same object whose ``content``,
+        ``tool_calls``, ``additional_kwargs``, ``name`` and ``tool_call_id`` are the same (or
+        equal) objects, with no field added (LangChain, LangGraph and LlamaIndex do not edit a
+        sent message in place; replacing any of them is seen).
 
         Example:
             >>> c = counter_for("gpt-4")
