@@ -527,6 +527,57 @@ class Task:
     that does network I/O (``RedisStore``); the decisions are the same code.
     """
 
+    # Slots: every event reads a dozen of these inside frameworks whose own work evicts them
+    # from the CPU caches between events; slots sit at fixed offsets in one object, where a
+    # ``__dict__`` of this size is a hashed lookup into a separate table.
+    __slots__ = (
+        "__weakref__",
+        "_balances",
+        "_blocked",
+        "_charge_op",
+        "_commit_op",
+        "_downgraded_to",
+        "_fresh",
+        "_has_cost_limit",
+        "_key",
+        "_limits_of",
+        "_lines",
+        "_lines_until",
+        "_local",
+        "_lock",
+        "_needs_fraction",
+        "_open",
+        "_rate_maps",
+        "_reserve_op",
+        "_seen_fraction",
+        "_soft",
+        "_soft_seen",
+        "_usage",
+        "current_step_id",
+        "decisions",
+        "ended",
+        "finished",
+        "guard",
+        "id",
+        "limit_hit",
+        "model_calls",
+        "overspent",
+        "parent",
+        "policy",
+        "priced_cost_usd",
+        "retries",
+        "saved_usd",
+        "span",
+        "started",
+        "status",
+        "steps",
+        "tags",
+        "tokens_saved",
+        "tool_calls",
+        "tool_calls_by_name",
+        "unpriced_calls",
+    )
+
     def __init__(
         self,
         guard: Guard,
