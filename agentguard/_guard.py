@@ -84,6 +84,8 @@ _NO_CHECK: dict[str, Any] = {"check": False}  # likewise
 # the arguments of a charge: (lines, amounts, check)
 _Charge = tuple[list[BudgetLine], dict[str, Decimal | int], bool]
 # a step's or retry's span before it is built: (span id, name, start, parent id)
+# what a step charges (read only)
+_ONE_STEP: dict[str, Decimal | int] = {"steps": 1}
 _Counted = tuple[str, str, float, str]
 
 
@@ -1323,6 +1325,33 @@ class Task:
         """A tool is about to run. Returns a :class:`ToolCall`; check ``decision.action``:
         ``block`` means skip the tool and tell the model why (``decision.reason``).
         Raises :class:`BudgetExceeded` on ``stop``."""
+        if self._fast():  # an allowed tool call in one function (see _fast)
+            guard = self.guard
+            b = self._balances.get(self._key)
+            key = "tool:" + name
+            d = _tool_decision(self.policy, name, int(_used(b, key)), _used(b, "tool_calls"))
+            if (
+                d.action == "allow"
+                and guard.store.charge_in_place(  # type: ignore[attr-defined]
+                    self._lines, {"tool_calls": 1, key: 1}
+                ).ok
+            ):
+                span = Span(
+                    f"{guard._prefix}-{next(guard._ids)}",
+                    self.id,
+                    "tool",
+                    name,
+                    time.time(),
+                    parent_span or self.current_step_id or self.span.span_id,
+                    decision="allow",
+                    reason=d.reason,
+                )
+                with self._lock:
+                    self.tool_calls += 1
+                    by_name = self.tool_calls_by_name
+                    by_name[name] = by_name[name] + 1 if name in by_name else 1
+                return ToolCall(self, span, d)
+            # anything else: the general path
         span, d, op = self._tool_call_begin(name, parent_span)
         res = None if op is None else self._charge_op(op[0], op[1], check=op[2])
         return self._tool_call_end(name, span, d, res)
@@ -1417,9 +1446,32 @@ class Task:
     def step(self, name: str = "step", *, parent_span: str | None = None) -> Decision:
         """An agent or graph step begins. Past ``max_steps``: ``finish`` is returned under
         ``on_limit="finish"``, otherwise :class:`BudgetExceeded` is raised."""
+        if self._fast():  # an allowed step in one function (see _fast)
+            guard = self.guard
+            d = _step_decision(self.policy, _used(self._balances.get(self._key), "steps"))
+            if d.action == "allow" and guard.store.charge_in_place(self._lines, _ONE_STEP).ok:  # type: ignore[attr-defined]
+                with self._lock:
+                    self.steps += 1
+                    self.current_step_id = f"{guard._prefix}-{next(guard._ids)}"
+                return d
+            # anything else (a cap, a refusal that changed nothing): the general path
         span, d, op = self._counted_begin("step", "steps", _step_decision, name, parent_span)
         res = None if op is None else self._charge_op(op[0], op[1], check=op[2])
         return self._counted_end("step", _step_decision, span, d, res)
+
+    def _fast(self) -> bool:
+        """Whether an event may take its fast lane: one function for the usual case — allowed,
+        on the embedded store (in place), nothing to trace (a ``NullSink``), no soft limit to
+        watch, no budget window to roll. The lane makes the general path's decision with the
+        same pure function and, when it allows, the same store operation and bookkeeping;
+        anything else (a cap reached, a refusal, a warning) goes the general way
+        (``tests/test_fast_lanes.py`` holds the two to the same results)."""
+        return (
+            self._local
+            and not self._soft
+            and self._lines_until == _INF
+            and self.guard.sink.__class__ is _NULL_SINK
+        )
 
     async def astep(self, name: str = "step", *, parent_span: str | None = None) -> Decision:
         """The async twin of :meth:`step`."""

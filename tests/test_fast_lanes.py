@@ -1,0 +1,127 @@
+"""The fast lanes of ``Task.step`` and ``Task.start_tool_call`` (the embedded store, nothing to
+trace, no soft limit: the usual case in one function) give what the general path gives.
+
+The same random policy and sequence of events run on a plain :class:`MemoryStore` (where the
+lanes apply) and on a :class:`LoopCheckingStore` (a ``MemoryStore`` subclass: the general path,
+as on any other store); every outcome, counter, decision and balance must match.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import agentguard as ag
+from agentguard import BudgetExceeded
+from agentguard.testing import LoopCheckingStore
+
+policies = st.builds(
+    lambda steps, tools, per_tool, on_limit, cost: ag.Policy(
+        max_steps=steps,
+        max_tool_calls=tools,
+        tool_limits={"search": per_tool} if per_tool is not None else {},
+        on_limit=on_limit,
+        max_cost_usd=cost,
+    ),
+    st.one_of(st.none(), st.integers(0, 4)),
+    st.one_of(st.none(), st.integers(0, 4)),
+    st.one_of(st.none(), st.integers(0, 3)),
+    st.sampled_from(["raise", "finish", "warn"]),
+    st.sampled_from([None, "0.002", "1"]),
+)
+
+events = st.lists(
+    st.one_of(
+        st.just(("step",)),
+        st.tuples(st.just("tool"), st.sampled_from(["search", "lookup"])),
+        st.tuples(st.just("model"), st.integers(10, 400), st.integers(1, 60)),
+        st.just(("retry",)),
+    ),
+    max_size=14,
+)
+
+
+def _run(guard: ag.Guard, sequence: list[tuple[Any, ...]]) -> list[Any]:
+    out: list[Any] = []
+    with guard.task("t", team="x") as task:
+        for event in sequence:
+            try:
+                if event[0] == "step":
+                    d = task.step("agent")
+                    out.append(("step", d.action, d.reason, d.limit))
+                elif event[0] == "tool":
+                    tool = task.start_tool_call(event[1])
+                    d = tool.decision
+                    out.append(("tool", d.action, d.reason, d.limit, tool.span.decision))
+                    if d.proceeds:
+                        tool.end()
+                elif event[0] == "model":
+                    call = task.start_model_call("gpt-4o-mini", input_tokens=event[1])
+                    d = call.decision
+                    out.append(("model", d.action, d.model, d.max_tokens, d.limit))
+                    if d.action != "finish" or call.reservation_id is not None:
+                        call.end(ag.Usage(event[1], min(event[2], d.max_tokens or event[2])))
+                else:
+                    d = task.record_retry("again")
+                    out.append(("retry", d.action, d.limit))
+            except BudgetExceeded as exc:
+                out.append(("stopped", exc.limit, str(exc)))
+        line = guard.store.snapshot([f"task:{task.id}"])[f"task:{task.id}"]
+        out.append(
+            (
+                task.steps,
+                task.tool_calls,
+                dict(task.tool_calls_by_name),
+                task.model_calls,
+                task.retries,
+                task.finished,
+                task.current_step_id is not None,
+                [(r.kind, r.action, r.reason, r.limit) for r in task.decisions],
+                dict(line.committed),
+                dict(line.reserved),
+                task.cost_usd,
+            )
+        )
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(policies, events)
+def test_the_fast_lanes_give_what_the_general_path_gives(
+    policy: ag.Policy, sequence: list[tuple[Any, ...]]
+) -> None:
+    fast = ag.Guard(policy, traces=False)
+    general = ag.Guard(policy, store=LoopCheckingStore(), traces=False)
+    assert _run(fast, sequence) == _run(general, sequence)
+
+
+def test_a_step_and_a_tool_call_on_the_fast_lane_charge_the_store_once_each() -> None:
+    guard = ag.Guard(ag.Policy(max_steps=5, max_tool_calls=5), traces=False)
+    with guard.task("t") as task:
+        assert task._fast()
+        d = task.step("agent")
+        tool = task.start_tool_call("search")
+        tool.end()
+        assert (d.action, tool.decision.action, tool.span.decision) == ("allow", "allow", "allow")
+        assert tool.span.parent_id == task.current_step_id
+        assert guard.store.live[f"task:{task.id}"].committed == {  # type: ignore[attr-defined]
+            "steps": 1,
+            "tool_calls": 1,
+            "tool:search": 1,
+        }
+        assert (task.steps, task.tool_calls, task.tool_calls_by_name) == (1, 1, {"search": 1})
+
+
+def test_the_lanes_are_not_taken_with_traces_soft_limits_or_another_store() -> None:
+    soft = ag.Policy(max_cost_usd=Decimal("1"), soft_limits=[0.5])
+    for guard, fast in (
+        (ag.Guard(traces="memory"), False),
+        (ag.Guard(soft, traces=False), False),
+        (ag.Guard(store=LoopCheckingStore(), traces=False), False),
+        (ag.Guard(traces=False), True),
+    ):
+        with guard.task() as task:
+            assert task._fast() is fast
