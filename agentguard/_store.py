@@ -148,7 +148,8 @@ class MemoryStore:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a public operation holds it around its
+        # in-place twin and the copies it hands back
         # key -> its balance, changed in place: a key's committed and reserved dicts are made
         # once, on its first operation, and never replaced (see ``live``)
         self._live: dict[str, Balance] = {}
@@ -199,69 +200,49 @@ class MemoryStore:
                 else:
                     del res[counter]
 
-    def _add(self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]) -> None:
-        """Add ``amounts`` to each line's committed counters."""
+    def _put(
+        self,
+        lines: Sequence[BudgetLine],
+        amounts: Mapping[str, Amount],
+        check: bool,
+        reserve: bool,
+    ) -> Denied | None:
+        """Add ``amounts`` to each line's committed counters (``reserve``: its reserved ones),
+        all or nothing: with ``check``, first the refusal of the first line and counter that
+        would go over its limit (committed + reserved + amount), and then nothing changes."""
         live = self._live
+        if check:
+            for line in lines:
+                limits = line.limits
+                if not limits:
+                    continue
+                key = line.key
+                # ``in`` and subscripts rather than ``get`` calls: this runs on every event
+                if key in live:
+                    b = live[key]
+                    com, res = b.committed, b.reserved
+                else:
+                    com = res = _EMPTY
+                for counter, limit in limits.items():
+                    if counter in amounts:
+                        amount = amounts[counter]
+                        if amount:
+                            used = com[counter] if counter in com else 0  # noqa: SIM401
+                            if counter in res:
+                                used += res[counter]
+                            if used + amount > limit:
+                                return Denied(key, counter, limit, used, amount)
         for line in lines:
             key = line.key
-            if key in live:
-                com: dict[str, Amount] = live[key].committed  # type: ignore[assignment]
-            else:
-                com = {}
-                live[key] = Balance(com, {})
-            for counter, amount in amounts.items():
-                if amount:
-                    com[counter] = (com[counter] + amount) if counter in com else amount
-
-    def _check(self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]) -> Denied | None:
-        live = self._live
-        for line in lines:
-            limits = line.limits
-            if not limits:
-                continue
-            key = line.key
-            # ``in`` and subscripts rather than ``get`` calls: this runs on every reservation
             if key in live:
                 b = live[key]
-                com, res = b.committed, b.reserved
+                into: dict[str, Amount] = b.reserved if reserve else b.committed  # type: ignore[assignment]
             else:
-                com = res = _EMPTY
-            for counter, limit in limits.items():
-                if counter in amounts:
-                    amount = amounts[counter]
-                    if amount:
-                        used = com[counter] if counter in com else 0  # noqa: SIM401
-                        if counter in res:
-                            used += res[counter]
-                        if used + amount > limit:
-                            return Denied(key, counter, limit, used, amount)
-        return None
-
-    def _hold(
-        self, reservation_id: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
-    ) -> Denied | None:
-        """``reserve`` in place: the refusal, or ``None`` when the amounts are held."""
-        if reservation_id in self._holds:
-            raise ValueError(f"reservation_id={reservation_id!r} is already held")
-        denied = self._check(lines, amounts)
-        if denied is not None:
-            return denied
-        held = {}
-        for counter, amount in amounts.items():  # a loop, not a comprehension's frame
-            if amount:
-                held[counter] = amount  # noqa: PERF403 - see above
-        live = self._live
-        keys = []
-        for line in lines:
-            key = line.key
-            keys.append(key)
-            if key in live:
-                res: dict[str, Amount] = live[key].reserved  # type: ignore[assignment]
-                for counter, amount in held.items():
-                    res[counter] = (res[counter] + amount) if counter in res else amount
-            else:
-                live[key] = Balance({}, held.copy())
-        self._holds[reservation_id] = (tuple(keys), held)
+                into = {}
+                live[key] = Balance({}, into) if reserve else Balance(into, {})
+            for counter, amount in amounts.items():
+                if amount:
+                    into[counter] = (into[counter] + amount) if counter in into else amount
         return None
 
     # -- in place: the guard's tasks on this store read ``live`` instead of copies ---------------
@@ -273,9 +254,18 @@ class MemoryStore:
         self, reservation_id: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
     ) -> ReserveResult:
         """:meth:`reserve` without copying the balances."""
+        held = {}
+        for counter, amount in amounts.items():  # a loop, not a comprehension's frame
+            if amount:
+                held[counter] = amount  # noqa: PERF403 - see above
         with self._lock:
-            denied = self._hold(reservation_id, lines, amounts)
-        return _HELD if denied is None else ReserveResult(False, denied, _EMPTY)
+            if reservation_id in self._holds:
+                raise ValueError(f"reservation_id={reservation_id!r} is already held")
+            denied = self._put(lines, held, True, True)
+            if denied is not None:
+                return ReserveResult(False, denied, _EMPTY)
+            self._holds[reservation_id] = (tuple([ln.key for ln in lines]), held)
+        return _HELD
 
     def commit_in_place(
         self, reservation_id: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
@@ -283,7 +273,7 @@ class MemoryStore:
         """:meth:`commit` without copying the balances."""
         with self._lock:
             self._free(reservation_id)
-            self._add(lines, actual)
+            self._put(lines, actual, False, False)
         return _EMPTY
 
     def charge_in_place(
@@ -291,28 +281,26 @@ class MemoryStore:
     ) -> ReserveResult:
         """:meth:`charge` without copying the balances."""
         with self._lock:
-            if check:
-                denied = self._check(lines, amounts)
-                if denied is not None:
-                    return ReserveResult(False, denied, _EMPTY)
-            self._add(lines, amounts)
-        return _HELD
+            denied = self._put(lines, amounts, check, False)
+        return _HELD if denied is None else ReserveResult(False, denied, _EMPTY)
 
     # -- the contract -------------------------------------------------------------------------
+    #
+    # The in-place operation and copies of the touched lines' balances, under one (re-entrant)
+    # hold of the lock: the balances are those right after the operation.
 
     def reserve(
         self, reservation_id: str, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount]
     ) -> ReserveResult:
         with self._lock:
-            denied = self._hold(reservation_id, lines, amounts)
-            return ReserveResult(denied is None, denied, self._copies(lines))
+            res = self.reserve_in_place(reservation_id, lines, amounts)
+            return ReserveResult(res.ok, res.denied, self._copies(lines))
 
     def commit(
         self, reservation_id: str, lines: Sequence[BudgetLine], actual: Mapping[str, Amount]
     ) -> Mapping[str, Balance]:
         with self._lock:
-            self._free(reservation_id)
-            self._add(lines, actual)
+            self.commit_in_place(reservation_id, lines, actual)
             return self._copies(lines)
 
     def release(self, reservation_id: str) -> None:
@@ -323,10 +311,8 @@ class MemoryStore:
         self, lines: Sequence[BudgetLine], amounts: Mapping[str, Amount], *, check: bool = True
     ) -> ReserveResult:
         with self._lock:
-            denied = self._check(lines, amounts) if check else None
-            if denied is None:
-                self._add(lines, amounts)
-            return ReserveResult(denied is None, denied, self._copies(lines))
+            res = self.charge_in_place(lines, amounts, check=check)
+            return ReserveResult(res.ok, res.denied, self._copies(lines))
 
     def snapshot(self, keys: Sequence[str]) -> Mapping[str, Balance]:
         with self._lock:
