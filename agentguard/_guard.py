@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from agentguard._decide import (
     CallRequest,
@@ -451,6 +451,35 @@ def _window_bucket(window: str, now: float) -> tuple[str, float]:
     return start.strftime("%Y-%m"), nxt.timestamp()
 
 
+class _PolicyFacts(NamedTuple):
+    """What every task of a policy derives from it (a policy is frozen): read once per policy
+    object, not once per task."""
+
+    policy: Policy  # held: the facts are found by the policy's id
+    limits: dict[str, Decimal | int]  # the task line's limits (copied by each task)
+    has_cost_limit: bool
+    needs_fraction: bool  # a ladder or soft limits read the spent fraction
+    soft: bool
+
+
+_FACTS: dict[int, _PolicyFacts] = {}
+
+
+def _policy_facts(policy: Policy) -> _PolicyFacts:
+    facts = _FACTS.get(id(policy))
+    if facts is None or facts.policy is not policy:
+        if len(_FACTS) >= 1024:  # a policy per task (branches with policies of their own)
+            _FACTS.clear()
+        facts = _FACTS[id(policy)] = _PolicyFacts(
+            policy,
+            _task_limits(policy),
+            policy.has_cost_limit,
+            bool(policy.downgrade or policy.soft_limits),
+            bool(policy.soft_limits),
+        )
+    return facts
+
+
 def _task_limits(policy: Policy) -> dict[str, Decimal | int]:
     if policy.on_limit == "warn":
         return {}
@@ -627,9 +656,10 @@ class Task:
         self._downgraded_to: str | None = None
         self._blocked: str | None = None
         self._rate_maps: dict[str, dict[str, ModelRates | None]] = {}
-        self._has_cost_limit = self.policy.has_cost_limit
-        self._needs_fraction = bool(self.policy.downgrade or self.policy.soft_limits)
-        self._soft = bool(self.policy.soft_limits)  # else a balance update is a dict update
+        facts = _policy_facts(self.policy)
+        self._has_cost_limit = facts.has_cost_limit
+        self._needs_fraction = facts.needs_fraction
+        self._soft = facts.soft  # else a balance update is a dict update
         # the embedded store does no I/O: an async event on it runs its sync twin (no
         # coroutine per store call); a subclass (agentguard.testing.LoopCheckingStore) is
         # awaited as any other store is
@@ -646,17 +676,17 @@ class Task:
             self._commit_op = store.commit
             self._charge_op = store.charge
         self.span: Span = Span(
-            span_id=guard._next_id(),
-            task_id=self.id,
-            kind="task",
-            name=self.id,
-            start=self.started,
-            parent_id=parent.span_id if parent is not None else None,
+            f"{guard._prefix}-{next(guard._ids)}",
+            self.id,
+            "task",
+            self.id,
+            self.started,
+            parent.span.span_id if parent is not None else None,
             attrs={"tags": dict(self.tags)},
         )
         self._key = f"task:{self.id}"
-        self._lines_until = float("inf")
-        self._lines = self._build_lines(self.started)
+        self._lines_until = _INF
+        self._lines = self._build_lines(self.started, facts.limits)
         # (lines, money limits, token limits) of _line_limits, for the current list of lines
         self._limits_of: (
             tuple[list[BudgetLine], list[tuple[str, Decimal]], list[tuple[str, int]]] | None
@@ -696,14 +726,17 @@ class Task:
 
     # -- budgets ----------------------------------------------------------------------------
 
-    def _build_lines(self, now: float) -> list[BudgetLine]:
+    def _build_lines(
+        self, now: float, own: Mapping[str, Decimal | int] | None = None
+    ) -> list[BudgetLine]:
         """The budget lines this task charges: its own, its parents', each matching budget.
 
         Two budgets on one key (a general ``team`` budget and a ``match="ops"`` one, or a
         parent's and a child's) merge into one line with the tighter limit of each counter.
         """
         merged: dict[str, tuple[dict[str, Decimal | int], float | None]] = {
-            self._key: (_task_limits(self.policy), None)
+            # the task's own limits (``own``: already read from its policy), copied: merged into
+            self._key: (dict(_policy_facts(self.policy).limits if own is None else own), None)
         }
         until = float("inf")
 
@@ -748,7 +781,7 @@ class Task:
         if now is None:
             now = time.time()
         if now >= self._lines_until:
-            self._lines = self._build_lines(now)
+            self._lines = self._build_lines(now)  # (a window ended)
         return self._lines
 
     def _spent(self) -> Spent:
