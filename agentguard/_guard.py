@@ -1058,6 +1058,50 @@ class Task:
         final call without tools instead. Raises :class:`BudgetExceeded` on ``stop`` and
         :class:`UnknownModelError` for an unpriced model under a cost limit.
         """
+        guard = self.guard
+        rate_map = self._rate_maps.get(model)
+        if not finish and rate_map is not None and not guard.capture_content and self._fast():
+            # an allowed call of a model seen before, in one function (see _fast): the general
+            # path's estimate, decision, reservation and call, without its plan
+            estimate, raw = self._estimate_input(model, messages, tools, input_tokens)
+            request = CallRequest(model, estimate, max_tokens)
+            d = decide_model_call(self.policy, self._spent(), self._headroom(), request, rate_map)
+            if d.action == "allow":
+                out = d.max_tokens or 0
+                amounts: dict[str, Decimal | int] = {
+                    "model_calls": 1,
+                    "input_tokens": estimate,
+                    "output_tokens": out,
+                    "tokens": estimate + out,
+                }
+                if d.reserve_usd is not None:
+                    amounts["cost_usd"] = d.reserve_usd
+                rid = f"{guard._prefix}-{next(guard._ids)}"
+                lines = self._lines
+                if guard.store.reserve_in_place(rid, lines, amounts).ok:  # type: ignore[attr-defined]
+                    span = Span(
+                        f"{guard._prefix}-{next(guard._ids)}",
+                        self.id,
+                        "model",
+                        name or model,
+                        time.time(),
+                        parent_span or self.current_step_id or self.span.span_id,
+                        model=model,
+                        decision="allow",
+                        reason=d.reason,
+                        attrs={
+                            "reserved_usd": d.reserve_usd,
+                            "max_tokens": d.max_tokens,
+                            "input_estimate": estimate,
+                        },
+                    )
+                    call = ModelCall(
+                        self, span, d, lines, rid, estimate, raw, rate_map.get(model), amounts
+                    )
+                    with self._lock:
+                        self._open[rid] = call
+                    return call
+            # anything else (another action, a refusal that changed nothing): the general path
         call = self._model_call_begin(
             model, messages, tools, input_tokens, max_tokens, finish, parent_span, name
         )

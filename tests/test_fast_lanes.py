@@ -1,5 +1,6 @@
-"""The fast lanes of ``Task.step`` and ``Task.start_tool_call`` (the embedded store, nothing to
-trace, no soft limit: the usual case in one function) give what the general path gives.
+"""The fast lanes of ``Task.step``, ``Task.start_tool_call`` and ``Task.start_model_call`` (the
+embedded store, nothing to trace, no soft limit: the usual case in one function) give what the
+general path gives.
 
 The same random policy and sequence of events run on a plain :class:`MemoryStore` (where the
 lanes apply) and on a :class:`LoopCheckingStore` (a ``MemoryStore`` subclass: the general path,
@@ -11,7 +12,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import agentguard as ag
@@ -37,7 +38,14 @@ events = st.lists(
     st.one_of(
         st.just(("step",)),
         st.tuples(st.just("tool"), st.sampled_from(["search", "lookup"])),
-        st.tuples(st.just("model"), st.integers(10, 400), st.integers(1, 60)),
+        st.tuples(
+            st.just("model"),
+            st.integers(10, 400),
+            st.integers(1, 60),
+            st.sampled_from(["gpt-4o-mini", "claude-3-5-haiku"]),  # margins 0 and 0.35
+            st.booleans(),  # the messages counted (else input_tokens given)
+            st.booleans(),  # ended (else left open: the task's close releases it)
+        ),
         st.just(("retry",)),
     ),
     max_size=14,
@@ -59,16 +67,33 @@ def _run(guard: ag.Guard, sequence: list[tuple[Any, ...]]) -> list[Any]:
                     if d.proceeds:
                         tool.end()
                 elif event[0] == "model":
-                    call = task.start_model_call("gpt-4o-mini", input_tokens=event[1])
+                    _, n_in, n_out, model, counted, ended = event
+                    if counted:
+                        messages = [{"role": "user", "content": "order 1182 " * (n_in // 3)}]
+                        call = task.start_model_call(model, messages=messages)
+                    else:
+                        call = task.start_model_call(model, input_tokens=n_in)
                     d = call.decision
-                    out.append(("model", d.action, d.model, d.max_tokens, d.limit))
-                    if d.action != "finish" or call.reservation_id is not None:
-                        call.end(ag.Usage(event[1], min(event[2], d.max_tokens or event[2])))
+                    span = call.span
+                    out.append(
+                        (
+                            "model",
+                            (d.action, d.model, d.max_tokens, d.reserve_usd, d.reason, d.limit),
+                            (span.kind, span.name, span.model, span.decision, span.reason),
+                            dict(span.attrs),
+                            (call.input_estimate, call.input_counted, dict(call.amounts)),
+                            span.parent_id == (task.current_step_id or task.span.span_id),
+                            len(task._open),
+                        )
+                    )
+                    if ended and (d.action != "finish" or call.reservation_id is not None):
+                        call.end(ag.Usage(n_in, min(n_out, d.max_tokens or n_out)))
                 else:
                     d = task.record_retry("again")
                     out.append(("retry", d.action, d.limit))
             except BudgetExceeded as exc:
                 out.append(("stopped", exc.limit, str(exc)))
+        open_calls = len(task._open)
         line = guard.store.snapshot([f"task:{task.id}"])[f"task:{task.id}"]
         out.append(
             (
@@ -83,13 +108,21 @@ def _run(guard: ag.Guard, sequence: list[tuple[Any, ...]]) -> list[Any]:
                 dict(line.committed),
                 dict(line.reserved),
                 task.cost_usd,
+                open_calls,
             )
         )
+    after = guard.store.snapshot([f"task:{task.id}"])[f"task:{task.id}"]  # closed: released
+    out.append((dict(after.committed), dict(after.reserved)))
     return out
 
 
 @settings(max_examples=200, deadline=None)
 @given(policies, events)
+@example(  # a model's second call takes the lane: counted with a margin, then left open
+    ag.Policy(max_steps=3),
+    [("model", 300, 20, "claude-3-5-haiku", True, True)] * 2
+    + [("step",), ("tool", "search"), ("model", 90, 9, "claude-3-5-haiku", True, False)],
+)
 def test_the_fast_lanes_give_what_the_general_path_gives(
     policy: ag.Policy, sequence: list[tuple[Any, ...]]
 ) -> None:
