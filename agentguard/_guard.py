@@ -1095,12 +1095,12 @@ class Task:
                             "input_estimate": estimate,
                         },
                     )
-                    call = ModelCall(
+                    opened = ModelCall(
                         self, span, d, lines, rid, estimate, raw, rate_map.get(model), amounts
                     )
                     with self._lock:
-                        self._open[rid] = call
-                    return call
+                        self._open[rid] = opened
+                    return opened
             # anything else (another action, a refusal that changed nothing): the general path
         call = self._model_call_begin(
             model, messages, tools, input_tokens, max_tokens, finish, parent_span, name
