@@ -1847,8 +1847,53 @@ class ModelCall:
         and marked ``estimated``. Returns the call's cost (``None`` if unpriced)."""
         if self.done:
             return self.span.cost_usd
-        u, cost, actual = self._end_begin(usage, output_text, model)
         task = self.task
+        span = self.span
+        rates = self.rates
+        rid = self.reservation_id
+        if (
+            type(usage) is Usage
+            and not usage.estimated
+            and rates is not None
+            and rid is not None
+            and (model is None or model == span.model)
+            and "requested_model" not in span.attrs
+            and not task.guard.capture_content
+            and task._fast()
+        ):
+            # a priced, reserved call ending as reported, in one function (see Task._fast): the
+            # general path's cost, commit and bookkeeping; a call that cost more than it
+            # reserved takes the general path (the overspend is recorded there)
+            cost = rates.cost(usage)
+            reserved = self.decision.reserve_usd
+            if reserved is None or cost <= reserved:
+                task.guard.store.commit_in_place(  # type: ignore[attr-defined]
+                    rid,
+                    self.lines,
+                    {
+                        "model_calls": 1,
+                        "input_tokens": usage.input_tokens,
+                        "output_tokens": usage.output_tokens,
+                        "tokens": usage.input_tokens + usage.output_tokens,
+                        "cost_usd": cost,
+                    },
+                )
+                self.done = True
+                with task._lock:
+                    task._open.pop(rid, None)
+                    tu = task._usage
+                    tu[0] += usage.input_tokens
+                    tu[1] += usage.output_tokens
+                    tu[2] += usage.cache_read_tokens
+                    tu[3] += usage.cache_write_tokens
+                    tu[4] += usage.reasoning_tokens
+                    task.model_calls += 1
+                    task.priced_cost_usd += cost
+                span.end = time.time()
+                span.usage = usage
+                span.cost_usd = cost
+                return cost
+        u, cost, actual = self._end_begin(usage, output_text, model)
         if self.reservation_id is not None:
             balances = task._commit_op(self.reservation_id, self.lines, actual)
         else:  # an unreserved call: its spend is recorded as it is

@@ -87,7 +87,16 @@ def _run(guard: ag.Guard, sequence: list[tuple[Any, ...]]) -> list[Any]:
                         )
                     )
                     if ended and (d.action != "finish" or call.reservation_id is not None):
-                        call.end(ag.Usage(n_in, min(n_out, d.max_tokens or n_out)))
+                        # now and then more than was reserved (an overspend), or an estimate
+                        n_out = n_out * 9 if n_in % 7 == 0 else min(n_out, d.max_tokens or n_out)
+                        estimated = n_in % 5 == 0
+                        usage = ag.Usage(n_in, n_out, n_in // 4, estimated=estimated)
+                        cost = call.end(usage)
+                        again = call.end(usage)  # an end repeated changes nothing
+                        ended_at = span.end is not None
+                        out.append(
+                            (cost, again, span.usage, span.cost_usd, dict(span.attrs), ended_at)
+                        )
                 else:
                     d = task.record_retry("again")
                     out.append(("retry", d.action, d.limit))
@@ -108,6 +117,8 @@ def _run(guard: ag.Guard, sequence: list[tuple[Any, ...]]) -> list[Any]:
                 dict(line.committed),
                 dict(line.reserved),
                 task.cost_usd,
+                task.usage,
+                task.overspent,
                 open_calls,
             )
         )
@@ -122,6 +133,10 @@ def _run(guard: ag.Guard, sequence: list[tuple[Any, ...]]) -> list[Any]:
     ag.Policy(max_steps=3),
     [("model", 300, 20, "claude-3-5-haiku", True, True)] * 2
     + [("step",), ("tool", "search"), ("model", 90, 9, "claude-3-5-haiku", True, False)],
+)
+@example(  # the second call writes more than its cap: an overspend, on the general path
+    ag.Policy(max_output_tokens=10, max_cost_usd="1"),
+    [("model", 49, 30, "gpt-4o-mini", False, True)] * 2,
 )
 def test_the_fast_lanes_give_what_the_general_path_gives(
     policy: ag.Policy, sequence: list[tuple[Any, ...]]
