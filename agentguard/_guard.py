@@ -1864,9 +1864,9 @@ class ModelCall:
             # a priced, reserved call ending as reported, in one function (see Task._fast): the
             # general path's cost, commit and bookkeeping; a call that cost more than it
             # reserved takes the general path (the overspend is recorded there)
-            cost = rates.cost(usage)
+            priced = rates.cost(usage)
             reserved = self.decision.reserve_usd
-            if reserved is None or cost <= reserved:
+            if reserved is None or priced <= reserved:
                 task.guard.store.commit_in_place(  # type: ignore[attr-defined]
                     rid,
                     self.lines,
@@ -1875,7 +1875,7 @@ class ModelCall:
                         "input_tokens": usage.input_tokens,
                         "output_tokens": usage.output_tokens,
                         "tokens": usage.input_tokens + usage.output_tokens,
-                        "cost_usd": cost,
+                        "cost_usd": priced,
                     },
                 )
                 self.done = True
@@ -1888,11 +1888,11 @@ class ModelCall:
                     tu[3] += usage.cache_write_tokens
                     tu[4] += usage.reasoning_tokens
                     task.model_calls += 1
-                    task.priced_cost_usd += cost
+                    task.priced_cost_usd += priced
                 span.end = time.time()
                 span.usage = usage
-                span.cost_usd = cost
-                return cost
+                span.cost_usd = priced
+                return priced
         u, cost, actual = self._end_begin(usage, output_text, model)
         if self.reservation_id is not None:
             balances = task._commit_op(self.reservation_id, self.lines, actual)
