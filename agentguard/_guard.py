@@ -248,6 +248,10 @@ class Guard:
         self.tags: dict[str, str] = {**policy.tags, **(tags or {})}
         self.capture_content = capture_content
         self._ids = itertools.count(1)
+        # id(policy) -> (policy, its tasks' shared rate maps; see Task._rate_maps)
+        self._rates_by_policy: dict[
+            int, tuple[Policy, dict[str, dict[str, ModelRates | None]]]
+        ] = {}
         self.trace_errors = 0
         self._prefix = uuid.uuid4().hex[:10]
         # callables (event, fields) told of soft-limit crossings (e.g. agentguard.Alerts.attach)
@@ -294,6 +298,14 @@ class Guard:
     def _trace_error(self, exc: Exception, n: int) -> None:
         self.trace_errors += 1
         _logger().error("agentguard.trace_error", error=f"{type(exc).__name__}: {exc}", records=n)
+
+    def _rate_maps_of(self, policy: Policy) -> dict[str, dict[str, ModelRates | None]]:
+        held = self._rates_by_policy.get(id(policy))
+        if held is None or held[0] is not policy:
+            if len(self._rates_by_policy) >= 256:  # a policy per task: nothing shared then
+                self._rates_by_policy.clear()
+            held = self._rates_by_policy[id(policy)] = (policy, {})
+        return held[1]
 
     def _next_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
@@ -655,7 +667,10 @@ class Task:
         self.current_step_id: str | None = None
         self._downgraded_to: str | None = None
         self._blocked: str | None = None
-        self._rate_maps: dict[str, dict[str, ModelRates | None]] = {}
+        # model -> the rates of it and of the models its decisions may pick: the same for every
+        # task of this guard and policy, so shared by them (a task's first call of a model does
+        # not price the ladder again)
+        self._rate_maps: dict[str, dict[str, ModelRates | None]] = guard._rate_maps_of(self.policy)
         facts = _policy_facts(self.policy)
         self._has_cost_limit = facts.has_cost_limit
         self._needs_fraction = facts.needs_fraction

@@ -12,6 +12,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -173,3 +174,18 @@ def test_the_lanes_are_not_taken_with_traces_soft_limits_or_another_store() -> N
     ):
         with guard.task() as task:
             assert task._fast() is fast
+
+
+def test_tasks_of_one_guard_and_policy_share_their_rate_maps() -> None:
+    policy = ag.Policy(max_cost_usd="1", downgrade=[ag.Downgrade(at=0.5, to="gpt-4o-mini")])
+    guard = ag.Guard(policy, traces=False)
+    with guard.task("a") as a:
+        a.start_model_call("gpt-4o", input_tokens=10).end(ag.Usage(10, 5))
+        with guard.task("b") as b, guard.task("c", policy=ag.Policy(max_steps=2)) as c:
+            assert b._rate_maps is a._rate_maps  # b's first call of gpt-4o prices nothing
+            assert set(b._rate_maps["gpt-4o"]) == {"gpt-4o", "gpt-4o-mini"}
+            assert c._rate_maps is not a._rate_maps and not c._rate_maps
+            # an unpriced model under a cost limit is refused for every task, not only the first
+            for task in (a, b):
+                with pytest.raises(ag.UnknownModelError):
+                    task.start_model_call("no-such-model-xyz", input_tokens=10)
