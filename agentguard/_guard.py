@@ -583,6 +583,7 @@ class Task:
         "_fresh",
         "_has_cost_limit",
         "_key",
+        "_lanes",
         "_limits_of",
         "_lines",
         "_lines_until",
@@ -702,6 +703,9 @@ class Task:
         self._key = f"task:{self.id}"
         self._lines_until = _INF
         self._lines = self._build_lines(self.started, facts.limits)
+        # what of _fast holds for the task's life (the sink is read at each event: Alerts.attach
+        # replaces it)
+        self._lanes = self._local and not self._soft and self._lines_until == _INF
         # (lines, money limits, token limits) of _line_limits, for the current list of lines
         self._limits_of: (
             tuple[list[BudgetLine], list[tuple[str, Decimal]], list[tuple[str, int]]] | None
@@ -1075,7 +1079,13 @@ class Task:
         """
         guard = self.guard
         rate_map = self._rate_maps.get(model)
-        if not finish and rate_map is not None and not guard.capture_content and self._fast():
+        if (
+            not finish
+            and self._lanes
+            and rate_map is not None
+            and guard.sink.__class__ is _NULL_SINK
+            and not guard.capture_content
+        ):  # see _fast
             # an allowed call of a model seen before, in one function (see _fast): the general
             # path's estimate, decision, reservation and call, without its plan
             estimate, raw = self._estimate_input(model, messages, tools, input_tokens)
@@ -1417,8 +1427,9 @@ class Task:
         """A tool is about to run. Returns a :class:`ToolCall`; check ``decision.action``:
         ``block`` means skip the tool and tell the model why (``decision.reason``).
         Raises :class:`BudgetExceeded` on ``stop``."""
-        if self._fast():  # an allowed tool call in one function (see _fast)
-            guard = self.guard
+        guard = self.guard
+        if self._lanes and guard.sink.__class__ is _NULL_SINK:  # see _fast
+            # an allowed tool call in one function
             b = self._balances.get(self._key)
             key = "tool:" + name
             d = _tool_decision(self.policy, name, int(_used(b, key)), _used(b, "tool_calls"))
@@ -1538,8 +1549,9 @@ class Task:
     def step(self, name: str = "step", *, parent_span: str | None = None) -> Decision:
         """An agent or graph step begins. Past ``max_steps``: ``finish`` is returned under
         ``on_limit="finish"``, otherwise :class:`BudgetExceeded` is raised."""
-        if self._fast():  # an allowed step in one function (see _fast)
-            guard = self.guard
+        guard = self.guard
+        if self._lanes and guard.sink.__class__ is _NULL_SINK:  # see _fast
+            # an allowed step in one function
             d = _step_decision(self.policy, _used(self._balances.get(self._key), "steps"))
             if d.action == "allow" and guard.store.charge_in_place(self._lines, _ONE_STEP).ok:  # type: ignore[attr-defined]
                 with self._lock:
@@ -1558,12 +1570,7 @@ class Task:
         same pure function and, when it allows, the same store operation and bookkeeping;
         anything else (a cap reached, a refusal, a warning) goes the general way
         (``tests/test_fast_lanes.py`` holds the two to the same results)."""
-        return (
-            self._local
-            and not self._soft
-            and self._lines_until == _INF
-            and self.guard.sink.__class__ is _NULL_SINK
-        )
+        return self._lanes and self.guard.sink.__class__ is _NULL_SINK
 
     async def astep(self, name: str = "step", *, parent_span: str | None = None) -> Decision:
         """The async twin of :meth:`step`."""
@@ -1873,9 +1880,10 @@ class ModelCall:
             and rid is not None
             and (model is None or model == span.model)
             and "requested_model" not in span.attrs
+            and task._lanes
+            and task.guard.sink.__class__ is _NULL_SINK
             and not task.guard.capture_content
-            and task._fast()
-        ):
+        ):  # see Task._fast
             # a priced, reserved call ending as reported, in one function (see Task._fast): the
             # general path's cost, commit and bookkeeping; a call that cost more than it
             # reserved takes the general path (the overspend is recorded there)
