@@ -568,6 +568,11 @@ class Task:
     ``call.aend``, ``call.afail``, ``astart_tool_call``, ``tool.aend``, ``arecord_retry``,
     ``astep``, ``aclose``) that awaits the store's async methods, for async apps on a store
     that does network I/O (``RedisStore``); the decisions are the same code.
+
+    ``awaits_store`` says whether they await anything: on the embedded :class:`MemoryStore`
+    (no I/O) each async twin only runs its sync twin, so an async adapter may call the sync
+    event directly and spare the coroutine (``False`` there; ``True`` on any other store,
+    subclasses of ``MemoryStore`` included).
     """
 
     # Slots: every event reads a dozen of these inside frameworks whose own work evicts them
@@ -597,6 +602,7 @@ class Task:
         "_soft",
         "_soft_seen",
         "_usage",
+        "awaits_store",
         "current_step_id",
         "decisions",
         "ended",
@@ -680,6 +686,7 @@ class Task:
         # coroutine per store call); a subclass (agentguard.testing.LoopCheckingStore) is
         # awaited as any other store is
         self._local = type(guard.store) is MemoryStore
+        self.awaits_store = not self._local
         # the sync store operations of the hot events: on the embedded store, their in-place
         # twins (no balances copied back: ``_balances`` is the store's live mapping)
         store: Any = guard.store

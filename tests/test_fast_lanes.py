@@ -189,3 +189,11 @@ def test_tasks_of_one_guard_and_policy_share_their_rate_maps() -> None:
             for task in (a, b):
                 with pytest.raises(ag.UnknownModelError):
                     task.start_model_call("no-such-model-xyz", input_tokens=10)
+
+
+def test_only_a_task_on_the_embedded_store_has_nothing_to_await() -> None:
+    # an async adapter calls the sync events directly where awaits_store is False: only on the
+    # plain MemoryStore, whose async twins would only run them (a subclass is awaited)
+    for store, awaits in ((None, False), (LoopCheckingStore(), True)):
+        with ag.Guard(store=store, traces=False).task() as task:
+            assert task.awaits_store is awaits

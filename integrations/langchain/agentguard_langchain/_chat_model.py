@@ -704,9 +704,14 @@ class BudgetedChatModel(BaseChatModel):
         plan.task = task
         try:
             tools = kwargs.get("tools")
-            call = await task.astart_model_call(
-                plan.requested, messages=messages, tools=tools, max_tokens=plan.cap
-            )
+            if task.awaits_store:
+                call = await task.astart_model_call(
+                    plan.requested, messages=messages, tools=tools, max_tokens=plan.cap
+                )
+            else:  # the embedded store: the async event would only run this
+                call = task.start_model_call(
+                    plan.requested, messages=messages, tools=tools, max_tokens=plan.cap
+                )
             if call.decision.action == "finish":
                 plan.final = True
                 call = await task.astart_model_call(
@@ -848,7 +853,10 @@ class BudgetedChatModel(BaseChatModel):
         if end:
             usage, text, name = self._reported(plan, result)
             try:
-                await plan.call.aend(usage, output_text=text, model=name)
+                if plan.task.awaits_store:
+                    await plan.call.aend(usage, output_text=text, model=name)
+                else:  # the embedded store: the async end would only run this
+                    plan.call.end(usage, output_text=text, model=name)
             finally:
                 if plan.owned:
                     await plan.task.aclose()

@@ -481,12 +481,15 @@ class GraphGuard:
     async def _awrap_tool(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Awaitable[Any]]
     ) -> Any:
-        """Async :meth:`_wrap_tool` (the store is awaited)."""
+        """Async :meth:`_wrap_tool` (the store is awaited; on the embedded store, which only
+        runs the sync events, they are called directly: ``Task.awaits_store``)."""
         task = _current_task.get()
         if task is None or task.guard is not self.guard:
             raise _no_task()
+        awaits = task.awaits_store
         try:
-            tool = await task.astart_tool_call(request.tool_call["name"])
+            name = request.tool_call["name"]
+            tool = await task.astart_tool_call(name) if awaits else task.start_tool_call(name)
         except BudgetExceeded as exc:
             return self._tool_refused(task, request, exc)
         if tool.decision.action in _REFUSED:
@@ -499,7 +502,10 @@ class GraphGuard:
             await tool.afail(exc)
             raise
         METERED.reset(token)
-        await tool.aend()
+        if awaits:
+            await tool.aend()
+        else:
+            tool.end()
         return result
 
     # -- edges ------------------------------------------------------------------------------------
@@ -623,7 +629,7 @@ class GraphGuard:
                     if attempt != 1 and isinstance(attempt, int) and attempt > 1:
                         await task.arecord_retry(f"{name}: attempt {attempt}")
                     if step:
-                        d = await task.astep("agent")
+                        d = await task.astep("agent") if task.awaits_store else task.step("agent")
                         if d.action == "finish":
                             raise _past_cap_error(task, d)
                     out = await afn(*args, **kwargs)
