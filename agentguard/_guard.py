@@ -160,6 +160,21 @@ def _used(balance: Balance | None, counter: str) -> Any:
     return n
 
 
+def _call_amounts(estimate: int, d: Decision) -> dict[str, Decimal | int]:
+    """What an allowed model call reserves: the call, its input estimate, the output cap it
+    may write (and their sum), and its worst-case cost when it is priced."""
+    out = d.max_tokens or 0
+    amounts: dict[str, Decimal | int] = {
+        "model_calls": 1,
+        "input_tokens": estimate,
+        "output_tokens": out,
+        "tokens": estimate + out,
+    }
+    if d.reserve_usd is not None:
+        amounts["cost_usd"] = d.reserve_usd
+    return amounts
+
+
 def _tokens() -> Any:
     """``agentguard._tokens``, imported on first use (it is not needed to import agentguard)
     and then read from a global: an import statement costs a microsecond per call."""
@@ -1099,15 +1114,7 @@ class Task:
             request = CallRequest(model, estimate, max_tokens)
             d = decide_model_call(self.policy, self._spent(), self._headroom(), request, rate_map)
             if d.action == "allow":
-                out = d.max_tokens or 0
-                amounts: dict[str, Decimal | int] = {
-                    "model_calls": 1,
-                    "input_tokens": estimate,
-                    "output_tokens": out,
-                    "tokens": estimate + out,
-                }
-                if d.reserve_usd is not None:
-                    amounts["cost_usd"] = d.reserve_usd
+                amounts = _call_amounts(estimate, d)
                 rid = f"{guard._prefix}-{next(guard._ids)}"
                 lines = self._lines
                 if guard.store.reserve_in_place(rid, lines, amounts).ok:  # type: ignore[attr-defined]
@@ -1259,20 +1266,10 @@ class Task:
             self.guard._write([span])
             raise self._stop(d, "model", span)
         assert d.model is not None
-        estimate = request.input_tokens
-        out = d.max_tokens or 0
-        amounts: dict[str, Decimal | int] = {
-            "model_calls": 1,
-            "input_tokens": estimate,
-            "output_tokens": out,
-            "tokens": estimate + out,
-        }
-        if d.reserve_usd is not None:
-            amounts["cost_usd"] = d.reserve_usd
         guard = self.guard
         plan.decision = d
         plan.rid = f"{guard._prefix}-{next(guard._ids)}"
-        plan.amounts = amounts
+        plan.amounts = _call_amounts(request.input_tokens, d)
         return plan
 
     def _model_call_reserved(
