@@ -33,11 +33,12 @@ Variants, each against the same graph without the guard (``bare``: plain model, 
   time counts on both sides): what a provider client costs without the network;
 * each under ``invoke`` and ``ainvoke``.
 
-Issue 4's goal is ≤ 1.05× per ReAct iteration against the bare graph. It is not met: on an idle
-2-core machine (100 runs, CPU time, four runs) the floor measures 1.00–1.02×, steps in the node
-1.10× sync / 1.09–1.10× async (+200–237 µs on a 2.1 / 2.4–2.5 ms iteration), route edges 1.13× /
-1.13–1.15×, steps in the node with SQLite traces 1.13× / 1.12–1.13×; on ``ChatOpenAI`` (a
-6.0–7.7 ms iteration) the guard is 1.02× / 1.03–1.04×. ``docs/langgraph.md`` (Overhead) says
+Issue 4's goal is ≤ 1.05× per ReAct iteration against the bare graph. Steps in the node are at
+it, not reliably under it: on the 2-core machine with a quiet host (100 runs, CPU time, a 2.0 /
+2.35 ms bare iteration) they measure 1.046–1.057× sync (+94–118 µs) and 1.046–1.053× async
+(+109–125 µs), medians 1.05×; the floor 1.01×, the route floor 1.04–1.05×, route edges
+1.08–1.09×, SQLite traces 1.11–1.12× / 1.08×. The figures move with the host's memory traffic
+(a loaded host gave 1.06–1.08× for the same build). ``docs/langgraph.md`` (Overhead) says
 where the time goes.
 """
 
