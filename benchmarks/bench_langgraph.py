@@ -35,7 +35,7 @@ Variants, each against the same graph without the guard (``bare``: plain model, 
 
 Issue 4's goal is ≤ 1.05× per ReAct iteration against the bare graph. Steps in the node are at
 it, not reliably under it: on the 2-core machine with a quiet host (100 runs, CPU time, a 2.0 /
-2.35 ms bare iteration) they measure 1.046–1.057× sync (+94–118 µs) and 1.046–1.053× async
+2.35 ms bare iteration) they measure 1.047–1.057× sync (+94–118 µs) and 1.046–1.053× async
 (+109–125 µs), medians 1.05×; the floor 1.01×, the route floor 1.04–1.05×, route edges
 1.08–1.09×, SQLite traces 1.11–1.12× / 1.08×. The figures move with the host's memory traffic
 (a loaded host gave 1.06–1.08× for the same build). ``docs/langgraph.md`` (Overhead) says
