@@ -49,7 +49,7 @@ from langchain_core.runnables import Runnable, RunnableBinding
 from langchain_core.tools import BaseTool
 from pydantic import Field, PrivateAttr, model_validator
 
-from agentguard import Guard, InvalidUsage, ModelCall, Task, Usage, current_task
+from agentguard import Guard, InvalidUsage, MemoryStore, ModelCall, Task, Usage, current_task
 from agentguard_langchain._common import METERED, metered_here, usage_of
 
 __all__ = ["METERED_METADATA_KEY", "BudgetedChatModel"]
@@ -881,7 +881,11 @@ class BudgetedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        plan = await self._abegin(messages, stop, kwargs)
+        if self.guard.store.__class__ is MemoryStore:
+            # the embedded store: _abegin would only run _begin's events (Task.awaits_store)
+            plan = self._begin(messages, stop, kwargs)
+        else:
+            plan = await self._abegin(messages, stop, kwargs)
         if plan is None:
             return await self._acall_generate(self._forward(stop, kwargs), messages, run_manager)
         return await self._acall_generate(plan, messages, run_manager, end=True)
