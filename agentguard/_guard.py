@@ -390,6 +390,14 @@ class Guard:
         await task._aload()
         return task
 
+    @property
+    def awaits_store(self) -> bool:
+        """Whether the async events of this guard's tasks await the store: ``False`` only on
+        the embedded :class:`MemoryStore` itself (no I/O: each async event would only run its
+        sync twin, which an async adapter may call directly); ``True`` on any other store,
+        subclasses of ``MemoryStore`` included."""
+        return type(self.store) is not MemoryStore
+
     def close(self) -> None:
         """Flush and close the trace sink."""
         self.sink.flush()
@@ -700,8 +708,8 @@ class Task:
         # the embedded store does no I/O: an async event on it runs its sync twin (no
         # coroutine per store call); a subclass (agentguard.testing.LoopCheckingStore) is
         # awaited as any other store is
-        self._local = type(guard.store) is MemoryStore
-        self.awaits_store = not self._local
+        self.awaits_store = guard.awaits_store
+        self._local = not self.awaits_store
         # the sync store operations of the hot events: on the embedded store, their in-place
         # twins (no balances copied back: ``_balances`` is the store's live mapping)
         store: Any = guard.store

@@ -195,5 +195,7 @@ def test_only_a_task_on_the_embedded_store_has_nothing_to_await() -> None:
     # an async adapter calls the sync events directly where awaits_store is False: only on the
     # plain MemoryStore, whose async twins would only run them (a subclass is awaited)
     for store, awaits in ((None, False), (LoopCheckingStore(), True)):
-        with ag.Guard(store=store, traces=False).task() as task:
+        guard = ag.Guard(store=store, traces=False)
+        assert guard.awaits_store is awaits
+        with guard.task() as task:
             assert task.awaits_store is awaits

@@ -49,7 +49,7 @@ from langchain_core.runnables import Runnable, RunnableBinding
 from langchain_core.tools import BaseTool
 from pydantic import Field, PrivateAttr, model_validator
 
-from agentguard import Guard, InvalidUsage, MemoryStore, ModelCall, Task, Usage, current_task
+from agentguard import Guard, InvalidUsage, ModelCall, Task, Usage, current_task
 from agentguard_langchain._common import METERED, metered_here, usage_of
 
 __all__ = ["METERED_METADATA_KEY", "BudgetedChatModel"]
@@ -881,8 +881,7 @@ class BudgetedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        if self.guard.store.__class__ is MemoryStore:
-            # the embedded store: _abegin would only run _begin's events (Task.awaits_store)
+        if not self.guard.awaits_store:  # _abegin would only run _begin's events
             plan = self._begin(messages, stop, kwargs)
         else:
             plan = await self._abegin(messages, stop, kwargs)
