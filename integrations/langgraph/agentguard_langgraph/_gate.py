@@ -339,7 +339,9 @@ class GraphGuard:
             # each counter read once and compared with the ledger on its own (a parallel
             # node's event may land between two reads: the next record adds the rest)
             cost = task.priced_cost_usd
-            if cost != was.cost:
+            # the same object: no call was priced since (a tool node's record), no Decimal
+            # compared (each ``+=`` on the task's total makes a new one)
+            if cost is not was.cost and cost != was.cost:
                 spend["cost_usd"] = cost - was.cost
                 was.cost = cost
             usage = task._usage  # as kept: ``task.usage`` builds and validates a ``Usage``
