@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from agentguard_langchain.testing import ScriptedChatModel
 
@@ -58,3 +58,21 @@ def print_ratios(results: Mapping[str, float], baseline: str, width: int) -> Non
                 continue
             extra = "" if us == base else f"  x{us / base:.2f}  (+{us - base:,.0f} µs)"
             print(f"  {name:<{width}} {us:>9,.0f} µs{extra}")
+
+
+def print_spread(repeats: Sequence[Mapping[str, float]], baseline: str, width: int) -> None:
+    """Per variant, its ratio to the mode's baseline in each of several repeated measurements:
+    the median ratio and the lowest and highest (a loaded host moves single measurements by a
+    few percent; the spread says how far to trust one)."""
+    for mode in ("sync", "async"):
+        key = f"{mode}: {baseline}"
+        bases = [r[key] for r in repeats]
+        for name in repeats[0]:
+            if not name.startswith(mode) or name == key:
+                continue
+            ratios = sorted(r[name] / r[key] for r in repeats)
+            print(
+                f"  {name:<{width}} x{statistics.median(ratios):.3f}  "
+                f"(x{ratios[0]:.3f}–x{ratios[-1]:.3f}; bare {min(bases):,.0f}–"
+                f"{max(bases):,.0f} µs)"
+            )

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -54,7 +55,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from _agent_loop import Variant, interleaved_medians, print_ratios
+from _agent_loop import Variant, interleaved_medians, print_ratios, print_spread
 from bench_guard import react_policy as policy
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableConfig, RunnableLambda
@@ -349,6 +350,13 @@ def main() -> None:
         help="time runs by wall clock or by the process's CPU time (steadier on a busy machine)",
     )
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure this many times in a row and also print each variant's median ratio "
+        "and its range over the repeats",
+    )
+    parser.add_argument(
         "--openai",
         action="store_true",
         help="also time both graphs on the real ChatOpenAI client against a local "
@@ -356,12 +364,16 @@ def main() -> None:
     )
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    results = bench(args.steps, args.runs, clock, args.openai)
+    repeats = [bench(args.steps, args.runs, clock, args.openai) for _ in range(args.repeat)]
+    # each variant's median over the repeats' medians
+    results = {k: statistics.median(r[k] for r in repeats) for k in repeats[0]}
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results if args.repeat == 1 else repeats, indent=2))
         return
     print(
-        f"ReAct iteration with / without GraphGuard (median of {args.runs} runs, "
+        f"ReAct iteration with / without GraphGuard (median of {args.runs} runs"
+        + (f", median of {args.repeat} repeats" if args.repeat > 1 else "")
+        + ", "
         f"{args.steps} tool-calling iterations + a final answer each; µs of {args.clock} "
         "time per model call)"
     )
@@ -371,6 +383,13 @@ def main() -> None:
     if served:
         print("On the real ChatOpenAI client, answered by a local OpenAI-wire server:")
         print_ratios(served, "ChatOpenAI, bare graph", 44)
+    if args.repeat > 1:
+        print(f"Ratios over {args.repeat} repeats: median (lowest–highest; the bare iteration):")
+        print_spread(
+            [{k: v for k, v in r.items() if "ChatOpenAI" not in k} for r in repeats],
+            "bare graph",
+            44,
+        )
 
 
 if __name__ == "__main__":
