@@ -68,12 +68,13 @@ def _run(guard: ag.Guard, sequence: list[tuple[Any, ...]]) -> list[Any]:
                     if d.proceeds:
                         tool.end()
                 elif event[0] == "model":
-                    _, n_in, n_out, model, counted, ended = event
+                    _, n_in, n_out, model, counted, ended = event[:6]
+                    cap = event[6] if len(event) > 6 else None  # the call's own max_tokens
                     if counted:
                         messages = [{"role": "user", "content": "order 1182 " * (n_in // 3)}]
-                        call = task.start_model_call(model, messages=messages)
+                        call = task.start_model_call(model, messages=messages, max_tokens=cap)
                     else:
-                        call = task.start_model_call(model, input_tokens=n_in)
+                        call = task.start_model_call(model, input_tokens=n_in, max_tokens=cap)
                     d = call.decision
                     span = call.span
                     out.append(
@@ -145,6 +146,148 @@ def test_the_fast_lanes_give_what_the_general_path_gives(
     fast = ag.Guard(policy, traces=False)
     general = ag.Guard(policy, store=LoopCheckingStore(), traces=False)
     assert _run(fast, sequence) == _run(general, sequence)
+
+
+# Policies that shape a model call's decision: model and input caps, output caps, token
+# totals (no quick allow), a ladder (rungs low enough to be passed), a final call's model, and
+# a team budget (money or tokens) beside the task's own.
+model_policies = st.builds(
+    lambda calls, inputs, out, totals, ladder, final, on_limit, cost, team, tools: ag.Policy(
+        max_model_calls=calls,
+        max_tool_calls=tools,
+        max_input_tokens=inputs,
+        max_output_tokens=out,
+        max_total_tokens=totals[0],
+        max_total_output_tokens=totals[1],
+        downgrade=[ag.Downgrade(at=at, to=to) for at, to in ladder],
+        finish_model=final[0],
+        finish_output_tokens=final[1],
+        on_limit=on_limit,
+        max_cost_usd=cost,
+        budgets=[ag.Budget(scope="team", **team)] if team else [],
+    ),
+    st.one_of(st.none(), st.none(), st.integers(0, 8)),
+    st.one_of(st.none(), st.none(), st.integers(50, 3000)),
+    st.one_of(st.none(), st.integers(1, 30), st.integers(100, 500)),
+    st.sampled_from([(None, None)] * 4 + [(3000, None), (None, 600)]),
+    st.sampled_from([(), ((0.3, "gpt-4o-mini"),), ((0.5, "gpt-4o-mini"), (0.8, "gpt-4.1-nano"))]),
+    st.tuples(st.sampled_from([None, "gpt-4o-mini", "gpt-4o"]), st.sampled_from([64, 256])),
+    st.sampled_from(["raise", "finish", "warn"]),
+    st.sampled_from([None, "0.004", "0.02", "0.05", "1", "1"]),
+    st.sampled_from([None, None, {"max_cost_usd": "0.01"}, {"max_total_tokens": 2500}]),
+    st.one_of(st.none(), st.integers(0, 4)),
+)
+
+model_call = st.tuples(
+    st.just("model"),
+    st.integers(10, 800),
+    st.integers(1, 400),
+    st.sampled_from(["gpt-4o", "gpt-4o", "gpt-4o", "gpt-4o-mini"]),  # mostly one: its lane
+    st.booleans(),
+    st.sampled_from([True, True, True, False]),  # mostly ended (one open: nothing quick)
+    st.one_of(st.none(), st.integers(0, 40), st.integers(100, 600)),
+)
+model_events = st.lists(
+    st.one_of(  # mostly model calls
+        model_call,
+        model_call,
+        model_call,
+        st.just(("step",)),
+        st.tuples(st.just("tool"), st.sampled_from(["search", "lookup"])),
+    ),
+    min_size=3,
+    max_size=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(model_policies, model_events)
+@example(  # the ladder's first rung passed on the second call: the quick allow is not taken
+    ag.Policy(max_cost_usd="0.004", downgrade=[ag.Downgrade(at=0.3, to="gpt-4o-mini")]),
+    [("model", 400, 100, "gpt-4o", False, True, 120)] * 3,
+)
+@example(  # past the first of two rungs, below the second: the first rung's model
+    ag.Policy(
+        max_cost_usd="0.01",
+        max_output_tokens=100,
+        downgrade=[ag.Downgrade(at=0.5, to="gpt-4o-mini"), ag.Downgrade(at=0.8, to="gpt-4.1-nano")],
+    ),
+    [("model", 100, 100, "gpt-4o", False, True, None)] * 7,
+)
+@example(  # a dearer final model: its keep-back leaves the second call less than its cap
+    ag.Policy(
+        max_cost_usd="0.0032", max_output_tokens=100, finish_model="gpt-4o", on_limit="finish"
+    ),
+    [("model", 100, 100, "gpt-4o-mini", False, True, None)] * 3,
+)
+@example(  # a tool call blocked under finish: the next model call is the final one
+    ag.Policy(tool_limits={"search": 0}, max_output_tokens=100, on_limit="finish"),
+    [("model", 100, 10, "gpt-4o", False, True, None), ("tool", "search")] * 2,
+)
+@example(  # the money kept back for the final call leaves too little for the full cap
+    ag.Policy(max_cost_usd="0.01", max_output_tokens=100, on_limit="finish"),
+    [("model", 100, 100, "gpt-4o", False, True, None)] * 7,
+)
+@example(  # under finish the last model call is kept for the final answer
+    ag.Policy(max_model_calls=3, max_output_tokens=100, on_limit="finish"),
+    [("model", 100, 10, "gpt-4o", False, True, None)] * 4,
+)
+@example(  # under finish a used-up tool cap makes the next model call the final one
+    ag.Policy(max_tool_calls=1, max_output_tokens=100, on_limit="finish"),
+    [("model", 100, 10, "gpt-4o", False, True, None), ("tool", "search")] * 2,
+)
+def test_model_calls_on_the_lane_are_decided_as_decide_model_call_decides(
+    policy: ag.Policy, sequence: list[tuple[Any, ...]]
+) -> None:
+    # the lane's quick allow (no Spent, no Headroom) against decide_model_call on the general
+    # path: the same decisions, spans, reservations and balances
+    fast = ag.Guard(policy, traces=False)
+    general = ag.Guard(policy, store=LoopCheckingStore(), traces=False)
+    assert _run(fast, sequence) == _run(general, sequence)
+
+
+def test_the_quick_allow_decides_without_decide_model_call_only_below_the_first_rung(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import agentguard._guard as guard_module
+
+    asked: list[str] = []
+    real = guard_module.decide_model_call
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        d = real(*args, **kw)
+        asked.append(d.action)
+        return d
+
+    monkeypatch.setattr(guard_module, "decide_model_call", counting)
+    policy = ag.Policy(
+        max_cost_usd="1",
+        max_output_tokens=100,
+        downgrade=[ag.Downgrade(at=0.5, to="gpt-4o-mini")],
+        on_limit="finish",
+    )
+    guard = ag.Guard(policy, traces=False)
+    with guard.task("t") as task:
+        key = f"task:{task.id}"
+        task.start_model_call("gpt-4o", input_tokens=100).end(ag.Usage(0, 0))  # prices gpt-4o
+        decisions = []
+        # spent: well below the rung, within the rounding slack below it, at it
+        for spent in ("0.49", "0.4999999999999", "0.5"):
+            guard.store.live.clear()  # type: ignore[attr-defined]
+            guard.store.charge([task._lines[0]], {"cost_usd": Decimal(spent)}, check=False)
+            assert guard.store.live[key].committed["cost_usd"] == Decimal(spent)  # type: ignore[attr-defined]
+            asked.clear()
+            call = task.start_model_call("gpt-4o", input_tokens=100)
+            d = call.decision
+            decisions.append((d.action, d.model, d.reason, asked[:1]))
+            call.end(ag.Usage(0, 0))
+    # the quick allow decided the first; decide_model_call the two at or near the rung
+    assert decisions == [
+        ("allow", "gpt-4o", "within budget", []),
+        ("allow", "gpt-4o", "within budget", ["allow"]),
+        ("downgrade", "gpt-4o-mini", decisions[2][2], ["downgrade"]),
+    ]
+    assert decisions[2][2].startswith("gpt-4o -> gpt-4o-mini: 50% of task:t spent")
 
 
 def test_a_step_and_a_tool_call_on_the_fast_lane_charge_the_store_once_each() -> None:
