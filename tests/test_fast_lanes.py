@@ -143,6 +143,10 @@ def _run(guard: ag.Guard, sequence: list[tuple[Any, ...]]) -> list[Any]:
 def test_the_fast_lanes_give_what_the_general_path_gives(
     policy: ag.Policy, sequence: list[tuple[Any, ...]]
 ) -> None:
+    _same_on_both_paths(policy, sequence)
+
+
+def _same_on_both_paths(policy: ag.Policy, sequence: list[tuple[Any, ...]]) -> None:
     fast = ag.Guard(policy, traces=False)
     general = ag.Guard(policy, store=LoopCheckingStore(), traces=False)
     assert _run(fast, sequence) == _run(general, sequence)
@@ -241,9 +245,7 @@ def test_model_calls_on_the_lane_are_decided_as_decide_model_call_decides(
 ) -> None:
     # the lane's quick allow (no Spent, no Headroom) against decide_model_call on the general
     # path: the same decisions, spans, reservations and balances
-    fast = ag.Guard(policy, traces=False)
-    general = ag.Guard(policy, store=LoopCheckingStore(), traces=False)
-    assert _run(fast, sequence) == _run(general, sequence)
+    _same_on_both_paths(policy, sequence)
 
 
 def test_the_quick_allow_decides_without_decide_model_call_only_below_the_first_rung(
