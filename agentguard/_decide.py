@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from agentguard._policy import Policy
@@ -31,6 +31,9 @@ __all__ = [
     "decide_retry",
     "decide_step",
     "decide_tool_call",
+    "quick_allow",
+    "quick_facts",
+    "rung_threshold",
 ]
 
 Action = Literal["allow", "downgrade", "finish", "stop", "block", "warn"]
@@ -399,6 +402,125 @@ def _with_call(d: Decision, model: str, cap: int | None) -> Decision:
         actual=d.actual,
         budget=d.budget,
     )
+
+
+# -- the quick allow ----------------------------------------------------------------------------
+#
+# The guard's model fast lane asks this before building a Spent and a Headroom for
+# decide_model_call: the usual call — every counting cap passed, every money budget below the
+# ladder's first rung, its worst case at its own cap within the money left — is allowed in a
+# few comparisons, with no Decimal division and no candidate list. ``None`` means "ask
+# decide_model_call"; tests/test_fast_lanes.py holds the two to the same decisions.
+
+#: What :func:`quick_allow` reads of a policy (:func:`quick_facts`): the model calls, tool
+#: calls and steps a task's counts must stay below; the input tokens they may reach (``None``:
+#: no cap); the ladder's first rung less a slack (``None``: no ladder); the final call's model
+#: (``None``: the requested one) and output cap; whether money is kept back for it.
+QuickFacts = tuple[int, int, int, int | None, Decimal | None, str | None, int, bool]
+
+_NO_CAP = 1 << 62  # a count no task reaches
+_RUNG_SLACK = Decimal("1e-9")  # more than float(used / limit) can be rounded by
+_BELOW_ANY, _BELOW_NONE = Decimal("Infinity"), Decimal("-Infinity")  # spends below them
+_ZERO_COUNTS: dict[str, int] = {"model_calls": 0, "tool_calls": 0, "steps": 0, "input_tokens": 0}
+
+
+def quick_facts(policy: Policy) -> QuickFacts | None:
+    """The :data:`QuickFacts` of ``policy`` (its counting caps as ``_count_limit`` reads them),
+    or ``None`` when it caps total or output tokens (which lower a call's cap: no quick allow).
+
+    Example:
+        >>> from agentguard._policy import Policy
+        >>> quick_facts(Policy(max_model_calls=5, on_limit="finish"))[0]  # the last is kept
+        4
+    """
+    if policy.max_total_tokens is not None or policy.max_total_output_tokens is not None:
+        return None
+    finishing = policy.on_limit == "finish"
+    m, t, s = policy.max_model_calls, policy.max_tool_calls, policy.max_steps
+    ladder = policy.downgrade
+    return (
+        _NO_CAP if m is None else (m - 1 if finishing else m),
+        t if t is not None and finishing else _NO_CAP,  # a tool cap ends the run under finish
+        _NO_CAP if s is None else s,
+        policy.max_input_tokens,
+        Decimal(ladder[0].at) - _RUNG_SLACK if ladder else None,
+        policy.finish_model or (ladder[-1].to if ladder else None),
+        policy.finish_output_tokens,
+        finishing,
+    )
+
+
+def rung_threshold(facts: QuickFacts, limit: Decimal) -> Decimal:
+    """The spend on a budget of ``limit`` below which it is surely below the ladder's first
+    rung: any spend without a ladder, none for a limit of zero or less."""
+    at = facts[4]
+    if at is None:
+        return _BELOW_ANY
+    return limit * at if limit > 0 else _BELOW_NONE
+
+
+def quick_allow(
+    policy: Policy,
+    facts: QuickFacts,
+    committed: Mapping[str, Any],
+    money_left: Decimal | None,
+    model: str,
+    input_tokens: int,
+    max_tokens: int | None,
+    rates: Mapping[str, ModelRates | None],
+) -> Decision | None:
+    """The decision :func:`decide_model_call` makes for a usual call, or ``None`` to ask it.
+
+    For a task that has not finished, has no blocked tool call and nothing in flight, whose
+    committed counters are ``committed``, whose every money budget is below its
+    :func:`rung_threshold` (``money_left``: the least money left on them; ``None``: no money
+    budget) and which no token budget encloses.
+
+    Example:
+        >>> from agentguard._policy import Policy
+        >>> from agentguard._pricing import PriceBook
+        >>> policy = Policy(max_cost_usd="1", max_output_tokens=100)
+        >>> facts, rates = quick_facts(policy), {"gpt-4o": PriceBook().rates("gpt-4o")}
+        >>> d = quick_allow(policy, facts, {}, Decimal("1"), "gpt-4o", 100, None, rates)
+        >>> d.action, d.max_tokens, d.reserve_usd, d.reason
+        ('allow', 100, Decimal('0.0012500'), 'within budget')
+    """
+    mc_cap, tc_cap, st_cap, in_cap, _at, fin_model, fin_out, finishing = facts
+    c = {**_ZERO_COUNTS, **committed}
+    if not (
+        c["model_calls"] < mc_cap
+        and c["tool_calls"] < tc_cap
+        and c["steps"] < st_cap
+        and (in_cap is None or c["input_tokens"] + input_tokens <= in_cap)
+    ):
+        return None
+    a, cap = policy.max_output_tokens, max_tokens  # _min_cap(a, cap)
+    if a is not None and (cap is None or a <= cap):
+        cap = a
+    if cap is not None and cap < 1:  # no useful call fits under the cap
+        return None
+    r = rates.get(model)
+    if money_left is None:
+        reserve = None if r is None or cap is None else r.worst_case_cost(input_tokens, cap)
+        return Decision(
+            "allow",
+            model=model,
+            max_tokens=cap,
+            reserve_usd=reserve,
+            reason="no money limit applies",
+        )
+    if r is None or cap is None:
+        return None
+    if finishing:  # _keep_back
+        money_left -= (rates.get(fin_model or model) or r).worst_case_cost(
+            input_tokens * 2, fin_out
+        )
+    reserve = r.worst_case_cost(input_tokens, cap)
+    if reserve <= money_left:
+        return Decision(
+            "allow", model=model, max_tokens=cap, reserve_usd=reserve, reason="within budget"
+        )
+    return None
 
 
 def _finish_model(policy: Policy, request: CallRequest) -> str:

@@ -44,12 +44,16 @@ from agentguard._decide import (
     CallRequest,
     Decision,
     Headroom,
+    QuickFacts,
     Spent,
     _retry_decision,
     _step_decision,
     _tool_decision,
     crossed_soft_limits,
     decide_model_call,
+    quick_allow,
+    quick_facts,
+    rung_threshold,
 )
 from agentguard._errors import BudgetExceeded, InvalidUsage, PolicyError, UnknownModelError
 from agentguard._policy import Policy
@@ -486,14 +490,6 @@ def _window_bucket(window: str, now: float) -> tuple[str, float]:
     return start.strftime("%Y-%m"), nxt.timestamp()
 
 
-# The quick allow's facts of a policy: the model calls, tool calls and steps a task may have
-# used for its next model call to pass every counting cap (``_count_limit`` finds none), the
-# input tokens it may reach (``None``: no cap), the first ladder rung's fraction less a slack
-# (``None``: no ladder), the graceful final call's model (``None``: the requested one) and
-# output cap, and whether money is kept back for it.
-_Quick = tuple[int, int, int, int | None, Decimal | None, str | None, int, bool]
-
-
 class _PolicyFacts(NamedTuple):
     """What every task of a policy derives from it (a policy is frozen): read once per policy
     object, not once per task."""
@@ -503,9 +499,7 @@ class _PolicyFacts(NamedTuple):
     has_cost_limit: bool
     needs_fraction: bool  # a ladder or soft limits read the spent fraction
     soft: bool
-    # what the model lane's quick allow reads (see Task.start_model_call), ``None`` when the
-    # policy caps total or output tokens (those lower a call's cap: the general decision)
-    quick: _Quick | None
+    quick: QuickFacts | None  # what the model lane's quick_allow reads (None: never asked)
 
 
 _FACTS: dict[int, _PolicyFacts] = {}
@@ -522,36 +516,9 @@ def _policy_facts(policy: Policy) -> _PolicyFacts:
             policy.has_cost_limit,
             bool(policy.downgrade or policy.soft_limits),
             bool(policy.soft_limits),
-            _quick_facts(policy),
+            quick_facts(policy),
         )
     return facts
-
-
-_NO_CAP = 1 << 62  # a count no task reaches
-_ANY, _NONE = Decimal("Infinity"), Decimal("-Infinity")  # spends below them: any, none
-_RUNG_SLACK = Decimal("1e-9")
-
-
-def _quick_facts(policy: Policy) -> _Quick | None:
-    """The :data:`_Quick` facts of ``policy``: its counting caps as the largest counts below
-    them, as ``decide_model_call``'s ``_count_limit`` reads them."""
-    if policy.max_total_tokens is not None or policy.max_total_output_tokens is not None:
-        return None
-    finishing = policy.on_limit == "finish"
-    m, t, s = policy.max_model_calls, policy.max_tool_calls, policy.max_steps
-    ladder = policy.downgrade
-    return (
-        # under finish the last model call is kept for the final answer
-        _NO_CAP if m is None else (m - 1 if finishing else m),
-        t if t is not None and finishing else _NO_CAP,  # a tool cap ends the run under finish
-        _NO_CAP if s is None else s,
-        policy.max_input_tokens,
-        # below the first rung by more than any rounding of float(used / limit) can move it
-        Decimal(ladder[0].at) - _RUNG_SLACK if ladder else None,
-        policy.finish_model or (ladder[-1].to if ladder else None),
-        policy.finish_output_tokens,
-        finishing,
-    )
 
 
 def _task_limits(policy: Policy) -> dict[str, Decimal | int]:
@@ -937,14 +904,11 @@ class Task:
                 if "tokens" in ln.limits and ln.key != self._key
             ]
             # each money limit with the spend below which the line is below the ladder's
-            # first rung (what the model lane's quick allow compares; any spend without a
-            # ladder, none for a limit of zero or less)
+            # first rung (what the model lane compares before it asks quick_allow)
             quick = self._quick
-            at = None if quick is None else quick[4]
-            thresholds = [
-                (key, lim, _ANY if at is None else (lim * at if lim > 0 else _NONE))
-                for key, lim in money
-            ]
+            thresholds = (
+                [] if quick is None else [(k, lim, rung_threshold(quick, lim)) for k, lim in money]
+            )
             got = self._limits_of = (lines, money, tokens, thresholds)
         return got[1], got[2]
 
@@ -1178,77 +1142,47 @@ class Task:
             estimate, raw = self._estimate_input(model, messages, tools, input_tokens)
             d = None
             quick = self._quick
-            if quick is not None and not self.finished and self._blocked is None:
-                # The quick allow: the decision decide_model_call makes for a call that passes
-                # every counting cap, below the ladder's first rung on every money line, whose
-                # worst case at its own cap fits the money left (less the final call's keep-back)
-                # — without a Spent, a Headroom, a float of a Decimal division or a candidate
-                # list. Anything else is decided by decide_model_call (tests/test_fast_lanes.py
-                # holds the two to the same decisions).
-                mc_cap, tc_cap, st_cap, in_cap, _at, fin_model, fin_out, finishing = quick
-                balances = self._balances
-                b = balances.get(self._key)
-                c = _NO_SPEND if b is None else {**_NO_SPEND, **b.committed}
-                if (
-                    (b is None or not b.reserved)  # nothing of the task's in flight
-                    and c["model_calls"] < mc_cap
-                    and c["tool_calls"] < tc_cap
-                    and c["steps"] < st_cap
-                    and (in_cap is None or c["input_tokens"] + estimate <= in_cap)
-                ):
+            b = self._balances.get(self._key)
+            if (
+                quick is not None
+                and not self.finished  # (Spent.finished, Spent.blocked: decide_model_call's)
+                and self._blocked is None
+                and (b is None or not b.reserved)  # nothing of the task's in flight
+            ):
+                got = self._limits_of
+                if got is None or got[0] is not self._lines:
+                    self._line_limits()
                     got = self._limits_of
-                    if got is None or got[0] is not self._lines:
-                        self._line_limits()
-                        got = self._limits_of
-                    assert got is not None
-                    a, cap = self.policy.max_output_tokens, max_tokens  # _min_cap(a, cap)
-                    if a is not None and (cap is None or a <= cap):
-                        cap = a
-                    r = rate_map.get(model)
-                    if got[2] or (cap is not None and cap < 1):
-                        pass  # a token budget lowers the cap, or none is useful: decided below
-                    elif not got[3]:  # no money limit
-                        d = Decision(
-                            "allow",
-                            model=model,
-                            max_tokens=cap,
-                            reserve_usd=(
-                                None
-                                if r is None or cap is None
-                                else r.worst_case_cost(estimate, cap)
-                            ),
-                            reason="no money limit applies",
+                assert got is not None
+                if not got[2]:  # no token budget (it would lower the cap)
+                    # the least money left on the task's budgets, each below its first rung
+                    balances = self._balances
+                    left: Decimal | None = None
+                    for key, lim, below in got[3]:
+                        bal = balances.get(key)
+                        if bal is None:
+                            used = _ZERO
+                        else:
+                            bc, br = bal.committed, bal.reserved
+                            used = bc["cost_usd"] if "cost_usd" in bc else _ZERO  # type: ignore[assignment]  # noqa: SIM401
+                            if "cost_usd" in br:
+                                used += br["cost_usd"]
+                        if not used < below:  # at or past the rung: decide_model_call
+                            break
+                        rest = lim - used
+                        if left is None or rest < left:
+                            left = rest
+                    else:
+                        d = quick_allow(
+                            self.policy,
+                            quick,
+                            _NO_SPEND if b is None else b.committed,
+                            left,
+                            model,
+                            estimate,
+                            max_tokens,
+                            rate_map,
                         )
-                    elif r is not None and cap is not None:
-                        remaining = None
-                        for key, lim, below in got[3]:
-                            bal = balances.get(key)
-                            if bal is None:
-                                used = _ZERO
-                            else:
-                                bc, br = bal.committed, bal.reserved
-                                used = bc["cost_usd"] if "cost_usd" in bc else _ZERO  # type: ignore[assignment]  # noqa: SIM401
-                                if "cost_usd" in br:
-                                    used += br["cost_usd"]
-                            if not used < below:  # at or past the first rung (or a limit of 0)
-                                remaining = None
-                                break
-                            left = lim - used
-                            if remaining is None or left < remaining:
-                                remaining = left
-                        if remaining is not None:
-                            if finishing:  # _keep_back
-                                kr = rate_map.get(fin_model or model) or r
-                                remaining -= kr.worst_case_cost(estimate * 2, fin_out)
-                            reserve = r.worst_case_cost(estimate, cap)
-                            if reserve <= remaining:
-                                d = Decision(
-                                    "allow",
-                                    model=model,
-                                    max_tokens=cap,
-                                    reserve_usd=reserve,
-                                    reason="within budget",
-                                )
             if d is None:
                 d = decide_model_call(
                     self.policy,

@@ -18,6 +18,16 @@ from hypothesis import strategies as st
 
 import agentguard as ag
 from agentguard import BudgetExceeded
+from agentguard._decide import (
+    CallRequest,
+    Headroom,
+    Spent,
+    decide_model_call,
+    quick_allow,
+    quick_facts,
+    rung_threshold,
+)
+from agentguard._pricing import PriceBook
 from agentguard.testing import LoopCheckingStore
 
 policies = st.builds(
@@ -228,6 +238,15 @@ model_events = st.lists(
     ag.Policy(tool_limits={"search": 0}, max_output_tokens=100, on_limit="finish"),
     [("model", 100, 10, "gpt-4o", False, True, None), ("tool", "search")] * 2,
 )
+@example(  # a team budget tighter than the task's: the least money left is the team's
+    ag.Policy(
+        max_cost_usd="1",
+        max_output_tokens=100,
+        on_limit="finish",
+        budgets=[ag.Budget(scope="team", max_cost_usd="0.006")],
+    ),
+    [("model", 100, 100, "gpt-4o", False, True, None)] * 4,
+)
 @example(  # the money kept back for the final call leaves too little for the full cap
     ag.Policy(max_cost_usd="0.01", max_output_tokens=100, on_limit="finish"),
     [("model", 100, 100, "gpt-4o", False, True, None)] * 7,
@@ -246,6 +265,72 @@ def test_model_calls_on_the_lane_are_decided_as_decide_model_call_decides(
     # the lane's quick allow (no Spent, no Headroom) against decide_model_call on the general
     # path: the same decisions, spans, reservations and balances
     _same_on_both_paths(policy, sequence)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    model_policies,
+    st.tuples(st.integers(0, 9), st.integers(0, 5), st.integers(0, 9), st.integers(0, 4000)),
+    st.sampled_from(["0.01", "0.02", "1"]),
+    st.one_of(st.decimals("0", "0.03", places=6), st.just(Decimal("0.006"))),
+    st.sampled_from(["gpt-4o", "gpt-4o-mini"]),
+    st.integers(0, 1500),
+    st.one_of(st.none(), st.integers(0, 40), st.integers(100, 600)),
+)
+@example(  # the usual call: quick_allow answers it
+    ag.Policy(max_cost_usd="1", max_output_tokens=100, on_limit="finish"),
+    (2, 1, 2, 300),
+    "1",
+    Decimal("0.01"),
+    "gpt-4o",
+    400,
+    None,
+)
+@example(  # the step cap reached: decide_model_call finishes
+    ag.Policy(max_steps=3, max_output_tokens=100, on_limit="finish"),
+    (2, 1, 3, 300),
+    "1",
+    Decimal("0.01"),
+    "gpt-4o",
+    400,
+    None,
+)
+def test_quick_allow_decides_as_decide_model_call_where_it_decides(
+    policy: ag.Policy,
+    counts: tuple[int, int, int, int],
+    limit: str,
+    used: Decimal,
+    model: str,
+    estimate: int,
+    max_tokens: int | None,
+) -> None:
+    # the pure function itself, against decide_model_call on the same task: a money budget
+    # of ``limit`` with ``used`` spent (or none), the counts committed, nothing in flight
+    facts = quick_facts(policy)
+    if facts is None:  # a policy capping total or output tokens: never asked
+        assert policy.max_total_tokens is not None or policy.max_total_output_tokens is not None
+        return
+    book = PriceBook()
+    names = {model, *(r.to for r in policy.downgrade), policy.finish_model or model}
+    rates = {m: book.rates(m) for m in names}
+    calls, tools, steps, inputs = counts
+    committed = {"model_calls": calls, "tool_calls": tools, "steps": steps, "input_tokens": inputs}
+    spent = Spent(used, inputs, 0, calls, tools, {}, 0, steps)
+    request = CallRequest(model, estimate, max_tokens)
+    for lim in (Decimal(limit), None):  # a money budget, and none
+        if lim is not None:
+            if not used < rung_threshold(facts, lim):
+                continue  # at or past the first rung: the guard asks decide_model_call
+            room = Headroom(max(lim - used, Decimal(0)), float(used / lim), lim, "task:t")
+        else:
+            spent.cost_usd, room = Decimal(0), Headroom()
+        quick = quick_allow(
+            policy, facts, committed, None if lim is None else lim - used, model, estimate,
+            max_tokens, rates,
+        )  # fmt: skip
+        if quick is not None:
+            assert quick == decide_model_call(policy, spent, room, request, rates)
+            assert quick.action == "allow" and quick.model == model
 
 
 def test_the_quick_allow_decides_without_decide_model_call_only_below_the_first_rung(
