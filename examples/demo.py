@@ -117,6 +117,11 @@ def runaway_agent(guard: ag.Guard) -> ag.Task:
     return task
 
 
+def _joined(kept: list[Document]) -> str:
+    """The kept documents' texts, as the prompt's context."""
+    return "\n\n".join(d.page_content for d in kept)
+
+
 def bloated_rag(guard: ag.Guard) -> ag.Task:
     """An LCEL RAG chain: a retriever returning 21 chunks, trimmed to the context budget."""
     rng = random.Random(7)
@@ -135,7 +140,7 @@ def bloated_rag(guard: ag.Guard) -> ag.Task:
         {
             "context": RunnableLambda(lambda _: docs)
             | trim_documents(guard, model="gpt-4o")
-            | RunnableLambda(lambda kept: "\n\n".join(d.page_content for d in kept)),
+            | RunnableLambda(_joined),
             "question": RunnablePassthrough(),
         }
         | prompt

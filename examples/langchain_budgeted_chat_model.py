@@ -47,6 +47,11 @@ def corpus(seed: int = 3) -> list[Document]:
     return docs
 
 
+def _joined(kept: list[Document]) -> str:
+    """The kept documents' texts, as the prompt's context."""
+    return "\n\n".join(d.page_content for d in kept)
+
+
 def main() -> dict[str, object]:
     guard = ag.Guard(
         ag.Policy(
@@ -67,7 +72,7 @@ def main() -> dict[str, object]:
         {
             "context": RunnableLambda(lambda _: docs)
             | trim_documents(guard, model="gpt-4o")
-            | RunnableLambda(lambda kept: "\n\n".join(d.page_content for d in kept)),
+            | RunnableLambda(_joined),
             "question": RunnablePassthrough(),
         }
         | ChatPromptTemplate.from_messages(

@@ -30,7 +30,7 @@ import inspect
 import itertools
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
@@ -580,10 +580,11 @@ class GraphGuard:
         finish_to: str | None = None,
         stop_to: str = END,
         downgrade_to: str | None = None,
-    ) -> dict[str, str]:
+    ) -> dict[Hashable, str]:
         """The ``path_map`` of :meth:`route` for ``add_conditional_edges``: each decision to
         one of your nodes (``finish_to`` defaults to ``stop_to``, ``downgrade_to`` to
-        ``continue_to``)."""
+        ``continue_to``). Typed as ``add_conditional_edges`` takes it (a ``dict`` is
+        invariant: a ``dict[str, str]`` would not type-check there)."""
         return {
             "continue": continue_to,
             "downgrade": downgrade_to or continue_to,
