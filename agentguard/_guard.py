@@ -1125,8 +1125,10 @@ class Task:
 
         Returns a :class:`ModelCall` whose ``decision`` says what to do: ``model`` and
         ``max_tokens`` to bind (``allow`` / ``downgrade`` / ``warn``), or ``finish`` — make the
-        final call without tools instead. Raises :class:`BudgetExceeded` on ``stop`` and
-        :class:`UnknownModelError` for an unpriced model under a cost limit.
+        final call without tools instead. Raises :class:`BudgetExceeded` on ``stop``,
+        :class:`UnknownModelError` for an unpriced model under a cost limit, and
+        ``ValueError`` for a negative ``input_tokens`` or a ``max_tokens`` below 1 (nothing
+        is reserved then).
         """
         guard = self.guard
         rate_map = self._rate_maps.get(model)
@@ -1281,6 +1283,10 @@ class Task:
         """A model call up to its reservation: the estimate, the span, the decision; a
         ``ModelCall`` when the decision needs no reservation (a ``finish``), else the
         reservation to make."""
+        if max_tokens is not None and max_tokens < 1:  # (the lane never allows one)
+            raise ValueError(
+                f"max_tokens={max_tokens!r}: a model call's output cap must be at least 1 token"
+            )
         guard = self.guard
         policy = self.policy
         rate_map = self._rate_maps.get(model)

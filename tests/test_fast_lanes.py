@@ -114,6 +114,8 @@ def _run(guard: ag.Guard, sequence: list[tuple[Any, ...]]) -> list[Any]:
                     out.append(("retry", d.action, d.limit))
             except BudgetExceeded as exc:
                 out.append(("stopped", exc.limit, str(exc)))
+            except ValueError as exc:  # an output cap below 1
+                out.append(("refused", str(exc)))
         open_calls = len(task._open)
         line = guard.store.snapshot([f"task:{task.id}"])[f"task:{task.id}"]
         out.append(

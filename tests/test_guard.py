@@ -115,6 +115,29 @@ def test_output_cap_is_min_of_policy_caller_and_what_is_left() -> None:
         assert call.decision.reserve_usd == D("0.001")
 
 
+@pytest.mark.parametrize("cap", [0, -5])
+@pytest.mark.parametrize("on_limit", ["raise", "finish", "warn"])
+def test_an_output_cap_below_one_is_refused_naming_the_field_and_value(
+    cap: int, on_limit: str
+) -> None:
+    # not a budget stop ("max_total_tokens of None", "$1 left cannot pay for..."): bad input
+    for policy in (ag.Policy(on_limit=on_limit), ag.Policy(max_cost_usd="1", on_limit=on_limit)):
+        g = ag.Guard(policy, traces=False)  # nothing to trace: the lanes are taken
+        with g.task() as task:
+            task.start_model_call("gpt-4o", input_tokens=10).end(ag.Usage(10, 5))  # priced
+            for _ in range(2):  # the first call of a model, and one on the fast lane
+                with pytest.raises(ValueError, match=rf"max_tokens={cap}: .* at least 1 token"):
+                    task.start_model_call("gpt-4o", input_tokens=10, max_tokens=cap)
+            with pytest.raises(ValueError, match=rf"max_tokens={cap}"):
+                asyncio.run(task.astart_model_call("gpt-4o", input_tokens=10, max_tokens=cap))
+            assert (task.model_calls, task.finished, task.decisions) == (1, False, [])
+            line = g.store.snapshot([f"task:{task.id}"])[f"task:{task.id}"]
+            assert line.reserved == {}  # nothing reserved, nothing lost
+            call = task.start_model_call("gpt-4o", input_tokens=10, max_tokens=1)
+            assert (call.decision.action, call.max_tokens) == ("allow", 1)
+            call.end(ag.Usage(10, 1))
+
+
 def test_model_call_cap_keeps_last_call_for_the_final_answer() -> None:
     g = guard(max_model_calls=3, on_limit="finish")
     m = ScriptedModel("gpt-4o-mini", replies=["thinking"], tool_calls={"name": "x", "args": {}})
