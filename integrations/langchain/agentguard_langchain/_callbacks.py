@@ -73,15 +73,16 @@ def _model_of(metadata: Mapping[str, Any] | None, params: Mapping[str, Any] | No
 
 def _cap_of(metadata: Mapping[str, Any] | None, params: Mapping[str, Any] | None) -> int | None:
     """The output cap the call runs with: the request's ``max_tokens`` (or the provider's
-    name for it), else ``ls_max_tokens``; ``None`` when the call is uncapped."""
+    name for it), else ``ls_max_tokens``; ``None`` when the call is uncapped (a cap below 1:
+    ``-1`` is "as many as the model may" for some LangChain models)."""
     if params:
         for key in _CAP_KEYS:
             cap = params.get(key)
             if isinstance(cap, int) and not isinstance(cap, bool):
-                return cap
+                return cap if cap > 0 else None
     if metadata:
         cap = metadata.get("ls_max_tokens")
-        if isinstance(cap, int) and not isinstance(cap, bool):
+        if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
             return cap
     return None
 

@@ -183,9 +183,11 @@ def _model_id(model: BaseChatModel) -> str:
 
 
 def _int_cap(value: Any) -> int | None:
-    if type(value) is int:
-        return value
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """An output cap as an int; ``None`` for anything else and for a cap below 1 (``-1`` is
+    "as many as the model may" for some LangChain models: uncapped, as the guard reads it)."""
+    if type(value) is int or (isinstance(value, int) and not isinstance(value, bool)):
+        return value if value > 0 else None
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,7 +552,7 @@ class BudgetedChatModel(BaseChatModel):
             v = fields[k] if k in fields else getattr(model, k, None)
             if v is None:
                 continue
-            c = v if type(v) is int else _int_cap(v)
+            c = v if type(v) is int and v > 0 else _int_cap(v)
             if c is not None and (cap is None or c < cap):
                 cap = c
         return cap
@@ -596,7 +598,7 @@ class BudgetedChatModel(BaseChatModel):
         if facts.one_cap and self.max_tokens_param is None and _CAP_KEY_SET.isdisjoint(kwargs):
             # the usual call: one cap field, no cap kwarg — read once for _route too
             own = model.__dict__.get(facts.cap_param)
-            if own is not None and type(own) is not int:
+            if own is not None and (type(own) is not int or own < 1):
                 own = _int_cap(own)
             cap = self.max_tokens
             if own is not None and (cap is None or own < cap):
@@ -640,7 +642,7 @@ class BudgetedChatModel(BaseChatModel):
         if param in facts.cap_attrs or param not in _CAP_FIELDS:
             fields = model.__dict__
             own = fields[param] if param in fields else getattr(model, param, None)
-            if own is not None and type(own) is not int:
+            if own is not None and (type(own) is not int or own < 1):
                 own = _int_cap(own)
             if own is not None and own < cap:  # a rung's own constructor cap is never raised
                 cap = own

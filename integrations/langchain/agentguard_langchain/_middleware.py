@@ -472,7 +472,7 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
                 "or model): the guard prices calls by model id",
             )
         cap = ls.get("ls_max_tokens")
-        own = cap if isinstance(cap, int) else None
+        own = cap if isinstance(cap, int) and cap > 0 else None  # -1: "as many as it may"
         self._model_ids[id(model)] = (model, model_id, own)
         return model_id, own
 
@@ -541,6 +541,8 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
             tools = self._schemas(request.tools) if request.tools else None
             settings = request.model_settings
             cap = settings.get("max_tokens", settings.get("max_completion_tokens", own_cap))
+            if not (isinstance(cap, int) and cap > 0):  # below 1 (-1: "as many as it may")
+                cap = None
             ask = {"messages": messages, "tools": tools, "max_tokens": cap}
             try:
                 step = yield (task, "step", ("agent",), NO_KW)

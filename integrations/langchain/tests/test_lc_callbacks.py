@@ -345,6 +345,17 @@ async def test_an_output_cap_below_the_calls_own_cap_stops() -> None:
     assert_idle(handler)
 
 
+async def test_a_cap_below_one_is_read_as_no_cap() -> None:
+    # -1 is "as many as the model may" for some LangChain models: an uncapped call, not an error
+    g = make_guard(max_cost_usd="1")
+    handler = AgentGuardCallbackHandler(g)
+    with g.task("t") as task:
+        ScriptedChatModel(max_tokens=-1).invoke("hi", {"callbacks": [handler]})
+        ScriptedChatModel().invoke("hi", {"callbacks": [handler], "max_tokens": 0})
+    assert task.model_calls == 2
+    assert_idle(handler)
+
+
 async def test_an_unpriced_model_under_a_cost_limit_is_refused() -> None:
     g = make_guard(max_cost_usd="1")
     handler = AgentGuardCallbackHandler(g)

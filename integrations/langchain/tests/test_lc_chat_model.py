@@ -183,6 +183,22 @@ def test_the_callers_cap_is_kept_under_the_key_the_caller_used() -> None:
     assert [s.attrs["max_tokens"] for s in spans(g)] == [80, 70, 50, 30]
 
 
+def test_a_cap_below_one_is_read_as_no_cap() -> None:
+    # -1 is "as many as the model may" for some LangChain models: the guard's cap is bound
+    g = guard(max_cost_usd="1", max_output_tokens=120)
+    model = ScriptedChatModel(model_name="gpt-4o-mini")
+    llm = BudgetedChatModel(guard=g, model=model)
+    with g.task("below-one"):
+        llm.invoke("a", max_tokens=-1)
+        llm.invoke("b", max_completion_tokens=0)
+        BudgetedChatModel(
+            guard=g, model=ScriptedChatModel(model_name="gpt-4o-mini", max_tokens=-1)
+        ).invoke("c")
+        llm.invoke("d", max_tokens=-1)  # the model's second call: on the guard's fast lane
+    assert [s["max_tokens"] for s in model.seen] == [120, 120, 120]
+    assert [s.attrs["max_tokens"] for s in spans(g)] == [120, 120, 120, 120]
+
+
 def _openai_transport(seen: list[dict[str, Any]], *, stream: bool = False) -> httpx.MockTransport:
     """An OpenAI-compatible endpoint, offline: records each request body, answers with usage."""
 

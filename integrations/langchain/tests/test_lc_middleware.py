@@ -560,6 +560,15 @@ def test_missing_usage_is_estimated_and_labelled() -> None:
     assert calls[-1].usage.input_tokens > 0
 
 
+def test_a_cap_below_one_is_read_as_no_cap() -> None:
+    # -1 is "as many as the model may" for some LangChain models: the guard's cap is bound
+    g = make_guard(max_cost_usd="1", max_output_tokens=90)
+    model = scripted("gpt-4o-mini", replies=["Refund due."], max_tokens=-1, tool_calls=0)
+    agent_with(model, AgentGuardMiddleware(g)).invoke(ASK)
+    assert [s["max_tokens"] for s in model.seen] == [90]
+    assert [s.attrs["max_tokens"] for s in model_spans(g)] == [90]
+
+
 def test_finish_message_can_be_turned_off_and_metadata_stays() -> None:
     g = make_guard(max_model_calls=1, on_limit="finish")
     model = scripted("gpt-4o-mini", replies=["Refund due."])
