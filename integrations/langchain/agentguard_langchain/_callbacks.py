@@ -30,7 +30,7 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 
 from agentguard import BudgetExceeded, InvalidUsage, current_task
 from agentguard.adapter import NO_KW, Event, Steps, adrive, drive
-from agentguard_langchain._common import already_metered, usage_of
+from agentguard_langchain._common import already_metered, output_cap, usage_of
 
 if TYPE_CHECKING:
     from langchain_core.documents import Document
@@ -79,12 +79,8 @@ def _cap_of(metadata: Mapping[str, Any] | None, params: Mapping[str, Any] | None
         for key in _CAP_KEYS:
             cap = params.get(key)
             if isinstance(cap, int) and not isinstance(cap, bool):
-                return cap if cap > 0 else None
-    if metadata:
-        cap = metadata.get("ls_max_tokens")
-        if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
-            return cap
-    return None
+                return output_cap(cap)
+    return output_cap(metadata.get("ls_max_tokens")) if metadata else None
 
 
 def _retry_attempt(tags: Sequence[str] | None) -> int | None:

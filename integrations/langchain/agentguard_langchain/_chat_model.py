@@ -50,7 +50,7 @@ from langchain_core.tools import BaseTool
 from pydantic import Field, PrivateAttr, model_validator
 
 from agentguard import Guard, InvalidUsage, ModelCall, Task, Usage, current_task
-from agentguard_langchain._common import METERED, metered_here, usage_of
+from agentguard_langchain._common import METERED, metered_here, output_cap, usage_of
 
 __all__ = ["METERED_METADATA_KEY", "BudgetedChatModel"]
 
@@ -180,14 +180,6 @@ def _model_id(model: BaseChatModel) -> str:
         if isinstance(value, str) and value:
             return value
     return model._llm_type
-
-
-def _int_cap(value: Any) -> int | None:
-    """An output cap as an int; ``None`` for anything else and for a cap below 1 (``-1`` is
-    "as many as the model may" for some LangChain models: uncapped, as the guard reads it)."""
-    if type(value) is int or (isinstance(value, int) and not isinstance(value, bool)):
-        return value if value > 0 else None
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,14 +537,14 @@ class BudgetedChatModel(BaseChatModel):
         if not _CAP_KEY_SET.isdisjoint(kwargs):
             for k in _CAP_KEYS:
                 v = kwargs.get(k)
-                if v is not None and (c := _int_cap(v)) is not None and (cap is None or c < cap):
+                if v is not None and (c := output_cap(v)) is not None and (cap is None or c < cap):
                     cap = c
         fields = model.__dict__  # a pydantic field's value, read without a getattr call
         for k in facts.cap_attrs:
             v = fields[k] if k in fields else getattr(model, k, None)
             if v is None:
                 continue
-            c = v if type(v) is int and v > 0 else _int_cap(v)
+            c = v if type(v) is int and v > 0 else output_cap(v)
             if c is not None and (cap is None or c < cap):
                 cap = c
         return cap
@@ -599,7 +591,7 @@ class BudgetedChatModel(BaseChatModel):
             # the usual call: one cap field, no cap kwarg — read once for _route too
             own = model.__dict__.get(facts.cap_param)
             if own is not None and (type(own) is not int or own < 1):
-                own = _int_cap(own)
+                own = output_cap(own)
             cap = self.max_tokens
             if own is not None and (cap is None or own < cap):
                 cap = own
@@ -643,7 +635,7 @@ class BudgetedChatModel(BaseChatModel):
             fields = model.__dict__
             own = fields[param] if param in fields else getattr(model, param, None)
             if own is not None and (type(own) is not int or own < 1):
-                own = _int_cap(own)
+                own = output_cap(own)
             if own is not None and own < cap:  # a rung's own constructor cap is never raised
                 cap = own
         if _CAP_KEY_SET.isdisjoint(kw):

@@ -9,7 +9,7 @@ from typing import Any
 
 from agentguard import InvalidUsage, Usage
 
-__all__ = ["METERED", "already_metered", "metered_here", "usage_of"]
+__all__ = ["METERED", "already_metered", "metered_here", "output_cap", "usage_of"]
 
 # Set while the middleware or the budget-aware chat model is making a model call it meters
 # itself: a callback handler attached to the same run sees it and does not charge the call
@@ -59,4 +59,17 @@ def usage_of(message: Any) -> Usage | None:
                     return Usage.parse(raw)
                 except InvalidUsage:
                     raise
+    return None
+
+
+def output_cap(value: Any) -> int | None:
+    """An output cap as the guard reads it: an int of at least 1, else ``None`` — no cap
+    (``-1`` is "as many as the model may" for some LangChain models; a bool is not a cap).
+
+    Example:
+        >>> output_cap(200), output_cap(-1), output_cap(0), output_cap(True), output_cap("9")
+        (200, None, None, None, None)
+    """
+    if type(value) is int or (isinstance(value, int) and not isinstance(value, bool)):
+        return value if value > 0 else None
     return None

@@ -49,7 +49,7 @@ from langgraph.types import Command
 
 from agentguard import BudgetExceeded, InvalidUsage, PolicyError, current_task
 from agentguard.adapter import NO_KW, Steps, adrive, drive
-from agentguard_langchain._common import metered_here, usage_of
+from agentguard_langchain._common import metered_here, output_cap, usage_of
 
 if TYPE_CHECKING:
     from langgraph.prebuilt.tool_node import ToolCallRequest
@@ -472,7 +472,7 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
                 "or model): the guard prices calls by model id",
             )
         cap = ls.get("ls_max_tokens")
-        own = cap if isinstance(cap, int) and cap > 0 else None  # -1: "as many as it may"
+        own = output_cap(cap)
         self._model_ids[id(model)] = (model, model_id, own)
         return model_id, own
 
@@ -540,9 +540,9 @@ class AgentGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
             messages = [system, *request.messages] if system is not None else request.messages
             tools = self._schemas(request.tools) if request.tools else None
             settings = request.model_settings
-            cap = settings.get("max_tokens", settings.get("max_completion_tokens", own_cap))
-            if not (isinstance(cap, int) and cap > 0):  # below 1 (-1: "as many as it may")
-                cap = None
+            cap = output_cap(
+                settings.get("max_tokens", settings.get("max_completion_tokens", own_cap))
+            )
             ask = {"messages": messages, "tools": tools, "max_tokens": cap}
             try:
                 step = yield (task, "step", ("agent",), NO_KW)
