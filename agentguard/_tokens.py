@@ -41,6 +41,7 @@ import operator
 import os
 import re
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -428,10 +429,34 @@ def _reader(message: Any) -> Any:
     return fields.get
 
 
-#: A kept message's count with what it was counted from: (message, getter, the values it got,
-#: tokens, pydantic?, number of fields) — ``getter`` reads the message's counted fields (those
-#: of :data:`_COUNTED_FIELDS` its ``__dict__`` has) as one tuple.
-_Kept = tuple[Any, Any, Any, int, bool, int]
+class _Kept(weakref.ref):  # type: ignore[type-arg]
+    """A kept message's count with what it was counted from: a weak reference to the message
+    (called, it answers the message while it lives, else ``None``), ``getter`` — which reads
+    the message's counted fields (those of :data:`_COUNTED_FIELDS` its ``__dict__`` has) as one
+    tuple — the ``values`` it got, the message's ``tokens``, whether it is ``pydantic``, its
+    number of fields (``nfields``), its ``key`` in the cache (the message's id) and the
+    characters it keeps alive (``size``: the values are held, so no id among them is reused
+    while the entry lives).
+
+    Weak, so that the cache keeps no message alive: an agent re-sends its history on every
+    call of a run, and once the run lets its messages go their entries go too (the counter's
+    ``_forget`` is the reference's callback). A strong cache kept ~70 objects per finished
+    ReAct run alive until it filled: they made the cyclic garbage collector run ~15 times as
+    often in a LangGraph loop, and its full passes cost more than the counting saved."""
+
+    __slots__ = ("getter", "key", "nfields", "pydantic", "size", "tokens", "values")
+    getter: Any
+    key: int
+    nfields: int
+    pydantic: bool
+    size: int
+    tokens: int
+    values: Any
+
+    if TYPE_CHECKING:
+
+        def __call__(self) -> Any: ...  # the message while it lives, else None
+
 
 #: The fields of a message object its count depends on (besides its role).
 _COUNTED_FIELDS = ("content", "tool_calls", "additional_kwargs", "name", "tool_call_id")
@@ -463,9 +488,24 @@ class _Counting:
     # ``get`` of a dict text -> its count as ``count`` returns it (a TiktokenCounter's text
     # cache; a racing ``count`` may clear it, so no subscript), or of an empty dict
     _known: Any
+    _drop: Any  # ``_forget``, bound once: the callback of every kept message's reference
 
     def count(self, text: str) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _forget(self, kept: _Kept) -> None:
+        """A kept message was freed: its entry leaves the cache, unless the cache was cleared
+        or the entry replaced since (a racing thread may replace it between the two look-ups:
+        then a later count misses, and the characters' bound is a little off — both harmless).
+        """
+        cache = self._msgs
+        key = kept.key
+        if cache.get(key) is kept:
+            try:
+                del cache[key]
+            except KeyError:
+                return
+            self._msg_chars -= kept.size
 
     def count_messages(self, messages: Sequence[Any], tools: Sequence[Any] | None = None) -> int:
         """Tokens of a chat request, counted the way OpenAI counts chat messages.
@@ -483,7 +523,8 @@ class _Counting:
         message's count is reused while it is the same object whose ``content``,
         ``tool_calls``, ``additional_kwargs``, ``name`` and ``tool_call_id`` are the same (or
         equal) objects, with no field added (LangChain, LangGraph and LlamaIndex do not edit a
-        sent message in place; replacing any of them is seen).
+        sent message in place; replacing any of them is seen). Messages are kept weakly: a run
+        that lets its messages go leaves nothing of them in the cache.
 
         Example:
             >>> c = counter_for("gpt-4")
@@ -509,30 +550,31 @@ class _Counting:
             else:
                 # A message object seen before (an agent re-sends its whole history on every
                 # call) is not read again: its count is kept with the objects it was counted
-                # from — the message (held, so its id cannot be reused) and its ``content``,
-                # ``tool_calls`` and ``additional_kwargs`` — and used only while each is still
-                # the same object (and no pydantic extra appeared). Only messages whose
-                # attributes are their ``__dict__`` entries are kept (LangChain's; see
-                # _reader), so those objects are what was counted. A hit reads the message's
-                # ``__dict__`` with subscripts only: two calls (``id``, ``get``) per message.
+                # from — the message (weakly: a live message's id is its own; its entry goes
+                # when it is freed, see _Kept) and its ``content``, ``tool_calls`` and
+                # ``additional_kwargs`` — and used only while each is still the same object
+                # (and no pydantic extra appeared). Only messages whose attributes are their
+                # ``__dict__`` entries are kept (LangChain's; see _reader), so those objects
+                # are what was counted. A hit reads the message's ``__dict__`` with subscripts
+                # only: three calls (``id``, ``get``, the reference) per message.
                 mid = id(message)
                 hit = cache_get(mid)
-                if hit is not None and hit[0] is message:
+                if hit is not None and hit() is message:
                     # its counted fields read as one tuple (C) and compared with the kept one:
                     # each the same object (or an equal one, which counts the same); a field
                     # gone or one that cannot be compared is a miss, and so is a field added
                     # (the number of fields) or a pydantic extra
                     fields = message.__dict__
                     try:
-                        same = hit[1](fields) == hit[2]
+                        same = hit.getter(fields) == hit.values
                     except Exception:
                         same = False
                     if (
                         same
-                        and len(fields) == hit[5]
-                        and not (hit[4] and message.__pydantic_extra__)
+                        and len(fields) == hit.nfields
+                        and not (hit.pydantic and message.__pydantic_extra__)
                     ):
-                        total += hit[3]
+                        total += hit.tokens
                         continue
                 plain = _PLAIN_MESSAGES.get(cls)
                 if not plain:  # (a plain class is never a str or tuple: see _plain_attr)
@@ -640,13 +682,6 @@ class _Counting:
                 m = known(call_id)
                 n += count(call_id) if m is None else m
             if keep is not None:
-                # bounded by entries and by the characters of the contents it keeps alive
-                size = (len(content) if type(content) is str else 1000) + _CACHE_ENTRY_CHARS
-                held = self._msg_chars + size
-                if len(keep) >= _MESSAGE_CACHE_MAX or held > _CACHE_MAX_CHARS:
-                    keep.clear()  # racing threads may both clear: harmless
-                    held = size
-                self._msg_chars = held
                 getter = _CLASS_GETTERS.get(cls) if pydantic else None
                 if getter is None:
                     getter = _getter_of(f)
@@ -654,10 +689,26 @@ class _Counting:
                         _CLASS_GETTERS[cls] = getter
                 try:
                     values = getter(f)
-                except KeyError:  # an instance without a field its class's others have
-                    values = _UNREAD
-                if values is not _UNREAD:
-                    keep[mid] = (message, getter, values, n, pydantic, len(f))
+                    kept = _Kept(message, self._drop)
+                except (KeyError, TypeError):  # an instance without a field its class's
+                    # others have; a class whose instances cannot be weakly referenced
+                    kept = None
+                if kept is not None:
+                    # bounded by entries and by the characters of the contents it keeps alive
+                    size = (len(content) if type(content) is str else 1000) + _CACHE_ENTRY_CHARS
+                    held = self._msg_chars + size
+                    if len(keep) >= _MESSAGE_CACHE_MAX or held > _CACHE_MAX_CHARS:
+                        keep.clear()  # racing threads may both clear: harmless
+                        held = size
+                    self._msg_chars = held
+                    kept.key = mid
+                    kept.getter = getter
+                    kept.values = values
+                    kept.tokens = n
+                    kept.pydantic = pydantic
+                    kept.nfields = len(f)
+                    kept.size = size
+                    keep[mid] = kept
             total += n
         if tools:
             tool_cache = self._tools
@@ -803,6 +854,7 @@ class TiktokenCounter(_Counting):
     __slots__ = (
         "_cache",
         "_cached_chars",
+        "_drop",
         "_encode",
         "_known",
         "_msg_chars",
@@ -827,6 +879,7 @@ class TiktokenCounter(_Counting):
         self._cached_chars = 0
         self._msgs: dict[int, _Kept] = {}
         self._msg_chars = 0
+        self._drop = self._forget
         self._tools: dict[int, tuple[Any, int]] = {}
         self._roles: dict[str, int] = {}
         # count_messages reads the text cache directly only when ``count`` is this class's own
@@ -874,7 +927,17 @@ class CharEstimateCounter(_Counting):
         3
     """
 
-    __slots__ = ("_known", "_msg_chars", "_msgs", "_roles", "_tools", "exact", "margin", "name")
+    __slots__ = (
+        "_drop",
+        "_known",
+        "_msg_chars",
+        "_msgs",
+        "_roles",
+        "_tools",
+        "exact",
+        "margin",
+        "name",
+    )
 
     def __init__(self, margin: float = ESTIMATE_MARGIN) -> None:
         self.name = "chars/4 (estimate)"
@@ -882,6 +945,7 @@ class CharEstimateCounter(_Counting):
         self.margin = margin
         self._msgs: dict[int, _Kept] = {}
         self._msg_chars = 0
+        self._drop = self._forget
         self._tools: dict[int, tuple[Any, int]] = {}
         self._roles: dict[str, int] = {}
         self._known = {}.get  # (no text cache)

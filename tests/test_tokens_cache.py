@@ -3,11 +3,14 @@ message whose content, tool calls or extra kwargs were replaced is counted again
 
 from __future__ import annotations
 
+import gc
+import weakref
 from types import MappingProxyType
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from pydantic import BaseModel, ConfigDict
 
 import agentguard._tokens as tokens_module
@@ -236,3 +239,44 @@ def test_dicts_objects_and_any_mapping_count_alike(messages: list[dict[str, Any]
     objects = [Obj(m) for m in messages]
     as_objects = c.count_messages(objects)
     assert as_dicts == as_mappings == as_objects == c.count_messages(objects)
+
+
+def test_a_freed_message_leaves_the_cache_and_nothing_keeps_it_alive() -> None:
+    c = CharEstimateCounter()
+    c.count_messages([AIMessage("a first object of the class: its kind is learnt")])
+    call = {"name": "lookup", "args": {"query": "order 1182"}, "id": "call_9"}
+    msgs: list[Any] = [
+        HumanMessage("Where is my parcel for order 1182?"),
+        AIMessage("", tool_calls=[call]),
+        ToolMessage("order 1182: paid, shipped 3 days late", tool_call_id="call_9"),
+    ]
+    total = c.count_messages(msgs)
+    assert all(c._msgs[id(m)]() is m for m in msgs)  # kept, and reused
+    assert c.count_messages(msgs) == total == CharEstimateCounter().count_messages(msgs)
+    refs = [weakref.ref(m) for m in msgs]
+    del msgs
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]  # the cache held none of them
+    assert not c._msgs
+    assert c._msg_chars == 0
+
+
+class SlotsMsg:
+    """A message object with a ``__dict__`` but no weak references (``__slots__``)."""
+
+    __slots__ = ("__dict__",)
+
+    def __init__(self, role: str, content: str) -> None:
+        self.role = role
+        self.content = content
+
+
+def test_a_message_that_cannot_be_weakly_referenced_is_counted_every_time() -> None:
+    c = counter_for("gpt-4o")
+    m = SlotsMsg("user", "Where is my parcel?")
+    c.count_messages([SlotsMsg("user", "a first object of the class: its kind is learnt")])
+    first = c.count_messages([m])
+    assert first == fresh_count([m])  # type: ignore[list-item]
+    assert id(m) not in c._msgs
+    m.content = "Where is my parcel for order 1182? It was due three days ago."
+    assert c.count_messages([m]) == fresh_count([m]) > first  # type: ignore[list-item]

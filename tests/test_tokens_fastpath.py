@@ -320,7 +320,7 @@ def test_a_kept_message_is_counted_again_when_a_counted_field_appears_or_cannot_
     history = [plain]
     c.count_messages([_Plain("user", "a first object of the class: its kind is learnt")])
     before = c.count_messages(history)
-    assert c._msgs[id(plain)][0] is plain  # kept
+    assert c._msgs[id(plain)]() is plain  # kept
     assert before == reference([{"role": "user", "content": "Where is order 1182?"}])
     plain.name = "alice"  # type: ignore[attr-defined]  # a field the first count did not see
     named = c.count_messages(history)
@@ -334,6 +334,6 @@ def test_a_kept_message_is_counted_again_when_a_counted_field_appears_or_cannot_
     # a field whose == has no answer is read again, not trusted
     odd = HumanMessage("hello")
     c.count_messages([odd])
-    assert c._msgs[id(odd)][0] is odd  # kept
+    assert c._msgs[id(odd)]() is odd  # kept
     odd.additional_kwargs = {"x": _NoTruth()}
     assert c.count_messages([odd]) == reference([odd])

@@ -4,8 +4,11 @@ attribute) must not change a count, whatever the message carries."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
+import pytest
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,
@@ -15,8 +18,11 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
+from lg_support import Scripted, react_graph, user
 
+import agentguard as ag
 from agentguard import counter_for
+from agentguard_langgraph import GraphGuard
 
 
 def as_mapping(m: BaseMessage) -> dict[str, Any]:
@@ -73,3 +79,28 @@ def test_message_objects_count_as_their_mappings() -> None:
     assert counter.count_messages([prop]) > counter.count_messages(
         [HumanMessage("a property named tool_call_id")]
     )
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_finished_run_leaves_no_message_alive_in_the_count_cache(mode: str) -> None:
+    """The guard counts each run's history once per call and reuses the counts within the run;
+    once the run's state is let go, none of its messages is kept alive by the counter (a
+    strong cache kept every run's messages until it filled, and the garbage collector paid for
+    them)."""
+    guard = ag.Guard(ag.Policy(max_cost_usd="1", max_steps=6, on_limit="finish"), traces=False)
+    gg = GraphGuard(guard)
+    graph = gg.bind(react_graph(gg, Scripted(model_name="gpt-4o", tool_calls=3), steps_in="node"))
+    if mode == "sync":
+        out = graph.invoke(user())
+    else:
+        out = await graph.ainvoke(user())
+    task = graph.last_task
+    assert task is not None and task.model_calls == 4 and task.tool_calls == 3
+    kept = counter_for("gpt-4o")._msgs  # type: ignore[attr-defined]
+    messages = out["messages"]
+    # the messages the later calls re-sent are kept while they live: AI and tool messages
+    assert sum(id(m) in kept and kept[id(m)]() is m for m in messages) >= 6
+    refs = [weakref.ref(m) for m in messages]
+    del out, messages
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
