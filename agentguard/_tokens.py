@@ -458,6 +458,25 @@ class _Kept(weakref.ref):  # type: ignore[type-arg]
         def __call__(self) -> Any: ...  # the message while it lives, else None
 
 
+class _KeptTool(weakref.ref):  # type: ignore[type-arg]
+    """A bound tool's count (``tokens``), kept with a weak reference to the tool object (its
+    ``key`` in the cache is the tool's id): the entry goes when the tool is freed."""
+
+    __slots__ = ("key", "tokens")
+    key: int
+    tokens: int
+
+    if TYPE_CHECKING:
+
+        def __call__(self) -> Any: ...  # the tool while it lives, else None
+
+
+#: How many tools that cannot be weakly referenced (schema dicts, mostly) a counter keeps
+#: strongly, by id, before it drops them all: a model bound once passes the same dicts on every
+#: call (each one's JSON is built once), while LangChain's ``create_agent`` and LlamaIndex's
+#: agents build fresh ones per call, which a larger cache would keep alive for nothing.
+_HELD_TOOLS_MAX = 128
+
 #: The fields of a message object its count depends on (besides its role).
 _COUNTED_FIELDS = ("content", "tool_calls", "additional_kwargs", "name", "tool_call_id")
 #: keys -> ``operator.itemgetter(*keys)``; class -> the getter of its instances' counted fields
@@ -483,12 +502,14 @@ class _Counting:
     margin: float
     _msgs: dict[int, _Kept]  # id(message) -> its kept count (see count_messages)
     _msg_chars: int  # characters the message cache keeps alive
-    _tools: dict[int, tuple[Any, int]]  # id(tool) -> (tool, its count)
+    _tools: dict[int, _KeptTool]  # id(tool) -> its count, the tool weakly referenced
+    _held_tools: dict[int, tuple[Any, int]]  # id(tool) -> (tool, its count): see _HELD_TOOLS_MAX
     _roles: dict[str, int]  # role -> its tokens plus TOKENS_PER_MESSAGE
     # ``get`` of a dict text -> its count as ``count`` returns it (a TiktokenCounter's text
     # cache; a racing ``count`` may clear it, so no subscript), or of an empty dict
     _known: Any
     _drop: Any  # ``_forget``, bound once: the callback of every kept message's reference
+    _drop_tool: Any  # ``_forget_tool``, likewise for kept tools
 
     def count(self, text: str) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -506,6 +527,13 @@ class _Counting:
             except KeyError:
                 return
             self._msg_chars -= kept.size
+
+    def _forget_tool(self, kept: _KeptTool) -> None:
+        """A kept tool was freed: its entry leaves the cache (as :meth:`_forget`)."""
+        cache = self._tools
+        key = kept.key
+        if cache.get(key) is kept:
+            cache.pop(key, None)
 
     def count_messages(self, messages: Sequence[Any], tools: Sequence[Any] | None = None) -> int:
         """Tokens of a chat request, counted the way OpenAI counts chat messages.
@@ -711,23 +739,48 @@ class _Counting:
                     keep[mid] = kept
             total += n
         if tools:
-            tool_cache = self._tools
             total += TOOLS_PREAMBLE_TOKENS
             for tool in tools:
                 # a bound tool (a schema dict, a tool object) is passed again on every call:
-                # its JSON is built once per object (held, so its id cannot be reused)
-                seen = tool_cache.get(id(tool))
+                # its JSON is built once per object — a tool object's count kept with a weak
+                # reference to it (its entry goes when it is freed), a dict's in a small cache
+                # that holds it (so its id cannot be reused; see _HELD_TOOLS_MAX)
+                if type(tool) is not dict:
+                    if isinstance(tool, str):
+                        total += TOKENS_PER_TOOL + count(_tool_json(tool))
+                        continue
+                    kept_tool = self._tools.get(id(tool))
+                    if kept_tool is not None and kept_tool() is tool:
+                        total += kept_tool.tokens
+                        continue
+                seen = self._held_tools.get(id(tool))  # a dict, or a tool without weak refs
                 if seen is not None and seen[0] is tool:
                     total += seen[1]
                     continue
-                if isinstance(tool, str):
-                    total += TOKENS_PER_TOOL + count(_tool_json(tool))
-                    continue
-                if len(tool_cache) >= _MESSAGE_CACHE_MAX:
-                    tool_cache.clear()
-                seen = tool_cache[id(tool)] = (tool, TOKENS_PER_TOOL + count(_tool_json(tool)))
-                total += seen[1]
+                n = TOKENS_PER_TOOL + count(_tool_json(tool))
+                total += n
+                self._keep_tool(tool, n)
         return total
+
+    def _keep_tool(self, tool: Any, n: int) -> None:
+        """Keep a tool's count: weakly when the tool allows it, else held (a dict)."""
+        if type(tool) is not dict:
+            try:
+                kept = _KeptTool(tool, self._drop_tool)
+            except TypeError:  # cannot be weakly referenced: held, as a dict is
+                pass
+            else:
+                kept.key = id(tool)
+                kept.tokens = n
+                cache = self._tools
+                if len(cache) >= _MESSAGE_CACHE_MAX:
+                    cache.clear()
+                cache[id(tool)] = kept
+                return
+        held = self._held_tools
+        if len(held) >= _HELD_TOOLS_MAX:
+            held.clear()  # racing threads may both clear: harmless
+        held[id(tool)] = (tool, n)
 
     def _content(self, content: Any) -> int:
         if content is None:
@@ -855,7 +908,9 @@ class TiktokenCounter(_Counting):
         "_cache",
         "_cached_chars",
         "_drop",
+        "_drop_tool",
         "_encode",
+        "_held_tools",
         "_known",
         "_msg_chars",
         "_msgs",
@@ -880,7 +935,9 @@ class TiktokenCounter(_Counting):
         self._msgs: dict[int, _Kept] = {}
         self._msg_chars = 0
         self._drop = self._forget
-        self._tools: dict[int, tuple[Any, int]] = {}
+        self._tools: dict[int, _KeptTool] = {}
+        self._held_tools: dict[int, tuple[Any, int]] = {}
+        self._drop_tool = self._forget_tool
         self._roles: dict[str, int] = {}
         # count_messages reads the text cache directly only when ``count`` is this class's own
         self._known = (self._cache if type(self).count is TiktokenCounter.count else {}).get
@@ -929,6 +986,8 @@ class CharEstimateCounter(_Counting):
 
     __slots__ = (
         "_drop",
+        "_drop_tool",
+        "_held_tools",
         "_known",
         "_msg_chars",
         "_msgs",
@@ -946,7 +1005,9 @@ class CharEstimateCounter(_Counting):
         self._msgs: dict[int, _Kept] = {}
         self._msg_chars = 0
         self._drop = self._forget
-        self._tools: dict[int, tuple[Any, int]] = {}
+        self._tools: dict[int, _KeptTool] = {}
+        self._held_tools: dict[int, tuple[Any, int]] = {}
+        self._drop_tool = self._forget_tool
         self._roles: dict[str, int] = {}
         self._known = {}.get  # (no text cache)
 

@@ -280,3 +280,53 @@ def test_a_message_that_cannot_be_weakly_referenced_is_counted_every_time() -> N
     assert id(m) not in c._msgs
     m.content = "Where is my parcel for order 1182? It was due three days ago."
     assert c.count_messages([m]) == fresh_count([m]) > first  # type: ignore[list-item]
+
+
+def schema(name: str) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {"name": name, "parameters": {"type": "object", "properties": {}}},
+    }
+
+
+def test_fresh_tool_dicts_per_call_are_held_in_a_bounded_cache(monkeypatch: Any) -> None:
+    """An agent that builds its tool schemas afresh for every call (``create_agent``,
+    LlamaIndex's agents) is counted exactly, and the counter keeps at most
+    ``_HELD_TOOLS_MAX`` of those dicts alive; a dict passed again is not turned into JSON
+    again."""
+    monkeypatch.setattr(tokens_module, "_HELD_TOOLS_MAX", 16)
+    built: list[Any] = []
+    real = tokens_module._tool_json
+    monkeypatch.setattr(tokens_module, "_tool_json", lambda t: built.append(t) or real(t))
+    c = CharEstimateCounter()
+    msgs = [{"role": "user", "content": "Where is my parcel?"}]
+    expected = CharEstimateCounter().count_messages(msgs, [schema("lookup"), schema("refund")])
+    for _ in range(100):
+        assert c.count_messages(msgs, [schema("lookup"), schema("refund")]) == expected
+        assert len(c._held_tools) <= 16
+    assert len(built) == 200 + 2  # every fresh dict once (and the reference counter's two)
+    bound = [schema("lookup"), schema("refund")]  # a model bound once: the same dicts
+    built.clear()
+    for _ in range(5):
+        assert c.count_messages(msgs, bound) == expected
+    assert built == bound  # each turned into JSON once
+
+
+def test_a_freed_tool_object_leaves_the_cache() -> None:
+    from langchain_core.tools import tool
+
+    @tool
+    def lookup(query: str) -> str:
+        """Look an order up."""
+        return query
+
+    c = CharEstimateCounter()
+    msgs = [{"role": "user", "content": "Where is my parcel?"}]
+    n = c.count_messages(msgs, [lookup])
+    assert c._tools[id(lookup)]() is lookup
+    assert c.count_messages(msgs, [lookup]) == n
+    ref = weakref.ref(lookup)
+    del lookup
+    gc.collect()
+    assert ref() is None  # the cache did not keep it alive
+    assert not c._tools
