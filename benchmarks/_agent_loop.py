@@ -33,6 +33,22 @@ def timed(
     return dt / n * 1e6
 
 
+def interleaved_samples(
+    variants: Mapping[str, Variant],
+    runs: int,
+    warmup: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """µs per model call of each variant in each of ``runs`` timed rounds (after warm-up)."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(runs + warmup):
+        for name, (invoke, model) in variants.items():
+            us = timed(invoke, model, clock)
+            if i >= warmup:
+                samples[name].append(us)
+    return samples
+
+
 def interleaved_medians(
     variants: Mapping[str, Variant],
     runs: int,
@@ -40,12 +56,7 @@ def interleaved_medians(
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median µs per model call of each variant over ``runs`` timed rounds (after warm-up)."""
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for i in range(runs + warmup):
-        for name, (invoke, model) in variants.items():
-            us = timed(invoke, model, clock)
-            if i >= warmup:
-                samples[name].append(us)
+    samples = interleaved_samples(variants, runs, warmup, clock)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 

@@ -55,7 +55,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from _agent_loop import Variant, interleaved_medians, print_ratios, print_spread
+from _agent_loop import Variant, interleaved_samples, print_ratios, print_spread
 from bench_guard import react_policy as policy
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableConfig, RunnableLambda
@@ -280,9 +280,9 @@ def bench(
     runs: int,
     clock: Callable[[], float] = time.perf_counter,
     openai: bool = False,
-) -> dict[str, float]:
-    """Median µs per ReAct iteration of each variant; variants take turns, run by run, so
-    drift in the machine's load hits them all alike."""
+) -> dict[str, list[float]]:
+    """µs per ReAct iteration of each variant in each timed run; variants take turns, run by
+    run, so drift in the machine's load hits them all alike."""
     tmp = Path(tempfile.mkdtemp(prefix="agentguard-bench-"))
     base, base_model = bare(steps)
     low, low_model = floor(steps)
@@ -330,12 +330,12 @@ def bench(
         for name, graph in (("ChatOpenAI, bare graph", o_bare), ("ChatOpenAI, guarded", o_guarded)):
             variants[f"sync: {name}"] = (lambda g=graph: g.invoke(ASK), served)
             variants[f"async: {name}"] = (arun(lambda g=graph: g.ainvoke(ASK)), served)
-    medians = interleaved_medians(variants, runs, clock=clock)
+    samples = interleaved_samples(variants, runs, clock=clock)
     loop.close()
     g_sql.close()
     if server is not None:
         server.close()
-    return medians
+    return samples
 
 
 def main() -> None:
@@ -364,9 +364,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    repeats = [bench(args.steps, args.runs, clock, args.openai) for _ in range(args.repeat)]
-    # each variant's median over the repeats' medians
+    sampled = [bench(args.steps, args.runs, clock, args.openai) for _ in range(args.repeat)]
+    repeats = [{k: statistics.median(v) for k, v in r.items()} for r in sampled]
+    # each variant's median over the repeats' medians, and its mean over all runs (the median
+    # leaves out the runs a pause lands in — a garbage collection, say — and the mean does not)
     results = {k: statistics.median(r[k] for r in repeats) for k in repeats[0]}
+    means = {k: statistics.fmean(x for r in sampled for x in r[k]) for k in sampled[0]}
     if args.json:
         print(json.dumps(results if args.repeat == 1 else repeats, indent=2))
         return
@@ -383,6 +386,8 @@ def main() -> None:
     if served:
         print("On the real ChatOpenAI client, answered by a local OpenAI-wire server:")
         print_ratios(served, "ChatOpenAI, bare graph", 44)
+    print("Means over all runs (what throughput pays: pauses such as garbage collections too):")
+    print_ratios({k: v for k, v in means.items() if "ChatOpenAI" not in k}, "bare graph", 44)
     if args.repeat > 1:
         print(f"Ratios over {args.repeat} repeats: median (lowest–highest; the bare iteration):")
         print_spread(
