@@ -4,6 +4,7 @@ message whose content, tool calls or extra kwargs were replaced is counted again
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 from types import MappingProxyType
 from typing import Any
@@ -330,3 +331,39 @@ def test_a_freed_tool_object_leaves_the_cache() -> None:
     gc.collect()
     assert ref() is None  # the cache did not keep it alive
     assert not c._tools
+
+
+def test_threads_count_while_their_messages_are_freed_and_the_cache_is_dropped(
+    monkeypatch: Any,
+) -> None:
+    """Eight agents on one counter, each re-sending a growing history and then letting it go,
+    with a cache small enough to be dropped while other threads' entries are being forgotten:
+    every count equals a fresh counter's, no callback fails, and nothing is left behind."""
+    monkeypatch.setattr(tokens_module, "_MESSAGE_CACHE_MAX", 24)
+    c = CharEstimateCounter()
+    errors: list[BaseException] = []
+
+    def agent(worker: int) -> None:
+        try:
+            for run in range(40):
+                history: list[Any] = [HumanMessage(f"worker {worker}, run {run}: where is 1182?")]
+                for i in range(5):
+                    assert c.count_messages(history) == CharEstimateCounter().count_messages(
+                        history
+                    )
+                    cid = f"call_{worker}_{run}_{i}"
+                    call = {"name": "lookup", "args": {"query": f"1182 try {i}"}, "id": cid}
+                    history.append(AIMessage("", tool_calls=[call]))
+                    history.append(ToolMessage(f"result {i} " * (i + 1), tool_call_id=cid))
+                del history
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=agent, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    gc.collect()
+    assert not c._msgs  # every entry forgotten
