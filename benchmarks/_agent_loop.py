@@ -9,6 +9,7 @@ quiet machine the two agree."""
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -87,3 +88,37 @@ def print_spread(repeats: Sequence[Mapping[str, float]], baseline: str, width: i
                 f"(x{ratios[0]:.3f}–x{ratios[-1]:.3f}; bare {min(bases):,.0f}–"
                 f"{max(bases):,.0f} µs)"
             )
+
+
+def paired_ratios(
+    samples: Mapping[str, Sequence[float]], baseline: str, resamples: int = 2000
+) -> dict[str, tuple[float, float, float]]:
+    """Per variant, the median of its run-by-run ratios to the baseline run of the same round
+    (variants take turns, so drift in the host's load cancels within a round), with a 95%
+    bootstrap interval of that median: ``{name: (median, low, high)}``. Each mode (sync /
+    async) is paired with its own baseline."""
+    rng = random.Random(1)  # the same interval for the same samples
+    out = {}
+    for mode in ("sync", "async"):
+        base = samples.get(f"{mode}: {baseline}")
+        if base is None:
+            continue
+        for name, runs in samples.items():
+            if not name.startswith(mode) or name == f"{mode}: {baseline}":
+                continue
+            ratios = [x / b for x, b in zip(runs, base, strict=True)]
+            meds = sorted(
+                statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples)
+            )
+            out[name] = (
+                statistics.median(ratios),
+                meds[int(0.025 * resamples)],
+                meds[int(0.975 * resamples) - 1],
+            )
+    return out
+
+
+def print_paired(samples: Mapping[str, Sequence[float]], baseline: str, width: int) -> None:
+    """:func:`paired_ratios`, one line per variant."""
+    for name, (med, low, high) in paired_ratios(samples, baseline).items():
+        print(f"  {name:<{width}} x{med:.3f}  (95% interval x{low:.3f}–x{high:.3f})")

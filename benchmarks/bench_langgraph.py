@@ -55,7 +55,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from _agent_loop import Variant, interleaved_samples, print_ratios, print_spread
+from _agent_loop import Variant, interleaved_samples, print_paired, print_ratios, print_spread
 from bench_guard import react_policy as policy
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableConfig, RunnableLambda
@@ -388,6 +388,13 @@ def main() -> None:
         print_ratios(served, "ChatOpenAI, bare graph", 44)
     print("Means over all runs (what throughput pays: pauses such as garbage collections too):")
     print_ratios({k: v for k, v in means.items() if "ChatOpenAI" not in k}, "bare graph", 44)
+    # each run against the bare run of its own round, over every round of every repeat
+    paired = {k: [x for r in sampled for x in r[k]] for k in sampled[0] if "ChatOpenAI" not in k}
+    print(
+        f"Paired: each run / the bare run of its round ({len(paired['sync: bare graph'])} "
+        "rounds), median with its 95% bootstrap interval:"
+    )
+    print_paired(paired, "bare graph", 44)
     if args.repeat > 1:
         print(f"Ratios over {args.repeat} repeats: median (lowest–highest; the bare iteration):")
         print_spread(
