@@ -96,7 +96,9 @@ def paired_ratios(
     """Per variant, the median of its run-by-run ratios to the baseline run of the same round
     (variants take turns, so drift in the host's load cancels within a round), with a 95%
     bootstrap interval of that median: ``{name: (median, low, high)}``. Each mode (sync /
-    async) is paired with its own baseline."""
+    async) is paired with its own baseline. The interval says how well these rounds pin the
+    median down, not how far another process would land: a fresh process (another memory
+    layout, another phase of the host's load) moves the median by about as much again."""
     rng = random.Random(1)  # the same interval for the same samples
     out = {}
     for mode in ("sync", "async"):
