@@ -497,6 +497,20 @@ def _getter_of(fields: dict[str, Any]) -> Any:
 class _Counting:
     """Chat-message counting shared by every counter; subclasses provide ``count``."""
 
+    __slots__ = (
+        "_drop",
+        "_drop_tool",
+        "_held_tools",
+        "_known",
+        "_msg_chars",
+        "_msgs",
+        "_roles",
+        "_tools",
+        "exact",
+        "margin",
+        "name",
+    )
+
     name: str
     exact: bool
     margin: float
@@ -904,24 +918,7 @@ class TiktokenCounter(_Counting):
         ('tiktoken:cl100k_base', True, 2)
     """
 
-    __slots__ = (
-        "_cache",
-        "_cached_chars",
-        "_drop",
-        "_drop_tool",
-        "_encode",
-        "_held_tools",
-        "_known",
-        "_msg_chars",
-        "_msgs",
-        "_roles",
-        "_tools",
-        "encoding",
-        "exact",
-        "margin",
-        "name",
-        "source",
-    )
+    __slots__ = ("_cache", "_cached_chars", "_encode", "encoding", "source")
 
     def __init__(self, encoding: Encoding, *, exact: bool, margin: float, source: str) -> None:
         self.encoding = encoding
@@ -984,19 +981,7 @@ class CharEstimateCounter(_Counting):
         3
     """
 
-    __slots__ = (
-        "_drop",
-        "_drop_tool",
-        "_held_tools",
-        "_known",
-        "_msg_chars",
-        "_msgs",
-        "_roles",
-        "_tools",
-        "exact",
-        "margin",
-        "name",
-    )
+    __slots__ = ()
 
     def __init__(self, margin: float = ESTIMATE_MARGIN) -> None:
         self.name = "chars/4 (estimate)"
