@@ -442,7 +442,7 @@ class _Kept(weakref.ref):  # type: ignore[type-arg]
     call of a run, and once the run lets its messages go their entries go too (the counter's
     ``_forget`` is the reference's callback). A strong cache kept ~70 objects per finished
     ReAct run alive until it filled: they made the cyclic garbage collector run ~15 times as
-    often in a LangGraph loop, and its full passes cost more than the counting saved."""
+    often in a LangGraph loop (~76 µs per model call, a full collection among them)."""
 
     __slots__ = ("getter", "key", "nfields", "pydantic", "size", "tokens", "values")
     getter: Any
