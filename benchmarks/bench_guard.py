@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import agentguard as ag
 
@@ -178,7 +179,11 @@ def bench_react(n: int, repeats: int) -> dict[str, float]:
     out: dict[str, float] = {}
     tasks = max(1, n // 12)
     with tempfile.TemporaryDirectory() as tmp:
-        for label, traces in (("traces off", False), ("sqlite sink", f"{tmp}/r.db")):
+        cases: tuple[tuple[str, Literal[False] | str], ...] = (
+            ("traces off", False),
+            ("sqlite sink", f"{tmp}/r.db"),
+        )
+        for label, traces in cases:
             guard = ag.Guard(react_policy(), traces=traces)
             react_iterations(guard, 5)  # warm caches (prices, encodings)
             results = []

@@ -53,7 +53,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -227,7 +227,12 @@ def floor(steps: int, edges: str = "plain") -> tuple[Any, ScriptedChatModel]:
     )
     b.add_conditional_edges("agent", tools_condition)
     if edges == "route":
-        paths = {"continue": "agent", "downgrade": "agent", "finish": END, "stop": END}
+        paths: dict[Hashable, str] = {
+            "continue": "agent",
+            "downgrade": "agent",
+            "finish": END,
+            "stop": END,
+        }
         b.add_conditional_edges(START, _CONTINUE, paths)
         b.add_conditional_edges("tools", _CONTINUE, paths)
     else:
@@ -278,6 +283,16 @@ def openai_graphs(steps: int, guard: ag.Guard, server: OpenAIServer) -> tuple[An
     return bare_graph, guarded_graph
 
 
+def _invoke(graph: Any) -> Callable[[], Any]:
+    """One run of ``graph`` on the question (sync)."""
+    return lambda: graph.invoke(ASK)
+
+
+def _ainvoke(graph: Any) -> Callable[[], Awaitable[Any]]:
+    """One run of ``graph`` on the question (its coroutine)."""
+    return lambda: graph.ainvoke(ASK)
+
+
 def bench(
     steps: int,
     runs: int,
@@ -319,8 +334,7 @@ def bench(
         ("guarded, steps in route edges", edge, edge_model),
         ("guarded, steps in the node + SQLite", sql, sql_model),
     ):
-        sync_run: Callable[[], Any] = lambda g=graph: g.invoke(ASK)  # noqa: E731
-        async_run: Callable[[], Any] = arun(lambda g=graph: g.ainvoke(ASK))
+        sync_run, async_run = _invoke(graph), arun(_ainvoke(graph))
         if graph is sql:
             sync_run, async_run = flushed(sync_run), flushed(async_run)
         variants[f"sync: {name}"] = (sync_run, model)
@@ -331,8 +345,8 @@ def bench(
         served: Any = _Served(server, steps)
         o_bare, o_guarded = openai_graphs(steps, g_off, server)
         for name, graph in (("ChatOpenAI, bare graph", o_bare), ("ChatOpenAI, guarded", o_guarded)):
-            variants[f"sync: {name}"] = (lambda g=graph: g.invoke(ASK), served)
-            variants[f"async: {name}"] = (arun(lambda g=graph: g.ainvoke(ASK)), served)
+            variants[f"sync: {name}"] = (_invoke(graph), served)
+            variants[f"async: {name}"] = (arun(_ainvoke(graph)), served)
     samples = interleaved_samples(variants, runs, clock=clock)
     loop.close()
     g_sql.close()

@@ -46,7 +46,7 @@ def run() -> dict[str, Any]:
     counter = counter_for("gpt-4o")
     tokens = counter.count(TEXT)
 
-    results = {
+    results: dict[str, Any] = {
         "rates_lookup_us": median_us(lambda: book.rates("gpt-4o"), loops=200_000),
         "cost_us": median_us(lambda: rates.cost(usage), loops=200_000),
         "cost_tiered_us": median_us(lambda: tiered.cost(big), loops=200_000),

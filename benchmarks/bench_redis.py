@@ -49,7 +49,7 @@ import redis_servers
 
 from agentguard import _redis_store
 from agentguard._redis_store import RedisStore, _Req
-from agentguard._store import BudgetLine
+from agentguard._store import Amount, BudgetLine
 
 FLOOR = r"""
 local parts = {}
@@ -68,14 +68,19 @@ LINES = [
     BudgetLine("team:cx", {"cost_usd": Decimal("1000000")}),
     BudgetLine("org:acme"),
 ]
-AMOUNTS = {
+AMOUNTS: dict[str, Amount] = {
     "model_calls": 1,
     "input_tokens": 1200,
     "output_tokens": 400,
     "tokens": 1600,
     "cost_usd": Decimal("0.00042"),
 }
-ACTUAL = {**AMOUNTS, "output_tokens": 180, "tokens": 1380, "cost_usd": Decimal("0.000312")}
+ACTUAL: dict[str, Amount] = {
+    **AMOUNTS,
+    "output_tokens": 180,
+    "tokens": 1380,
+    "cost_usd": Decimal("0.000312"),
+}
 
 
 def _store(url: str, cluster: bool, ns: str) -> RedisStore:
