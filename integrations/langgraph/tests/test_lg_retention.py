@@ -1,0 +1,80 @@
+"""A guarded run keeps nothing alive once it is over but its task's budget line.
+
+An always-on agent runs for weeks: whatever the guard keeps per run (a cache entry, a span, a
+ledger) grows the process and makes the garbage collector run more often (a strong count cache
+once kept ~70 objects per ReAct run). Each test warms a shape up, then counts the objects the
+garbage collector tracks before and after more runs: the store's balance of each finished task
+(one object: a reopened task id continues its budget) is all that may stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from langchain.agents import create_agent
+from lg_support import Scripted, react_graph, search, user
+
+import agentguard as ag
+from agentguard_langchain import AgentGuardMiddleware
+from agentguard_langgraph import GraphGuard
+
+RUNS = 30
+
+
+def kept_per_run(run: Callable[[], Any]) -> float:
+    """Objects the collector tracks that ``RUNS`` more runs left behind, per run."""
+    for _ in range(10):  # warm-up: lazily built caches of the frameworks and of the guard
+        run()
+    gc.collect()
+    before = len(gc.get_objects())
+    for _ in range(RUNS):
+        run()
+    gc.collect()
+    return (len(gc.get_objects()) - before) / RUNS
+
+
+def policy() -> ag.Policy:
+    return ag.Policy(max_cost_usd="1000", max_steps=1000, on_limit="finish")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_guarded_react_graph_keeps_only_each_tasks_balance(mode: str) -> None:
+    guard = ag.Guard(policy(), traces=False)
+    gg = GraphGuard(guard)
+    model = Scripted(model_name="gpt-4o", tool_calls=3)
+    graph = gg.bind(react_graph(gg, model, steps_in="node"))
+    loop = asyncio.new_event_loop()
+
+    def run() -> None:
+        model._calls = 0  # the script (3 tool calls, then an answer) restarts per run
+        model.seen.clear()
+        if mode == "sync":
+            graph.invoke(user())
+        else:
+            loop.run_until_complete(graph.ainvoke(user()))
+        task = graph.last_task
+        assert task is not None and task.model_calls == 4 and task.tool_calls == 3
+
+    try:
+        assert kept_per_run(run) <= 2
+    finally:
+        loop.close()
+
+
+def test_a_create_agent_run_with_the_middleware_keeps_only_its_tasks_balance() -> None:
+    """``create_agent`` binds its tools afresh for every model call: fresh schema dicts."""
+    guard = ag.Guard(policy(), traces=False)
+    model = Scripted(model_name="gpt-4o", tool_calls=3)
+    agent = create_agent(model=model, tools=[search], middleware=[AgentGuardMiddleware(guard)])
+
+    def run() -> None:
+        model._calls = 0
+        model.seen.clear()
+        out = agent.invoke(user())
+        assert sum(m.type == "tool" for m in out["messages"]) == 3
+
+    assert kept_per_run(run) <= 2
