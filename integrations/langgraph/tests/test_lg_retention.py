@@ -19,6 +19,7 @@ from langchain.agents import create_agent
 from lg_support import Scripted, react_graph, search, user
 
 import agentguard as ag
+import agentguard._tokens as tokens_module
 from agentguard_langchain import AgentGuardMiddleware
 from agentguard_langgraph import GraphGuard
 
@@ -65,8 +66,13 @@ def test_a_guarded_react_graph_keeps_only_each_tasks_balance(mode: str) -> None:
         loop.close()
 
 
-def test_a_create_agent_run_with_the_middleware_keeps_only_its_tasks_balance() -> None:
-    """``create_agent`` binds its tools afresh for every model call: fresh schema dicts."""
+def test_a_create_agent_run_with_the_middleware_keeps_only_its_tasks_balance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``create_agent`` binds its tools afresh for every model call: fresh schema dicts, which
+    the counter holds in a small cache only (bounded, so it is made smaller here than the
+    window measured: otherwise the window would see it fill up to its bound)."""
+    monkeypatch.setattr(tokens_module, "_HELD_TOOLS_MAX", 2)
     guard = ag.Guard(policy(), traces=False)
     model = Scripted(model_name="gpt-4o", tool_calls=3)
     agent = create_agent(model=model, tools=[search], middleware=[AgentGuardMiddleware(guard)])
