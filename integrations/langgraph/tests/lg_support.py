@@ -8,9 +8,10 @@ import time
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
-from langgraph.prebuilt import tools_condition
+from langgraph.prebuilt import ToolNode, tools_condition
 
 from agentguard_langchain.testing import ScriptedChatModel
 from agentguard_langgraph import BudgetState, GraphGuard
@@ -86,8 +87,6 @@ def react_graph(
     async def aagent(state: State) -> dict[str, Any]:
         return {"messages": [await llm.ainvoke(state["messages"])]}
 
-    from langchain_core.runnables import RunnableLambda
-
     b = StateGraph(State)
     if steps_in == "node":
         b.add_node(
@@ -107,6 +106,25 @@ def react_graph(
     b.add_conditional_edges("tools", gg.route, paths)
     b.add_edge("finish", END)
     return b.compile(**compile_kw)
+
+
+def bare_react_graph(model: ScriptedChatModel) -> Any:
+    """``react_graph``'s shape without agentguard: plain model, ``ToolNode``, plain edges."""
+    llm = model.bind_tools([search])
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [llm.invoke(state["messages"])]}
+
+    async def aagent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(state["messages"])]}
+
+    b = StateGraph(MessagesState)
+    b.add_node("agent", RunnableLambda(agent, afunc=aagent))
+    b.add_node("tools", ToolNode([search]))
+    b.add_edge(START, "agent")
+    b.add_conditional_edges("agent", tools_condition)
+    b.add_edge("tools", "agent")
+    return b.compile()
 
 
 def user(text: str = "Where is order 1182?") -> dict[str, Any]:

@@ -18,10 +18,7 @@ from typing import Any
 
 import pytest
 from langchain.agents import create_agent
-from langchain_core.runnables import RunnableLambda
-from langgraph.graph import START, MessagesState, StateGraph
-from langgraph.prebuilt import ToolNode, tools_condition
-from lg_support import Scripted, react_graph, search, user
+from lg_support import Scripted, bare_react_graph, react_graph, search, user
 
 import agentguard as ag
 import agentguard._tokens as tokens_module
@@ -45,25 +42,6 @@ def kept_per_run(run: Callable[[], Any]) -> float:
 
 def policy() -> ag.Policy:
     return ag.Policy(max_cost_usd="1000", max_steps=1000, on_limit="finish")
-
-
-def bare_react_graph(model: Scripted) -> Any:
-    """``react_graph``'s shape without agentguard: plain model, ``ToolNode``, plain edges."""
-    llm = model.bind_tools([search])
-
-    def agent(state: MessagesState) -> dict[str, Any]:
-        return {"messages": [llm.invoke(state["messages"])]}
-
-    async def aagent(state: MessagesState) -> dict[str, Any]:
-        return {"messages": [await llm.ainvoke(state["messages"])]}
-
-    b = StateGraph(MessagesState)
-    b.add_node("agent", RunnableLambda(agent, afunc=aagent))
-    b.add_node("tools", ToolNode([search]))
-    b.add_edge(START, "agent")
-    b.add_conditional_edges("agent", tools_condition)
-    b.add_edge("tools", "agent")
-    return b.compile()
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
