@@ -581,6 +581,34 @@ class _Counting:
         # role -> its tokens plus the per-message ones (a handful of roles recur)
         role_tokens: dict[str, int] = self._roles
         for message in messages:
+            # A message object seen before (an agent re-sends its whole history on every call)
+            # is not read again: its count is kept with the objects it was counted from — the
+            # message (weakly: a live message's id is its own; its entry goes when it is freed,
+            # see _Kept) and its ``content``, ``tool_calls`` and ``additional_kwargs`` — and
+            # used only while each is still the same object (and no pydantic extra appeared).
+            # Only messages whose attributes are their ``__dict__`` entries are kept
+            # (LangChain's; see _reader), so those objects are what was counted; a dict or a
+            # string is never kept. Looked up first, before the message's type is read: a hit
+            # reads the message's ``__dict__`` with subscripts only, three calls (``id``,
+            # ``get``, the reference) per message.
+            hit = cache_get(id(message))
+            if hit is not None and hit() is message:
+                # its counted fields read as one tuple (C) and compared with the kept one: each
+                # the same object (or an equal one, which counts the same); a field gone or one
+                # that cannot be compared is a miss, and so is a field added (the number of
+                # fields) or a pydantic extra
+                fields = message.__dict__
+                try:
+                    same = hit.getter(fields) == hit.values
+                except Exception:
+                    same = False
+                if (
+                    same
+                    and len(fields) == hit.nfields
+                    and not (hit.pydantic and message.__pydantic_extra__)
+                ):
+                    total += hit.tokens
+                    continue
             cls = type(message)
             get: Any = None  # a reader (_reader) when the fields are not a plain dict (``f``)
             if cls is dict:  # plain field lookups; often built afresh per request, so not kept
@@ -590,34 +618,7 @@ class _Counting:
                 total += TOKENS_PER_MESSAGE + 1 + count(message)  # a bare string: a user message
                 continue
             else:
-                # A message object seen before (an agent re-sends its whole history on every
-                # call) is not read again: its count is kept with the objects it was counted
-                # from — the message (weakly: a live message's id is its own; its entry goes
-                # when it is freed, see _Kept) and its ``content``, ``tool_calls`` and
-                # ``additional_kwargs`` — and used only while each is still the same object
-                # (and no pydantic extra appeared). Only messages whose attributes are their
-                # ``__dict__`` entries are kept (LangChain's; see _reader), so those objects
-                # are what was counted. A hit reads the message's ``__dict__`` with subscripts
-                # only: three calls (``id``, ``get``, the reference) per message.
                 mid = id(message)
-                hit = cache_get(mid)
-                if hit is not None and hit() is message:
-                    # its counted fields read as one tuple (C) and compared with the kept one:
-                    # each the same object (or an equal one, which counts the same); a field
-                    # gone or one that cannot be compared is a miss, and so is a field added
-                    # (the number of fields) or a pydantic extra
-                    fields = message.__dict__
-                    try:
-                        same = hit.getter(fields) == hit.values
-                    except Exception:
-                        same = False
-                    if (
-                        same
-                        and len(fields) == hit.nfields
-                        and not (hit.pydantic and message.__pydantic_extra__)
-                    ):
-                        total += hit.tokens
-                        continue
                 plain = _PLAIN_MESSAGES.get(cls)
                 if not plain:  # (a plain class is never a str or tuple: see _plain_attr)
                     if isinstance(message, str):
