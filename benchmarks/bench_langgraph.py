@@ -51,14 +51,23 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from _agent_loop import Variant, interleaved_samples, print_paired, print_ratios, print_spread
+from _agent_loop import (
+    Variant,
+    interleaved_samples,
+    paired_ratios,
+    print_paired,
+    print_ratios,
+    print_spread,
+)
 from bench_guard import react_policy as policy
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableConfig, RunnableLambda
@@ -298,9 +307,11 @@ def bench(
     runs: int,
     clock: Callable[[], float] = time.perf_counter,
     openai: bool = False,
+    only: Sequence[str] = (),
 ) -> dict[str, list[float]]:
     """µs per ReAct iteration of each variant in each timed run; variants take turns, run by
-    run, so drift in the machine's load hits them all alike."""
+    run, so drift in the machine's load hits them all alike. ``only``: the variants whose
+    names contain one of these (the bare graph always runs)."""
     tmp = Path(tempfile.mkdtemp(prefix="agentguard-bench-"))
     base, base_model = bare(steps)
     low, low_model = floor(steps)
@@ -334,6 +345,8 @@ def bench(
         ("guarded, steps in route edges", edge, edge_model),
         ("guarded, steps in the node + SQLite", sql, sql_model),
     ):
+        if only and graph is not base and not any(o in name for o in only):
+            continue
         sync_run, async_run = _invoke(graph), arun(_ainvoke(graph))
         if graph is sql:
             sync_run, async_run = flushed(sync_run), flushed(async_run)
@@ -379,9 +392,37 @@ def main() -> None:
         help="also time both graphs on the real ChatOpenAI client against a local "
         "OpenAI-wire server (context: a provider client's own cost, without the network)",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="time only the variants whose names contain TEXT (repeatable; the bare graph "
+        "always runs), e.g. --only 'steps in the node'",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="measure in this many fresh processes, one after another, and print each "
+        "variant's paired ratio over them (median, quartiles, range): each process has its "
+        "own memory layout and hash seed, which move the ratio more than its rounds do",
+    )
+    parser.add_argument("--emit-paired", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.processes > 1:
+        _across_processes(args)
+        return
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    sampled = [bench(args.steps, args.runs, clock, args.openai) for _ in range(args.repeat)]
+    sampled = [
+        bench(args.steps, args.runs, clock, args.openai, args.only) for _ in range(args.repeat)
+    ]
+    if args.emit_paired:  # one process of --processes: its paired medians, as JSON
+        merged = {k: [x for r in sampled for x in r[k]] for k in sampled[0]}
+        ratios = {k: v[0] for k, v in paired_ratios(merged, "bare graph").items()}
+        bare_us = {k: statistics.median(v) for k, v in merged.items() if k.endswith("bare graph")}
+        print(json.dumps({"paired": ratios, "bare": bare_us}))
+        return
     repeats = [{k: statistics.median(v) for k, v in r.items()} for r in sampled]
     # each variant's median over the repeats' medians, and its mean over all runs (the median
     # leaves out the runs a pause lands in — a garbage collection, say — and the mean does not)
@@ -418,6 +459,40 @@ def main() -> None:
             [{k: v for k, v in r.items() if "ChatOpenAI" not in k} for r in repeats],
             "bare graph",
             44,
+        )
+
+
+def _across_processes(args: argparse.Namespace) -> None:
+    """``--processes K``: the measurement in K fresh processes, one after another (so they
+    never compete for the cores), and each variant's paired ratio over them."""
+    cmd = [sys.executable, __file__, "--emit-paired", "--clock", args.clock]
+    cmd += ["--steps", str(args.steps), "-n", str(args.runs), "--repeat", str(args.repeat)]
+    cmd += ["--openai"] if args.openai else []
+    for text in args.only:
+        cmd += ["--only", text]
+    per: dict[str, list[float]] = {}
+    bare_us: dict[str, list[float]] = {}
+    for _ in range(args.processes):
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        got = json.loads(out.strip().splitlines()[-1])
+        for name, ratio in got["paired"].items():
+            per.setdefault(name, []).append(ratio)
+        for name, us in got["bare"].items():
+            bare_us.setdefault(name, []).append(us)
+    if args.json:
+        print(json.dumps({"paired": per, "bare_us": bare_us}, indent=2))
+        return
+    print(
+        f"Paired ratios of {args.processes} processes ({args.runs} rounds x {args.repeat} "
+        f"each, {args.clock} time): median over the processes (quartiles; lowest–highest)"
+    )
+    for name, us in bare_us.items():
+        print(f"  {name:<44} {min(us):,.0f}–{max(us):,.0f} µs per model call (the medians)")
+    for name, ratios in per.items():
+        q = ratios * 3 if len(ratios) == 1 else statistics.quantiles(ratios, method="inclusive")
+        print(
+            f"  {name:<44} x{statistics.median(ratios):.3f}  (x{q[0]:.3f}–x{q[2]:.3f}; "
+            f"x{min(ratios):.3f}–x{max(ratios):.3f})"
         )
 
 
