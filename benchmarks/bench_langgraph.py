@@ -34,15 +34,14 @@ Variants, each against the same graph without the guard (``bare``: plain model, 
 * each under ``invoke`` and ``ainvoke``.
 
 Issue 4's goal is ≤ 1.05× per ReAct iteration against the bare graph. Steps in the node are at
-it, not reliably under it: on the 2-core machine with a quiet host (100 runs, CPU time, a 2.0 /
-2.35 ms bare iteration) they measure 1.047–1.057× sync (+94–118 µs) and 1.046–1.053× async
-(+109–125 µs), medians 1.05×; the floor 1.01×, the route floor 1.04–1.05×, route edges
-1.08–1.09×, SQLite traces 1.11–1.12× / 1.08×. The figures move with the host's memory traffic
-(a loaded host gave 1.06–1.08× for the same build). ``docs/langgraph.md`` (Overhead) says
-where the time goes. Besides the medians, the script prints each variant's mean over all runs
-and its paired ratio (each run over the bare run of its round, with a 95% bootstrap interval):
-on a moderately loaded host (bare 2.4–3.2 ms) steps in the node measured 1.042–1.056× sync and
-1.026–1.058× async paired, over six runs.
+it, not reliably under it. Over two runs of ten fresh processes (``--clock cpu -n 100
+--processes 10``; a bare iteration of 2.4–3.3 ms sync), the median paired ratio is 1.049× and
+1.045× sync (quartiles 1.041–1.060×) and 1.037× both times async (every process under 1.05×);
+the floor 1.01×, SQLite traces 1.10× / 1.09×. One process's figure moves by ±0.02 with its
+memory layout and hash seed, more than its rounds do: judge a change over several processes
+(``--processes``). ``docs/langgraph.md`` (Overhead) says where the time goes. Besides the
+medians, the script prints each variant's mean over all runs and its paired ratio (each run
+over the bare run of its round, with a 95% bootstrap interval).
 """
 
 from __future__ import annotations
