@@ -32,7 +32,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections import ChainMap
+from collections.abc import Mapping, MutableMapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -419,7 +420,7 @@ class Guard:
 class _TaskScope:
     """``with guard.task(...)`` / ``async with guard.task(...)``."""
 
-    __slots__ = ("_args", "_guard", "_task", "_token")
+    __slots__ = ("_args", "_guard", "_task", "_token", "retires")
 
     def __init__(
         self,
@@ -433,6 +434,8 @@ class _TaskScope:
         self._args = (task_id, policy, parent, tags)
         self._task: Task | None = None
         self._token: Token[Task | None] | None = None
+        # the task's id was made up by an adapter (a branch's child id): see Task._retire
+        self.retires = False
 
     def _make(self, load: bool) -> Task:
         task_id, policy, parent, tags = self._args
@@ -441,7 +444,7 @@ class _TaskScope:
             parent = cur if cur is not None and cur.guard is self._guard else None
         elif parent is False:
             parent = None
-        return Task(self._guard, task_id, policy, parent, tags, load=load)
+        return Task(self._guard, task_id, policy, parent, tags, load=load, retires=self.retires)
 
     def _enter(self, task: Task) -> Task:
         self._task = task
@@ -612,6 +615,7 @@ class Task:
         "_balances",
         "_blocked",
         "_charge_op",
+        "_children",
         "_commit_op",
         "_downgraded_to",
         "_fresh",
@@ -628,6 +632,7 @@ class Task:
         "_quick",
         "_rate_maps",
         "_reserve_op",
+        "_retires",
         "_seen_fraction",
         "_soft",
         "_soft_seen",
@@ -667,6 +672,7 @@ class Task:
         tags: Mapping[str, str],
         *,
         load: bool = True,
+        retires: bool = False,
     ) -> None:
         self.guard = guard
         # 12 random hex digits, as uuid4().hex[:12] gives, without building a UUID
@@ -759,11 +765,18 @@ class Task:
         # is the store's own ``live`` mapping, changed in place by every operation (there is
         # nothing to load, and results carry no copies): never written here — every write of
         # returned balances below is for other stores only
-        self._balances: dict[str, Balance] = (
+        self._balances: MutableMapping[str, Balance] = (
             guard.store.live if self._local else {}  # type: ignore[attr-defined]
         )
         # a fresh random id has spent nothing yet: its own line is not read back
         self._fresh = task_id is None
+        # nothing can name it again: on the embedded store its line is retired once it and its
+        # children have closed (see _retire); so is a child id an adapter made up (``retires``)
+        self._retires = self._fresh or retires
+        self._children = 0  # its open child tasks
+        if parent is not None:
+            with parent._lock:
+                parent._children += 1
         if load and not self._local:  # else the opener awaits _aload()
             keys = self._load_keys()
             if keys:
@@ -1885,6 +1898,14 @@ class Task:
         self.span.status = self.status
         self.span.usage = usage
         self.span.cost_usd = self.cost_usd
+        parent = self.parent
+        if parent is not None:
+            with parent._lock:
+                parent._children -= 1
+                last = not parent._children and parent.ended is not None
+            if last:  # the parent closed first (its line waited for this one)
+                parent._retire()
+        self._retire()
         guard = self.guard
         if guard.sink.__class__ is _NULL_SINK:  # traces off: no span or record to build
             return
@@ -1912,6 +1933,21 @@ class Task:
                 limit_hit=self.limit_hit,
             )
         )
+
+    def _retire(self) -> None:
+        """Drop the task's own line from the embedded store when nothing can charge it again:
+        the task is closed, so are its children, and its id was made up (``task_id=None``, or
+        an adapter's child id) — an always-on process opening a task per run must not keep a
+        balance per run. The task keeps reading the line's last balance (``spent``, its
+        children's included). A named task's line stays: the same id continues its budget."""
+        if not (self._retires and self._local):
+            return
+        with self._lock:
+            if self._children or self.ended is None:
+                return
+        kept = self.guard.store.retire(self._key)  # type: ignore[attr-defined]
+        if kept is not None:  # (None: retired already, or held by a reservation)
+            self._balances = ChainMap({self._key: kept}, self._balances)
 
     def __repr__(self) -> str:
         return (

@@ -284,6 +284,25 @@ class MemoryStore:
             denied = self._put(lines, amounts, check, False)
         return _HELD if denied is None else ReserveResult(False, denied, _EMPTY)
 
+    def retire(self, key: str) -> Balance | None:
+        """Drop ``key`` and hand back its last balance: for a line nothing will charge again
+        (the guard retires the line of a closed task opened without an id, once its children
+        have closed, so an always-on process does not keep one balance per run). ``None``
+        when the key is absent, or still held by a reservation (then it stays).
+
+        Example:
+            >>> s = MemoryStore()
+            >>> line = BudgetLine("task:t1")
+            >>> _ = s.charge([line], {"steps": 2})
+            >>> s.retire("task:t1").committed["steps"], "task:t1" in s.live
+            (2, False)
+        """
+        with self._lock:
+            for keys, _amounts in self._holds.values():
+                if key in keys:
+                    return None
+            return self._live.pop(key, None)
+
     # -- the contract -------------------------------------------------------------------------
     #
     # The in-place operation and copies of the touched lines' balances, under one (re-entrant)

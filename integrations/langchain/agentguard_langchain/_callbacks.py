@@ -320,6 +320,8 @@ class _Meter:
             # event opened the root's task first, that one is charged and this one is dropped
             # unused (nothing reserved or charged on it, no record written)
             opened = yield (self.guard, "open_task", (root.task_id,), dict(root.tags))
+            if not root.named:  # named by its run id, which nothing names again: the embedded
+                opened._retires = True  # store lets its line go when it closes (Task._retire)
             with self._runs.lock:
                 task = root.task
                 if task is None:

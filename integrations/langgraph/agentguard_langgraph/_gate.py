@@ -809,7 +809,9 @@ class GraphGuard:
         def open_child() -> Any:
             parent = self._task()
             child_id = f"{parent.id}/{label}-{next(self._seq)}"
-            return self.guard.task(child_id, parent=parent, policy=policy)
+            scope = self.guard.task(child_id, parent=parent, policy=policy)
+            scope.retires = True  # an id of ours: its line goes when the branch ends
+            return scope
 
         def stopped_or_raise(exc: BudgetExceeded) -> BudgetExceeded:
             if self._exit(self._task()) == "error":

@@ -81,3 +81,6 @@ async def test_ten_branches_share_one_parent_budget(mode: str) -> None:
     assert out["agentguard"]["cost_usd"] == spent  # the state adds up every branch
     assert out["agentguard"]["model_calls"] == sum(c.model_calls for c in children)
     assert len(out["answers"]) + out["agentguard"]["decisions"].count("branch:stop") == 10
+    # the run's task and its ten branches' children had ids made up for the run: the embedded
+    # store kept none of their lines (the read-outs above come from the balances they kept)
+    assert list(guard.store.live) == []  # type: ignore[attr-defined]
