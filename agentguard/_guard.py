@@ -27,13 +27,14 @@ around an event's one store operation, or its steps (``drive`` / ``adrive``).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
 import time
 import uuid
 from collections import ChainMap
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -633,6 +634,7 @@ class Task:
         "_rate_maps",
         "_reserve_op",
         "_retires",
+        "_revive",
         "_seen_fraction",
         "_soft",
         "_soft_seen",
@@ -774,9 +776,12 @@ class Task:
         # children have closed (see _retire); so is a child id an adapter made up (``retires``)
         self._retires = self._fresh or retires
         self._children = 0  # its open child tasks
+        self._revive: Callable[[], None] | None = None  # set while its line is retired
         if parent is not None:
             with parent._lock:
                 parent._children += 1
+            if parent._revive is not None:  # a child of a closed task charges its line too
+                parent._revive()
         if load and not self._local:  # else the opener awaits _aload()
             keys = self._load_keys()
             if keys:
@@ -1945,9 +1950,40 @@ class Task:
         with self._lock:
             if self._children or self.ended is None:
                 return
-        kept = self.guard.store.retire(self._key)  # type: ignore[attr-defined]
-        if kept is not None:  # (None: retired already, or held by a reservation)
-            self._balances = ChainMap({self._key: kept}, self._balances)
+        store: MemoryStore = self.guard.store  # type: ignore[assignment]
+        kept = store.retire(self._key)
+        if kept is None:  # retired already, or held by a reservation
+            return
+        self._balances = ChainMap({self._key: kept}, store.live)  # type: ignore[arg-type]
+        # An event after the close (unusual, but not refused) must find the line as it was:
+        # the fast lanes are closed and the general path's first store operation (or a paid
+        # tool's charge, or a new child) puts the line back first (_revive).
+        ops = (self._reserve_op, self._commit_op, self._charge_op)
+        self._revive = functools.partial(self._put_back, kept, self._lanes, ops)
+        self._lanes = False
+        self._reserve_op, self._commit_op, self._charge_op = (self._reviving(op) for op in ops)
+
+    def _reviving(self, op: Callable[..., Any]) -> Callable[..., Any]:
+        def revive_first(*args: Any, **kwargs: Any) -> Any:
+            revive = self._revive
+            if revive is not None:
+                revive()
+            return op(*args, **kwargs)
+
+        return revive_first
+
+    def _put_back(self, kept: Balance, lanes: bool, ops: tuple[Callable[..., Any], ...]) -> None:
+        """Undo :meth:`_retire`: the line back in the store with its balance, the task's own
+        operations and lanes as they were."""
+        with self._lock:
+            if self._revive is None:
+                return
+            store: MemoryStore = self.guard.store  # type: ignore[assignment]
+            store.restore(self._key, kept)
+            self._balances = store.live  # type: ignore[assignment]
+            self._reserve_op, self._commit_op, self._charge_op = ops
+            self._lanes = lanes
+            self._revive = None
 
     def __repr__(self) -> str:
         return (
@@ -2256,6 +2292,8 @@ class ToolCall:
         self.span.end = time.time()
         self.span.cost_usd = cost_usd
         task = self.task
+        if task._revive is not None:  # the task closed and its line was retired
+            task._revive()
         lines = task._current_lines()
         res = yield (task.guard.store, "charge", (lines, {"cost_usd": cost_usd}), _NO_CHECK)
         with task._lock:

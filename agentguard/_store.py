@@ -303,6 +303,20 @@ class MemoryStore:
                     return None
             return self._live.pop(key, None)
 
+    def restore(self, key: str, balance: Balance) -> None:
+        """Put a retired line back with its balance (an event of its task after the close);
+        amounts charged to the key since are added to it."""
+        with self._lock:
+            now = self._live.get(key)
+            if now is not None:
+                for into, since in (
+                    (balance.committed, now.committed),
+                    (balance.reserved, now.reserved),
+                ):
+                    for counter, amount in since.items():
+                        into[counter] = into.get(counter, 0) + amount  # type: ignore[index]
+            self._live[key] = balance
+
     # -- the contract -------------------------------------------------------------------------
     #
     # The in-place operation and copies of the touched lines' balances, under one (re-entrant)

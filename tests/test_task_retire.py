@@ -161,3 +161,64 @@ def test_a_store_other_than_the_embedded_one_is_left_as_it_is() -> None:
     with g.task() as t:
         spend(t)
     assert f"task:{t.id}" in store.live
+
+
+def test_an_event_after_the_close_finds_the_line_as_it_was() -> None:
+    """Events are not refused on a closed task: its retired line comes back with its balance
+    first, so the task's own limits still count what it spent before the close."""
+    g = ag.Guard(ag.Policy(max_model_calls=3, max_steps=5), traces=False)
+    t = g.open_task()
+    t.start_model_call("gpt-4o-mini", input_tokens=10).end(ag.Usage(10, 5))
+    t.step()
+    t.close()
+    assert task_keys(g) == []
+    t.start_model_call("gpt-4o-mini", input_tokens=10).end(ag.Usage(10, 5))  # after the close
+    assert task_keys(g) == [f"task:{t.id}"]
+    assert g.store.live[f"task:{t.id}"].committed["model_calls"] == 2  # type: ignore[attr-defined]
+    t.step()
+    assert t.spent.steps == 2  # the step before the close is still counted
+    t.start_model_call("gpt-4o-mini", input_tokens=10).end(ag.Usage(10, 5))
+    with pytest.raises(ag.BudgetExceeded) as stop:
+        t.start_model_call("gpt-4o-mini", input_tokens=10)
+    assert stop.value.limit == "max_model_calls"
+    assert t.spent.model_calls == t.model_calls == 3
+
+
+def test_a_paid_tool_ending_after_the_close_is_charged_to_the_line_as_it_was() -> None:
+    g = ag.Guard(ag.Policy(max_cost_usd="1"), traces=False)
+    t = g.open_task()
+    t.start_model_call("gpt-4o-mini", input_tokens=1000).end(ag.Usage(1000, 100))
+    tool = t.start_tool_call("search")
+    t.close()
+    before = t.spent.cost_usd
+    tool.end(cost_usd=Decimal("0.25"))
+    assert g.store.live[f"task:{t.id}"].committed["cost_usd"] == before + Decimal("0.25")  # type: ignore[attr-defined]
+    assert t.spent.cost_usd == t.cost_usd == before + Decimal("0.25")
+
+
+def test_a_child_opened_under_a_closed_parent_is_held_to_what_the_parent_spent() -> None:
+    g = ag.Guard(ag.Policy(max_model_calls=2), traces=False)
+    parent = g.open_task()
+    parent.start_model_call("gpt-4o-mini", input_tokens=10).end(ag.Usage(10, 5))
+    parent.close()
+    assert task_keys(g) == []
+    late = g.open_task(parent=parent)
+    late.start_model_call("gpt-4o-mini", input_tokens=10).end(ag.Usage(10, 5))
+    with pytest.raises(ag.BudgetExceeded) as stop:
+        late.start_model_call("gpt-4o-mini", input_tokens=10)
+    assert stop.value.budget == f"task:{parent.id}"
+    late.close()
+    assert task_keys(g) == []  # both retired again once the child closed
+    assert parent.spent.model_calls == 2
+
+
+def test_restore_adds_what_was_charged_to_the_key_since() -> None:
+    store = MemoryStore()
+    line = BudgetLine("task:t")
+    store.charge([line], {"steps": 2})
+    kept = store.retire("task:t")
+    assert kept is not None
+    store.charge([line], {"steps": 1, "retries": 1})
+    store.restore("task:t", kept)
+    assert store.live["task:t"] is kept
+    assert dict(kept.committed) == {"steps": 3, "retries": 1}
