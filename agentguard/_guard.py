@@ -620,6 +620,7 @@ class Task:
         "_commit_op",
         "_downgraded_to",
         "_fresh",
+        "_gone",
         "_has_cost_limit",
         "_key",
         "_lanes",
@@ -777,11 +778,7 @@ class Task:
         self._retires = self._fresh or retires
         self._children = 0  # its open child tasks
         self._revive: Callable[[], None] | None = None  # set while its line is retired
-        if parent is not None:
-            with parent._lock:
-                parent._children += 1
-            if parent._revive is not None:  # a child of a closed task charges its line too
-                parent._revive()
+        self._gone = False  # its line was retired from a store other than the embedded one
         if load and not self._local:  # else the opener awaits _aload()
             keys = self._load_keys()
             if keys:
@@ -789,6 +786,11 @@ class Task:
         # the committed fraction of the money budgets as of the latest event (soft limits fire
         # when it crosses one)
         self._seen_fraction = self._committed_fraction()[0] if self._soft else 0.0
+        if parent is not None:  # (last: a task that failed to open is no child to wait for)
+            with parent._lock:
+                parent._children += 1
+            if parent._revive is not None:  # a child of a closed task charges its line too
+                parent._revive()
 
     def _load_keys(self) -> list[str]:
         """The lines whose balances a new task reads: all of them, but its own line when its
@@ -977,9 +979,12 @@ class Task:
     def _refresh_steps(self) -> Steps[None]:
         if self._local:  # the embedded store's balances are read live
             return
-        self._balances.update(
-            (yield (self.guard.store, "snapshot", ([ln.key for ln in self._lines],), _NO_KW))
-        )
+        keys = [ln.key for ln in self._lines]
+        if self._gone and self._key in keys:  # its line was retired: its balance as of then
+            keys.remove(self._key)  # is the last one
+            if not keys:
+                return
+        self._balances.update((yield (self.guard.store, "snapshot", (keys,), _NO_KW)))
 
     def _update(self, balances: Mapping[str, Balance]) -> None:
         """Take the balances a store operation returned (none on the embedded store, whose
@@ -1873,23 +1878,31 @@ class Task:
         if self._open:
             drive(self._close_steps(exc))
         else:  # nothing to release: no store operation, no steps to drive
-            self._closed(exc)
+            gone = self._closed(exc)
+            if gone:
+                drive(_retire_steps(gone))
 
     async def _aclose(self, exc: BaseException | None) -> None:
         if self._open:
             await adrive(self._close_steps(exc))
         else:
-            self._closed(exc)
+            gone = self._closed(exc)
+            if gone:
+                await adrive(_retire_steps(gone))
 
     def _close_steps(self, exc: BaseException | None) -> Steps[None]:
         with self._lock:
             leftovers = list(self._open.values())
         for call in leftovers:  # a call that never ended must not hold budget forever
             yield from call._fail_steps(RuntimeError("task closed while the call was open"))
-        self._closed(exc)
+        gone = self._closed(exc)
+        if gone:
+            yield from _retire_steps(gone)
 
-    def _closed(self, exc: BaseException | None) -> None:
-        """The task's status, span and record, once no call of it holds budget."""
+    def _closed(self, exc: BaseException | None) -> list[Task]:
+        """The task's status, span and record, once no call of it holds budget. Returns the
+        tasks whose lines can go from a store other than the embedded one (this one, its
+        parent: see :meth:`_retire`), for the caller to retire with the store's I/O."""
         self.ended = time.time()
         if isinstance(exc, BudgetExceeded):
             self.status = "stopped"
@@ -1903,17 +1916,25 @@ class Task:
         self.span.status = self.status
         self.span.usage = usage
         self.span.cost_usd = self.cost_usd
+        gone: list[Task] = []
         parent = self.parent
         if parent is not None:
             with parent._lock:
                 parent._children -= 1
                 last = not parent._children and parent.ended is not None
-            if last:  # the parent closed first (its line waited for this one)
-                parent._retire()
-        self._retire()
+            if last and parent._retires:  # the parent closed first (its line waited for this)
+                gone.append(parent)
+        if self._retires:
+            with self._lock:
+                if not self._children:
+                    gone.append(self)
+        if gone and self._local:  # the embedded store: in place, no I/O
+            for task in gone:
+                task._retire()
+            gone = []
         guard = self.guard
         if guard.sink.__class__ is _NULL_SINK:  # traces off: no span or record to build
-            return
+            return gone
         counts: dict[str, int] = {}
         for rec in self.decisions:
             counts[rec.action] = counts.get(rec.action, 0) + 1
@@ -1938,18 +1959,15 @@ class Task:
                 limit_hit=self.limit_hit,
             )
         )
+        return gone
 
     def _retire(self) -> None:
-        """Drop the task's own line from the embedded store when nothing can charge it again:
-        the task is closed, so are its children, and its id was made up (``task_id=None``, or
-        an adapter's child id) — an always-on process opening a task per run must not keep a
-        balance per run. The task keeps reading the line's last balance (``spent``, its
-        children's included). A named task's line stays: the same id continues its budget."""
-        if not (self._retires and self._local):
-            return
-        with self._lock:
-            if self._children or self.ended is None:
-                return
+        """Drop the task's own line from the embedded store: nothing will charge it again —
+        the task is closed, so are its children, and its id was made up (``task_id=None``, a
+        handler's run id, an adapter's child id: ``_retires``) — and an always-on process
+        opening a task per run must not keep a balance per run. The task keeps reading the
+        line's last balance (``spent``, its children's included). A named task's line stays:
+        the same id continues its budget. Other stores: :func:`_retire_steps`."""
         store: MemoryStore = self.guard.store  # type: ignore[assignment]
         kept = store.retire(self._key)
         if kept is None:  # retired already, or held by a reservation
@@ -1990,6 +2008,29 @@ class Task:
             f"Task(id={self.id!r}, cost_usd={self.cost_usd}, model_calls={self.model_calls}, "
             f"status={self.status!r})"
         )
+
+
+def _retire_steps(tasks: list[Task]) -> Steps[None]:
+    """Retire the lines of closed ``tasks`` (see :meth:`Task._retire`) from a store other than
+    the embedded one, where it is I/O (RedisStore sets them to expire): best effort — a store
+    without ``retire`` keeps them, and an error keeps the line and never fails the close. The
+    task keeps the balance the store hands back (its children's spend included) and stops
+    reading its line."""
+    for task in tasks:
+        store = task.guard.store
+        # (a subclass of the embedded store, e.g. LoopCheckingStore, would drop the line at
+        # once, and an event after the close could not put it back on the async path: it keeps
+        # its lines, as before; Redis lets a retired line expire later)
+        if not hasattr(store, "retire") or isinstance(store, MemoryStore):
+            continue
+        try:
+            kept = yield (store, "retire", (task._key,), _NO_KW)
+        except Exception as exc:  # housekeeping must not fail the close
+            _logger().warning("agentguard.retire_failed", key=task._key, error=repr(exc))
+            continue
+        if kept is not None:
+            task._balances[task._key] = kept
+            task._gone = True
 
 
 @dataclass(slots=True)

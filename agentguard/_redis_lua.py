@@ -311,5 +311,17 @@ return reply('[', 2)
 """
 )
 
+# KEYS: a budget key  ARGV: ttl_ms — a closed task's line (nothing will charge it again) expires
+# after ttl_ms, unless a reservation still holds part of it. Reply: [1, the line's document]
+# when its expiry was set, [0] when there is no such line, [-1] when it is held
+RETIRE = r"""
+local v = redis.call('GET', KEYS[1])
+if not v then return '[0]' end
+local t = cjson.decode(v)
+if (t.r and next(t.r)) or (t.R and next(t.R)) then return '[-1]' end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return '[1,' .. v .. ']'
+"""
+
 # a trivial script of the same shape, for the benchmark's baseline
 TRIVIAL = "return 1"

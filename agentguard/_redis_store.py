@@ -261,6 +261,7 @@ _SCRIPTS = {
     "charge": lua.CHARGE,
     "snapshot": lua.SNAPSHOT,
     "renew": lua.RENEW,
+    "retire": lua.RETIRE,
     "trivial": lua.TRIVIAL,
 }
 
@@ -288,6 +289,10 @@ class RedisStore:
         reconnect_interval: under ``fail_open``, seconds between attempts to reach Redis again.
         dedupe_ttl: seconds a commit / charge is remembered so a replay is not counted twice.
         window_grace: seconds a windowed budget key outlives its window.
+        closed_task_ttl: seconds the budget line of a closed task whose id was made up
+            (opened without ``task_id``, as the adapters' run tasks are) stays in Redis before
+            it expires — nothing names such a task again, so an always-on service does not
+            leave a key per run; ``None`` keeps them (a named task's line is always kept).
 
     Example:
         >>> import agentguard as ag
@@ -310,6 +315,7 @@ class RedisStore:
         reconnect_interval: float = 1.0,
         dedupe_ttl: float = 3600.0,
         window_grace: float = 3600.0,
+        closed_task_ttl: float | None = 3600.0,
     ) -> None:
         if on_store_error not in ("fail_closed", "fail_open"):
             raise ValueError(
@@ -339,6 +345,12 @@ class RedisStore:
         self._lease_ms = str(int(lease_ttl * 1000))
         self._tomb_ms = str(max(1, int(dedupe_ttl * 1000)))
         self._grace = window_grace
+        if closed_task_ttl is not None and not closed_task_ttl > 0:
+            raise ValueError(
+                f"closed_task_ttl={closed_task_ttl!r}: must be a positive number of seconds or None"
+            )
+        self.closed_task_ttl = closed_task_ttl
+        self._closed_ms = None if closed_task_ttl is None else str(int(closed_task_ttl * 1000))
         p = "{" + namespace + "}:"
         self._p = p
         self._leases = p + "leases"
@@ -659,6 +671,20 @@ class RedisStore:
         out = _balances(keys, reply if reply else [])
         self._seen.update(out)
         return out
+
+    def _op_retire(self, key: str) -> Generator[_Req, Any, Balance | None]:
+        """Best effort: the line keeps its spend if Redis cannot be reached now, or an outage's
+        spend is still to be replayed into it (the journal), or a reservation holds it."""
+        self._seen.pop(key, None)
+        if self._closed_ms is None or self._journal.ops or self._journal.retry_at:
+            return None
+        try:
+            raw = yield _Req("retire", [self._bkey(key)], [self._closed_ms])
+        except _Unavailable as exc:
+            log.debug("the budget line %r was not retired (%r): it stays in Redis", key, exc)
+            return None
+        reply = _loads(raw)
+        return _balance(reply[1]) if reply[0] == 1 else None
 
     # -- fail_open: local accounting and reconciliation -----------------------------------------
 
@@ -1036,6 +1062,28 @@ class RedisStore:
 
     async def asnapshot(self, keys: Sequence[str]) -> Mapping[str, Balance]:
         out: Mapping[str, Balance] = await self._adrive(self._op_snapshot(keys))
+        return out
+
+    def retire(self, key: str) -> Balance | None:
+        """A closed task's line: set it to expire after ``closed_task_ttl`` (an operation after
+        that, e.g. an event of the task after its close, finds it until then — SET keeps a
+        key's TTL) and forget its balance here. Returns its balance as of then, or ``None``
+        when the line was kept: absent, held by a reservation, no ``closed_task_ttl``, or
+        Redis out of reach or answering an error (best effort: never raises for that)."""
+        try:
+            out: Balance | None = self._drive(self._op_retire(key))
+        except StoreError as exc:  # Redis answered with an error: the line stays
+            log.debug("the budget line %r was not retired (%r): it stays in Redis", key, exc)
+            return None
+        return out
+
+    async def aretire(self, key: str) -> Balance | None:
+        """The async twin of :meth:`retire`."""
+        try:
+            out: Balance | None = await self._adrive(self._op_retire(key))
+        except StoreError as exc:
+            log.debug("the budget line %r was not retired (%r): it stays in Redis", key, exc)
+            return None
         return out
 
     # -- operations for benchmarks and operators ------------------------------------------------

@@ -14,6 +14,9 @@ The contract (every store passes one conformance suite, ``tests/test_store_confo
   reservation (counters such as steps and retries); ``check=False`` records spend that was not
   admitted in advance (``on_limit="warn"``, a late report).
 * ``snapshot(keys)`` — committed and reserved per key.
+* ``retire(key)`` (optional) — a closed task's line nothing will charge again: the store may let
+  it go (the embedded one drops it, Redis lets it expire) unless a reservation holds it, and
+  hands back its balance (``None``: kept). The guard calls it for tasks whose ids it made up.
 
 Invariant: for every key and limited counter, ``committed + reserved <= limit`` holds after any
 interleaving of reserve / commit / release — except through actual spend above a reservation,
@@ -377,3 +380,6 @@ class MemoryStore:
 
     async def asnapshot(self, keys: Sequence[str]) -> Mapping[str, Balance]:
         return self.snapshot(keys)
+
+    async def aretire(self, key: str) -> Balance | None:
+        return self.retire(key)
