@@ -33,11 +33,11 @@ Variants, each against the same graph without the guard (``bare``: plain model, 
   time counts on both sides): what a provider client costs without the network;
 * each under ``invoke`` and ``ainvoke``.
 
-Issue 4's goal is ≤ 1.05× per ReAct iteration against the bare graph. Steps in the node are at
-it, not reliably under it. Over two runs of ten fresh processes (``--clock cpu -n 100
---processes 10``; a bare iteration of 2.4–3.3 ms sync), the median paired ratio is 1.049× and
-1.045× sync (quartiles 1.041–1.060×) and 1.037× both times async (every process under 1.05×);
-the floor 1.01×, SQLite traces 1.10× / 1.09×. One process's figure moves by ±0.02 with its
+Issue 4's goal is ≤ 1.05× per ReAct iteration against the bare graph. Over four runs of ten
+fresh processes (``--clock cpu -n 100 --processes 10``; a bare iteration of 2.1–3.4 ms sync),
+steps in the node have a median paired ratio of 1.044–1.049× sync (upper quartiles
+1.047–1.060×: a thin margin) and 1.035–1.040× async; the floor 1.00–1.01×, SQLite traces
+1.08–1.11×. One process's figure moves by ±0.02 with its
 memory layout and hash seed, more than its rounds do: judge a change over several processes
 (``--processes``). ``docs/langgraph.md`` (Overhead) says where the time goes. Besides the
 medians, the script prints each variant's mean over all runs and its paired ratio (each run
