@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -152,6 +153,7 @@ def bench(
     medians = interleaved_medians(variants, runs, clock=clock)
     loop.close()
     g_sql.close()
+    shutil.rmtree(tmp, ignore_errors=True)  # the SQLite variant's traces
     return medians
 
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -364,6 +365,7 @@ def bench(
     samples = interleaved_samples(variants, runs, clock=clock)
     loop.close()
     g_sql.close()
+    shutil.rmtree(tmp, ignore_errors=True)  # the SQLite variant's traces
     if server is not None:
         server.close()
     return samples
