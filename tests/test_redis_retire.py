@@ -12,7 +12,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
-from decimal import Decimal
 
 import pytest
 import redis_servers
@@ -68,7 +67,7 @@ def test_a_closed_task_without_an_id_leaves_its_line_to_expire(url: str) -> None
 
 
 def test_the_line_expires_and_an_event_before_that_still_counts(url: str) -> None:
-    store = store_at(url, closed_task_ttl=0.3)
+    store = store_at(url, closed_task_ttl=1.0)
     g = ag.Guard(ag.Policy(max_model_calls=2), store=store, traces=False)
     t = g.open_task()
     t.start_model_call("gpt-4o-mini", input_tokens=10).end(ag.Usage(10, 5))
@@ -77,8 +76,8 @@ def test_the_line_expires_and_an_event_before_that_still_counts(url: str) -> Non
     t.start_model_call("gpt-4o-mini", input_tokens=10).end(ag.Usage(10, 5))
     with pytest.raises(ag.BudgetExceeded):
         t.start_model_call("gpt-4o-mini", input_tokens=10)
-    assert 0 < pttl(store, f"task:{t.id}") <= 300
-    time.sleep(0.5)
+    assert 0 < pttl(store, f"task:{t.id}") <= 1000
+    time.sleep(1.2)
     assert pttl(store, f"task:{t.id}") == -2
 
 
@@ -112,7 +111,7 @@ def test_a_held_line_is_kept_and_a_missing_one_is_not_created(url: str) -> None:
     assert pttl(store, "never-seen") == -2
 
 
-def test_closed_task_ttl_none_keeps_every_line_and_a_bad_value_is_named() -> None:
+def test_a_bad_closed_task_ttl_is_refused_naming_the_value() -> None:
     with pytest.raises(ValueError, match=r"closed_task_ttl=0"):
         RedisStore(client=None, closed_task_ttl=0)
     with pytest.raises(ValueError, match=r"closed_task_ttl=-1"):
@@ -163,4 +162,4 @@ def test_a_close_during_an_outage_keeps_the_line_and_does_not_fail(
     own_server.start()
     assert pttl(store, f"task:{t.id}") == -1  # kept: nothing was retired
     assert store.snapshot([f"task:{t.id}"])[f"task:{t.id}"].committed["model_calls"] == 1
-    assert t.spent.cost_usd == t.cost_usd == Decimal(t.cost_usd or 0) > 0
+    assert t.cost_usd is not None and t.spent.cost_usd == t.cost_usd > 0
