@@ -27,14 +27,13 @@ around an event's one store operation, or its steps (``drive`` / ``adrive``).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import threading
 import time
 import uuid
 from collections import ChainMap
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -622,6 +621,7 @@ class Task:
         "_fresh",
         "_gone",
         "_has_cost_limit",
+        "_kept",
         "_key",
         "_lanes",
         "_limits_of",
@@ -635,7 +635,6 @@ class Task:
         "_rate_maps",
         "_reserve_op",
         "_retires",
-        "_revive",
         "_seen_fraction",
         "_soft",
         "_soft_seen",
@@ -777,7 +776,7 @@ class Task:
         # children have closed (see _retire); so is a child id an adapter made up (``retires``)
         self._retires = self._fresh or retires
         self._children = 0  # its open child tasks
-        self._revive: Callable[[], None] | None = None  # set while its line is retired
+        self._kept: Balance | None = None  # its line's balance while the line is retired
         self._gone = False  # its line was retired from a store other than the embedded one
         if load and not self._local:  # else the opener awaits _aload()
             keys = self._load_keys()
@@ -789,8 +788,8 @@ class Task:
         if parent is not None:  # (last: a task that failed to open is no child to wait for)
             with parent._lock:
                 parent._children += 1
-            if parent._revive is not None:  # a child of a closed task charges its line too
-                parent._revive()
+            if parent._kept is not None:  # a child of a closed task charges its line too
+                parent._put_back()
 
     def _load_keys(self) -> list[str]:
         """The lines whose balances a new task reads: all of them, but its own line when its
@@ -1975,33 +1974,40 @@ class Task:
         self._balances = ChainMap({self._key: kept}, store.live)  # type: ignore[arg-type]
         # An event after the close (unusual, but not refused) must find the line as it was:
         # the fast lanes are closed and the general path's first store operation (or a paid
-        # tool's charge, or a new child) puts the line back first (_revive).
-        ops = (self._reserve_op, self._commit_op, self._charge_op)
-        self._revive = functools.partial(self._put_back, kept, self._lanes, ops)
+        # tool's charge, or a new child) puts the line back first (_put_back).
+        self._kept = kept
         self._lanes = False
-        self._reserve_op, self._commit_op, self._charge_op = (self._reviving(op) for op in ops)
+        self._reserve_op = self._reserve_after_close
+        self._commit_op = self._commit_after_close
+        self._charge_op = self._charge_after_close
 
-    def _reviving(self, op: Callable[..., Any]) -> Callable[..., Any]:
-        def revive_first(*args: Any, **kwargs: Any) -> Any:
-            revive = self._revive
-            if revive is not None:
-                revive()
-            return op(*args, **kwargs)
+    def _reserve_after_close(self, *args: Any, **kwargs: Any) -> Any:
+        self._put_back()
+        return self._reserve_op(*args, **kwargs)
 
-        return revive_first
+    def _commit_after_close(self, *args: Any, **kwargs: Any) -> Any:
+        self._put_back()
+        return self._commit_op(*args, **kwargs)
 
-    def _put_back(self, kept: Balance, lanes: bool, ops: tuple[Callable[..., Any], ...]) -> None:
-        """Undo :meth:`_retire`: the line back in the store with its balance, the task's own
-        operations and lanes as they were."""
+    def _charge_after_close(self, *args: Any, **kwargs: Any) -> Any:
+        self._put_back()
+        return self._charge_op(*args, **kwargs)
+
+    def _put_back(self) -> None:
+        """Undo :meth:`_retire`: the line back in the embedded store with its balance, the
+        task's operations and lanes as they were (its id, policy and lines are the same)."""
         with self._lock:
-            if self._revive is None:
+            kept = self._kept
+            if kept is None:  # put back already (another thread's event)
                 return
             store: MemoryStore = self.guard.store  # type: ignore[assignment]
             store.restore(self._key, kept)
             self._balances = store.live  # type: ignore[assignment]
-            self._reserve_op, self._commit_op, self._charge_op = ops
-            self._lanes = lanes
-            self._revive = None
+            self._reserve_op = store.reserve_in_place
+            self._commit_op = store.commit_in_place
+            self._charge_op = store.charge_in_place
+            self._lanes = not self._soft and self._lines_until == _INF
+            self._kept = None
 
     def __repr__(self) -> str:
         return (
@@ -2333,8 +2339,8 @@ class ToolCall:
         self.span.end = time.time()
         self.span.cost_usd = cost_usd
         task = self.task
-        if task._revive is not None:  # the task closed and its line was retired
-            task._revive()
+        if task._kept is not None:  # the task closed and its line was retired
+            task._put_back()
         lines = task._current_lines()
         res = yield (task.guard.store, "charge", (lines, {"cost_usd": cost_usd}), _NO_CHECK)
         with task._lock:

@@ -172,8 +172,10 @@ def test_an_event_after_the_close_finds_the_line_as_it_was() -> None:
     t.step()
     t.close()
     assert task_keys(g) == []
+    assert not t._lanes  # retired: the general path, which puts the line back first
     t.start_model_call("gpt-4o-mini", input_tokens=10).end(ag.Usage(10, 5))  # after the close
     assert task_keys(g) == [f"task:{t.id}"]
+    assert t._lanes and t._kept is None  # back as it was: the fast lanes again
     assert g.store.live[f"task:{t.id}"].committed["model_calls"] == 2  # type: ignore[attr-defined]
     t.step()
     assert t.spent.steps == 2  # the step before the close is still counted
