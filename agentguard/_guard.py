@@ -1927,10 +1927,14 @@ class Task:
             with self._lock:
                 if not self._children:
                     gone.append(self)
-        if gone and self._local:  # the embedded store: in place, no I/O
-            for task in gone:
-                task._retire()
-            gone = []
+        if gone:
+            remote = []
+            for task in gone:  # each on its own guard's store (a parent may have another)
+                if task._local:
+                    task._retire()  # the embedded store: in place, no I/O
+                else:
+                    remote.append(task)  # through the store's I/O, by the caller
+            gone = remote
         guard = self.guard
         if guard.sink.__class__ is _NULL_SINK:  # traces off: no span or record to build
             return gone

@@ -163,3 +163,21 @@ def test_a_close_during_an_outage_keeps_the_line_and_does_not_fail(
     assert pttl(store, f"task:{t.id}") == -1  # kept: nothing was retired
     assert store.snapshot([f"task:{t.id}"])[f"task:{t.id}"].committed["model_calls"] == 1
     assert t.cost_usd is not None and t.spent.cost_usd == t.cost_usd > 0
+
+
+def test_a_child_on_another_guards_store_retires_each_line_on_its_own_store(url: str) -> None:
+    """A parent task of a Redis guard and its child on an embedded-store guard: the child's
+    close retires its own line in place and the parent's through Redis."""
+    store = store_at(url, closed_task_ttl=60)
+    shared = ag.Guard(ag.Policy(max_cost_usd="1"), store=store, traces=False)
+    local = ag.Guard(ag.Policy(max_cost_usd="1"), traces=False)
+    parent = shared.open_task()
+    spend(parent)
+    child = local.open_task(parent=parent)
+    spend(child)
+    parent.close()
+    assert pttl(store, f"task:{parent.id}") == -1  # waits for its child
+    child.close()
+    assert 0 < pttl(store, f"task:{parent.id}") <= 60_000
+    assert f"task:{child.id}" not in local.store.live  # type: ignore[attr-defined]
+    assert child.spent.model_calls == 1
