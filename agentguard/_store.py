@@ -310,15 +310,12 @@ class MemoryStore:
         """Put a retired line back with its balance (an event of its task after the close);
         amounts charged to the key since are added to it."""
         with self._lock:
-            now = self._live.get(key)
-            if now is not None:
-                for into, since in (
-                    (balance.committed, now.committed),
-                    (balance.reserved, now.reserved),
-                ):
-                    for counter, amount in since.items():
-                        into[counter] = into.get(counter, 0) + amount  # type: ignore[index]
+            since = self._live.get(key)
             self._live[key] = balance
+            if since is not None:  # added as any operation adds
+                line = [BudgetLine(key)]
+                self._put(line, since.committed, False, False)
+                self._put(line, since.reserved, False, True)
 
     # -- the contract -------------------------------------------------------------------------
     #
